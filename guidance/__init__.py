@@ -1,0 +1,19 @@
+"""Guidance modules (installed as `flowkit.guidance`); one method per file.
+
+`available()` lists every registered module, built-in or from a plugin.
+"""
+
+from flowkit.guidance.base import BranchPredictions, BranchRequests, Guidance, GuidanceStack
+from flowkit.guidance.cfg import CFG
+from flowkit.registry import GUIDANCE
+
+__all__ = ["Guidance", "GuidanceStack", "BranchRequests", "BranchPredictions", "CFG", "available", "get"]
+
+
+def available() -> dict[str, str]:
+    """Registered guidance module names with their one-line descriptions."""
+    return GUIDANCE.describe()
+
+
+def get(name: str) -> type:
+    return GUIDANCE.get(name)

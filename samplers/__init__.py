@@ -1,0 +1,23 @@
+"""Samplers (installed as `flowkit.samplers`); one registered sampler per file.
+
+`available()` lists every registered sampler, built-in or from a plugin.
+"""
+
+from flowkit.registry import SAMPLERS
+from flowkit.sampler import Sampler
+from flowkit.samplers.ddim import DDIM
+from flowkit.samplers.euler import Euler
+from flowkit.samplers.heun import Heun
+from flowkit.samplers.midpoint import Midpoint
+from flowkit.samplers.sde import FlowSDE
+
+__all__ = ["Sampler", "Euler", "Heun", "Midpoint", "FlowSDE", "DDIM", "available", "get"]
+
+
+def available() -> dict[str, str]:
+    """Registered sampler names with their one-line descriptions."""
+    return SAMPLERS.describe()
+
+
+def get(name: str) -> type:
+    return SAMPLERS.get(name)

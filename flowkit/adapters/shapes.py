@@ -1,0 +1,86 @@
+"""Adapter for the shapes pipeline (pixel-space UNet2DConditionModel on MiniLM tokens)."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from flowkit.adapters.base import ADAPTERS, ModelAdapter, check_multiple
+from flowkit.conditioning import Conditioning
+from flowkit.denoiser import UNetDenoiser
+from flowkit.errors import InputError
+from flowkit.paths.linear import LinearPath
+from flowkit.timegrid import TimeGrid
+
+__all__ = ["ShapesAdapter", "to_images"]
+
+
+def to_images(x: Tensor, output_type: str) -> Any:
+    """Pixel tensors in [-1, 1] [B, 3, H, W] -> images of `output_type`."""
+    if output_type == "latent":
+        return x
+    img = ((x.float().clamp(-1, 1) + 1) / 2)
+    if output_type == "pt":
+        return img
+    arr = img.permute(0, 2, 3, 1).cpu().numpy()
+    if output_type == "np":
+        return arr
+    if output_type == "pil":
+        from PIL import Image
+
+        return [Image.fromarray((a * 255).round().astype(np.uint8)) for a in arr]
+    raise InputError(f"output_type must be pil, np, pt or latent, got {output_type!r}")
+
+
+class ShapesAdapter(ModelAdapter):
+    family = "shapes"
+    default_guidance_scale = 4.0
+
+    def __init__(self, pipe: Any):
+        super().__init__(pipe)
+        n = int(pipe.scheduler.config.get("num_train_timesteps", 1000))
+        self._denoiser = UNetDenoiser(pipe.unet, LinearPath(n), "velocity")
+
+    @property
+    def denoiser(self) -> UNetDenoiser:
+        return self._denoiser
+
+    def encode(self, prompts: Sequence[str], negative_prompts: Sequence[str] | None, need_uncond: bool):
+        pos, neg = self.pipe.encode_prompt(list(prompts), list(negative_prompts) if negative_prompts else None,
+                                           need_uncond, 1, self.device)
+        out = {"cond": Conditioning({"encoder_hidden_states": pos})}
+        if need_uncond:
+            out["uncond"] = Conditioning({"encoder_hidden_states": neg})
+        return out
+
+    def factor(self) -> int:
+        return 2 ** (len(self.pipe.unet.config.block_out_channels) - 1)
+
+    def default_size(self) -> tuple[int, int]:
+        s = int(self.pipe.unet.config.sample_size)
+        return s, s
+
+    def latent_shape(self, height: int, width: int) -> tuple[int, ...]:
+        check_multiple(height, width, self.factor(), self.family)
+        if height < 8 or width < 8 or height > 256 or width > 256:
+            raise InputError(f"the shapes model takes sizes from 8 to 256 px, got {height}x{width}")
+        return (int(self.pipe.unet.config.in_channels), height, width)
+
+    def default_grid(self) -> TimeGrid:
+        shift = float(self.pipe.scheduler.config.get("shift", 1.0))
+        return TimeGrid.uniform() if shift == 1.0 else TimeGrid.shifted(shift)
+
+    def decode(self, x: Tensor, output_type: str) -> Any:
+        return to_images(x, output_type)
+
+
+def _is_shapes(pipe: Any) -> bool:
+    from flowkit.pipelines.shapes import ShapesPipeline
+
+    return isinstance(pipe, ShapesPipeline)
+
+
+ADAPTERS.append((_is_shapes, ShapesAdapter))

@@ -1,0 +1,149 @@
+"""The Python sampling API: `flowkit.sample`."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from flowkit.adapters.base import adapt
+from flowkit.context import Context
+from flowkit.errors import InputError, SpecError
+from flowkit.guidance.base import Guidance, GuidanceStack
+from flowkit.registry import GUIDANCE, SAMPLERS
+from flowkit.sampler import Sampler
+from flowkit.sampling import Stats, run
+from flowkit.seeding import generators_for, randn_per_sample, seed_for
+from flowkit.timegrid import TimeGrid
+
+__all__ = ["sample", "SampleOutput", "build_sampler", "build_guidance"]
+
+
+@dataclass
+class SampleOutput:
+    """images: PIL images (or per output_type); latents: final states before decoding
+    (pre-clamp); stats: NFE, seconds, per-step records; seeds: each image's seed."""
+
+    images: Any
+    latents: Tensor
+    stats: Stats
+    seeds: list[int]
+    prompts: list[str]
+
+
+def build_sampler(sampler: str | Sampler) -> Sampler:
+    if isinstance(sampler, Sampler):
+        return sampler
+    if not isinstance(sampler, str):
+        raise SpecError(f"sampler must be a name, a spec string or a Sampler, got {type(sampler).__name__}")
+    from flowkit.spec import build
+
+    built = build(SAMPLERS, sampler)
+    if len(built) != 1:
+        raise SpecError(f"give exactly one sampler, got {len(built)} in {sampler!r}")
+    return built[0]
+
+
+def build_guidance(guidance: Any, default_scale: float) -> GuidanceStack:
+    """None: CFG at the model's default scale; '' / 'none' / []: no guidance."""
+    if isinstance(guidance, GuidanceStack):
+        return guidance
+    if guidance is None:
+        from flowkit.guidance.cfg import CFG
+
+        return GuidanceStack([CFG(scale=default_scale)])
+    if isinstance(guidance, str) and guidance.strip().lower() in ("", "none"):
+        return GuidanceStack([])
+    if isinstance(guidance, Guidance):
+        guidance = [guidance]
+    from flowkit.spec import build
+
+    return GuidanceStack(build(GUIDANCE, guidance))
+
+
+def sample(
+    pipe: Any,
+    prompts: str | Sequence[str],
+    *,
+    sampler: str | Sampler = "euler",
+    steps: int = 30,
+    guidance: Any = None,
+    seed: int = 0,
+    negative_prompt: str | Sequence[str] | None = None,
+    height: int | None = None,
+    width: int | None = None,
+    grid: str | TimeGrid | None = None,
+    num_images_per_prompt: int = 1,
+    generators: Sequence[torch.Generator] | None = None,
+    start_index: int = 0,
+    output_type: str = "pil",
+    callback: Callable | None = None,
+    progress: bool = False,
+    grad: bool = False,
+    check_every: int = 4,
+) -> SampleOutput:
+    """Sample images for `prompts` with a registered sampler and a guidance stack.
+
+    Image i (prompt-major, then images per prompt) is seeded with `seed_for(seed,
+    start_index + i)` on its own CPU generator unless `generators` (one per image) is given.
+    """
+    adapter = adapt(pipe)
+    prompt_list = [prompts] if isinstance(prompts, str) else list(prompts)
+    if not prompt_list or not all(isinstance(p, str) for p in prompt_list):
+        raise InputError("give at least one prompt, as a string or a list of strings")
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+        raise InputError(f"steps must be an integer >= 1, got {steps!r}")
+    if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
+        raise InputError(f"num_images_per_prompt must be an integer >= 1, got {num_images_per_prompt!r}")
+    prompt_list = [p for p in prompt_list for _ in range(num_images_per_prompt)]
+    n = len(prompt_list)
+    if negative_prompt is None:
+        negatives = None
+    else:
+        negs = [negative_prompt] if isinstance(negative_prompt, str) else list(negative_prompt)
+        if len(negs) == 1:
+            negs = negs * (n // num_images_per_prompt)
+        if len(negs) * num_images_per_prompt != n:
+            raise InputError(f"{len(negs)} negative prompts for {n // num_images_per_prompt} prompts: "
+                             "give one, or one per prompt")
+        negatives = [q for q in negs for _ in range(num_images_per_prompt)]
+    if generators is not None:
+        generators = list(generators)
+        if len(generators) != n:
+            raise InputError(f"{len(generators)} generators for {n} images: give one generator per image")
+        seeds = [int(g.initial_seed()) for g in generators]
+    else:
+        seeds = [seed_for(seed, start_index + i) for i in range(n)]
+        generators = generators_for(seed, range(start_index, start_index + n))
+
+    h, w = adapter.default_size() if height is None and width is None else (height, width)
+    if h is None or w is None:
+        raise InputError("give both height and width, or neither")
+    shape = adapter.latent_shape(h, w)
+    smp = build_sampler(sampler)
+    stack = build_guidance(guidance, adapter.default_guidance_scale)
+    den = adapter.denoiser
+    need_uncond = any(_wants_uncond(m) for m in stack)
+    grad_ctx = contextlib.nullcontext() if grad else torch.no_grad()
+    with grad_ctx:
+        conds = adapter.encode(prompt_list, negatives, need_uncond)
+        time_grid = smp.time_grid(TimeGrid.parse(grid) if grid is not None else adapter.default_grid())
+        ts = time_grid.build(steps, den.path, image_seq_len=adapter.image_seq_len(h, w))
+        noise = randn_per_sample(shape, generators, adapter.device, torch.float32)
+        ctx = Context(den, stack, conds, generators, steps, device=adapter.device, encode=adapter.encoder())
+        reason = smp.refuse(ctx)
+        if reason:
+            from flowkit.errors import UnsupportedError
+
+            raise UnsupportedError(reason)
+        x, stats = run(smp, ctx, noise, ts, callback=callback, check_every=check_every, progress=progress)
+        images = adapter.decode(x, output_type)
+    return SampleOutput(images=images, latents=x, stats=stats, seeds=seeds, prompts=prompt_list)
+
+
+def _wants_uncond(module: Guidance) -> bool:
+    """Whether a module may ask for the 'uncond' branch (so prompts' negatives are encoded)."""
+    return module.role in ("combiner",) or getattr(module, "needs_uncond", False)

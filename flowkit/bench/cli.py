@@ -1,0 +1,48 @@
+"""`flowkit bench NAME [--quick]`: run an experiment, print its table, write its JSON.
+
+`main(argv)` parses the arguments after `bench`, so the top-level CLI can hand them over
+(`flowkit.bench.cli.main(rest)`); `python -m flowkit.bench` runs it directly.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Sequence
+
+from flowkit.bench.core import available, run_experiment
+from flowkit.bench.report import format_result, update_benchmarks
+
+__all__ = ["build_parser", "main"]
+
+
+def build_parser(prog: str = "flowkit bench") -> argparse.ArgumentParser:
+    """The argument parser of the bench command."""
+    p = argparse.ArgumentParser(prog=prog, description="Run a named bench experiment and report its claims.")
+    p.add_argument("name", nargs="?", help="experiment name (see --list)")
+    p.add_argument("--quick", action="store_true", help="few samples, a smoke run (writes NAME.quick.json)")
+    p.add_argument("--list", action="store_true", help="list the experiments and exit")
+    p.add_argument("--out", default="docs/results", help="folder for the JSON results (default docs/results)")
+    p.add_argument("--cache", default=None, help="result cache root (default $FLOWKIT_CACHE/bench)")
+    p.add_argument("--seed", type=int, default=None, help="override the experiment's base seed")
+    p.add_argument(
+        "--docs", default=None, metavar="FILE",
+        help="after the run, regenerate the experiment sections of FILE (e.g. docs/benchmarks.md) from --out",
+    )
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the bench command; returns the exit status (0 unless the arguments are wrong)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.list or args.name is None:
+        for name, description in available().items():
+            print(f"{name:24s} {description}")
+        return 0 if args.list else 2
+    result = run_experiment(args.name, quick=args.quick, out_dir=args.out, cache_root=args.cache, seed=args.seed)
+    print(format_result(result))
+    print(f"\nwrote {result.path}")
+    if args.docs:
+        update_benchmarks(args.out, args.docs)
+        print(f"updated {args.docs}")
+    return 0

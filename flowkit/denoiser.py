@@ -1,0 +1,105 @@
+"""The denoiser protocol: `denoiser(x, t, cond) -> Prediction`, hiding the model family.
+
+`x` is the flow-frame state [N, ...] (see flowkit.paths.base), `t` flowkit time [N] and
+`cond` a `Conditioning` with N rows. A denoiser converts to the model's native frame and
+timestep, runs the network, and wraps the raw output with its prediction type. It counts
+rows evaluated (`nfe`), forward calls and seconds spent in the network.
+"""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from flowkit.conditioning import Conditioning
+from flowkit.paths.base import Path, as_time
+from flowkit.prediction import Prediction
+
+__all__ = ["Denoiser", "UNetDenoiser", "FunctionDenoiser"]
+
+
+class Denoiser(ABC):
+    """Base of model adapters."""
+
+    def __init__(self, path: Path, prediction_type: str):
+        self.path = path
+        self.prediction_type = prediction_type
+        self.nfe = 0
+        self.calls = 0
+        self.seconds = 0.0
+        self.sync_timing = False  # synchronise CUDA around forwards when timing is wanted
+
+    def reset_counters(self) -> None:
+        self.nfe, self.calls, self.seconds = 0, 0, 0.0
+
+    def __call__(self, x: Tensor, t: Tensor | float, cond: Conditioning) -> Prediction:
+        t = as_time(t, x.shape[0])
+        point = self.path.at(t.cpu())
+        x_native = self.path.to_native(x, point)
+        if self.sync_timing and x.is_cuda:
+            torch.cuda.synchronize(x.device)
+        start = time.perf_counter()
+        raw = self.forward(x_native, point.timestep, cond)
+        if self.sync_timing and x.is_cuda:
+            torch.cuda.synchronize(x.device)
+        self.seconds += time.perf_counter() - start
+        self.nfe += x.shape[0]
+        self.calls += 1
+        return Prediction(raw.to(x.dtype), self.prediction_type, x_native, point, self.path)
+
+    @abstractmethod
+    def forward(self, x_native: Tensor, timestep: Tensor, cond: Conditioning) -> Tensor:
+        """The network's raw output for native input x and native timesteps [N] (float64)."""
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cpu")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.float32
+
+
+class UNetDenoiser(Denoiser):
+    """A diffusers UNet2DConditionModel (shapes model; SD/SDXL build on it)."""
+
+    def __init__(self, unet: Any, path: Path, prediction_type: str,
+                 cross_attention_kwargs: dict | None = None):
+        super().__init__(path, prediction_type)
+        self.unet = unet
+        self.cross_attention_kwargs = cross_attention_kwargs
+
+    @property
+    def device(self) -> torch.device:
+        return self.unet.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.unet.dtype
+
+    def forward(self, x_native: Tensor, timestep: Tensor, cond: Conditioning) -> Tensor:
+        added = {k: cond[k] for k in ("text_embeds", "time_ids") if cond.get(k) is not None}
+        out = self.unet(
+            x_native.to(self.dtype),
+            timestep.to(device=x_native.device, dtype=torch.float32),
+            encoder_hidden_states=cond["encoder_hidden_states"].to(self.dtype),
+            added_cond_kwargs=added or None,
+            cross_attention_kwargs=self.cross_attention_kwargs,
+            return_dict=False,
+        )[0]
+        return out
+
+
+class FunctionDenoiser(Denoiser):
+    """Wrap `fn(x_native, timestep, cond) -> Tensor` (analytic models, tests)."""
+
+    def __init__(self, fn, path: Path, prediction_type: str):
+        super().__init__(path, prediction_type)
+        self.fn = fn
+
+    def forward(self, x_native: Tensor, timestep: Tensor, cond: Conditioning) -> Tensor:
+        return self.fn(x_native, timestep, cond)

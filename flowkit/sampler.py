@@ -1,0 +1,69 @@
+"""The sampler base class: a registered update rule that walks a time grid.
+
+One small signature, as in k-diffusion: `sample(model, x, ts) -> x`, where `model(x, t)`
+is the guided prediction at flow-frame state x and flowkit time t, `ts` the grid
+(steps + 1 descending flowkit times, terminal 0 included), and every step ends with
+`x = model.end_step(x, pred)`. Randomness comes from `model.ctx.randn_like(x)` (one
+generator per sample). Options are keyword-only constructor arguments.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING, ClassVar
+
+from torch import Tensor
+
+from flowkit.timegrid import TimeGrid
+
+if TYPE_CHECKING:
+    from flowkit.context import Context
+    from flowkit.sampling import GuidedModel
+
+__all__ = ["Sampler"]
+
+
+class Sampler(ABC):
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    path_kinds: ClassVar[tuple[str, ...]] = ("gaussian",)
+
+    def __init__(self, *, grid: str | None = None):
+        self.grid = grid
+        self._grid = TimeGrid.parse(grid) if grid else None
+
+    def time_grid(self, default: TimeGrid) -> TimeGrid:
+        """The grid this sampler walks: its own `grid` option, else the surface's default."""
+        return self._grid or default
+
+    def evaluations(self, steps: int) -> int:
+        """Model evaluations per sample and branch for `steps` steps (for stats checks)."""
+        return steps
+
+    def refuse(self, ctx: "Context") -> str | None:
+        kind = ctx.denoiser.path.kind
+        if kind not in self.path_kinds:
+            return f"sampler {self.name} works on {'/'.join(self.path_kinds)} paths, not on {kind} ones"
+        return None
+
+    def initial_state(self, noise: Tensor, ts: Tensor, ctx: "Context") -> Tensor:
+        """The flow-frame state at ts[0] for unit Gaussian `noise` (signal ignored)."""
+        return noise * float(ts[0])
+
+    @abstractmethod
+    def sample(self, model: "GuidedModel", x: Tensor, ts: Tensor) -> Tensor:
+        """Integrate from ts[0] to ts[-1]; return the final state."""
+
+    def params(self) -> dict:
+        from flowkit.registry import params_of
+
+        return {k: getattr(self, k) for k in params_of(type(self)) if hasattr(self, k)}
+
+    def describe(self) -> str:
+        from flowkit.spec import format as format_spec, to_spec
+
+        return format_spec([to_spec(self)])
+
+    def __repr__(self) -> str:
+        inner = ", ".join(f"{k}={v!r}" for k, v in self.params().items())
+        return f"{type(self).__name__}({inner})"

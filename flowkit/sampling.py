@@ -1,0 +1,244 @@
+"""The sampling loop: guided evaluation of the denoiser, step bookkeeping, and `run`.
+
+`GuidedModel` is what a sampler calls: `model(x, t) -> Prediction`, the guided prediction
+at flow-frame state x and flowkit time t. Per evaluation it asks the guidance stack which
+branches each sample needs, builds their conditionings, evaluates every needed row in one
+forward pass (or one per branch when the combiner asks for it), lets modules supply
+predicted branches, and applies combine and correct. At the end of each step a sampler
+calls `model.end_step(x, pred)`, which runs `after_step` hooks, records the step, calls
+the user's callback and checks for non-finite values every few steps without
+synchronising every step.
+
+Precision: the state is kept in float32 (at least) whatever the network's dtype; times
+are float64; prediction conversions run in float64 (see flowkit.paths.convert).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable
+
+import torch
+from torch import Tensor
+
+from flowkit.conditioning import Conditioning
+from flowkit.errors import InputError, NonFiniteError
+from flowkit.guidance.base import BranchPredictions
+from flowkit.paths.base import as_time
+from flowkit.prediction import Prediction
+
+if TYPE_CHECKING:
+    from flowkit.context import Context
+    from flowkit.sampler import Sampler
+
+__all__ = ["GuidedModel", "Stats", "StepRecord", "run"]
+
+StepCallback = Callable[["Context", int, Tensor, Prediction], "Tensor | None"]
+
+
+@dataclass
+class StepRecord:
+    step: int
+    stage: int
+    t: float
+    nfe: int  # rows evaluated during this step (all samples, all branches)
+    seconds: float
+    branches: dict[str, int]  # rows per branch evaluated this step
+
+
+@dataclass
+class Stats:
+    """What a run cost: NFE per sample (per branch row), forward calls, seconds."""
+
+    nfe: list[int] = field(default_factory=list)
+    forward_calls: int = 0
+    seconds: float = 0.0
+    forward_seconds: float = 0.0
+    steps: list[StepRecord] = field(default_factory=list)
+    sampler: str = ""
+    guidance: str = ""
+    grid: list[float] = field(default_factory=list)
+
+    @property
+    def total_nfe(self) -> int:
+        return int(sum(self.nfe))
+
+    def to_dict(self) -> dict[str, Any]:
+        from dataclasses import asdict
+
+        return asdict(self)
+
+
+class GuidedModel:
+    """The guided denoiser a sampler integrates; also the step bookkeeper."""
+
+    def __init__(self, ctx: "Context", *, callback: StepCallback | None = None, check_every: int = 4,
+                 progress: Any = None):
+        self.ctx = ctx
+        self.callback = callback
+        self.check_every = max(int(check_every), 1)
+        self.progress = progress
+        self.records: list[StepRecord] = []
+        self._bad: list[Tensor] = []
+        self._step_rows: dict[str, int] = {}
+        self._step_start = time.perf_counter()
+        self._nfe_at_step = 0
+
+    # -- evaluation ---------------------------------------------------------------
+    def __call__(self, x: Tensor, t: Tensor | float) -> Prediction:
+        ctx = self.ctx
+        B = x.shape[0]
+        t = as_time(t, B).to(torch.float64)
+        ctx.t = t
+        req = ctx.stack.requests(ctx)
+        jobs: list[tuple[str, Tensor, Conditioning]] = []
+        for name in req.names():
+            rows = req.wanted(name).nonzero().flatten()
+            if len(rows) == 0:
+                continue
+            cond = ctx.stack.conditioning(ctx, name, ctx.conds.get(name))
+            if cond is None:
+                raise InputError(f"branch {name!r} has no conditioning: a module must provide it")
+            jobs.append((name, rows, cond.select(rows.to(_cond_device(cond)))))
+        evaluated = self._evaluate(x, t, jobs)
+        preds: dict[str, Prediction] = {}
+        present: dict[str, Tensor] = {}
+        for name in req.names():
+            full, mask = None, torch.zeros(B, dtype=torch.bool, device=x.device)
+            if name in evaluated:
+                rows, pred = evaluated[name]
+                full = _scatter(pred, rows, B, x)
+                mask[rows] = True
+            if name in req.supplied:
+                m, sup = req.supplied[name]
+                full = sup if full is None else full.replace(torch.where(_rows(m, sup.value), sup.value, full.value))
+                mask = mask | m
+            if full is not None:
+                preds[name], present[name] = full, mask
+        if "cond" not in preds or not bool(present["cond"].all()):
+            raise InputError("every sample needs its conditional branch; a module dropped 'cond'")
+        branch_preds = BranchPredictions(preds, present)
+        pred = ctx.stack.combine(ctx, branch_preds)
+        pred = ctx.stack.correct(ctx, x, pred)
+        ctx.extras["branch_predictions"] = branch_preds
+        return pred
+
+    def _evaluate(self, x: Tensor, t: Tensor, jobs: list[tuple[str, Tensor, Conditioning]]):
+        ctx = self.ctx
+        out: dict[str, tuple[Tensor, Prediction]] = {}
+        if not jobs:
+            return out
+        groups = [jobs] if ctx.stack.batch_branches else [[j] for j in jobs]
+        for group in groups:
+            xs = torch.cat([x[rows] for _, rows, _ in group])
+            ts = torch.cat([t[rows.cpu()] for _, rows, _ in group])
+            cond = Conditioning.cat([c for _, _, c in group]) if len(group) > 1 else group[0][2]
+            pred = ctx.denoiser(xs, ts, cond)
+            ctx.forward_calls += 1
+            offset = 0
+            for name, rows, _ in group:
+                n = len(rows)
+                out[name] = (rows, pred.select(torch.arange(offset, offset + n, device=pred.value.device)))
+                offset += n
+                ctx.nfe[rows.cpu()] += 1
+                self._step_rows[name] = self._step_rows.get(name, 0) + n
+        return out
+
+    # -- step bookkeeping ---------------------------------------------------------
+    def end_step(self, x: Tensor, pred: Prediction) -> Tensor:
+        """Close the current step: hooks, record, callback, periodic non-finite check."""
+        ctx = self.ctx
+        ctx.stack.after_step(ctx, x, pred)
+        if self.callback is not None:
+            new = self.callback(ctx, ctx.step, x, pred)
+            if new is not None:
+                x = new
+        self._bad.append(~torch.isfinite(x).all())
+        now = time.perf_counter()
+        nfe_now = int(ctx.nfe.sum())
+        t0 = float(ctx.t[0]) if ctx.t is not None else float("nan")
+        self.records.append(StepRecord(ctx.step, ctx.stage, t0, nfe_now - self._nfe_at_step,
+                                       now - self._step_start, dict(self._step_rows)))
+        self._nfe_at_step, self._step_start, self._step_rows = nfe_now, now, {}
+        if len(self._bad) % self.check_every == 0:
+            self.check_finite()
+        ctx.step += 1
+        if self.progress is not None:
+            self.progress.update(1)
+        return x
+
+    def check_finite(self) -> None:
+        if not self._bad:
+            return
+        bad = torch.stack(self._bad).cpu()
+        if bool(bad.any()):
+            first = int(bad.nonzero()[0, 0])
+            rec = self.records[first] if first < len(self.records) else None
+            where = f" (t={rec.t:.4f})" if rec else ""
+            raise NonFiniteError(
+                f"non-finite values (NaN or inf) appeared at step {first}{where}: "
+                "lower the guidance scale, use more steps, or check the model and its inputs"
+            )
+
+    def change_stage(self, old_shape: tuple[int, ...], new_shape: tuple[int, ...]) -> None:
+        """A sampler changed resolution: notify guidance modules."""
+        self.ctx.stage += 1
+        self.ctx.stack.on_stage_change(self.ctx, old_shape, new_shape)
+
+
+def _cond_device(cond: Conditioning) -> torch.device:
+    for v in cond.tensors.values():
+        return v.device
+    return torch.device("cpu")
+
+
+def _rows(mask: Tensor, like: Tensor) -> Tensor:
+    return mask.reshape((-1,) + (1,) * (like.ndim - 1))
+
+
+def _scatter(pred: Prediction, rows: Tensor, batch: int, x: Tensor) -> Prediction:
+    """Expand a prediction on `rows` to the full batch (absent rows: zero values)."""
+    if len(rows) == batch and bool((rows == torch.arange(batch, device=rows.device)).all()):
+        return pred
+    from flowkit.paths.base import PathPoint
+
+    value = pred.value.new_zeros((batch,) + tuple(pred.value.shape[1:]))
+    value[rows] = pred.value
+    xn = pred.x.new_zeros((batch,) + tuple(pred.x.shape[1:]))
+    xn[rows] = pred.x
+    full_t = pred.point.t.new_full((batch,), 0.5)  # absent rows: a harmless mid-path time
+    full_t[rows.cpu()] = pred.point.t
+    point = pred.path.at(full_t)
+    return Prediction(value, pred.kind, xn, point, pred.path)
+
+
+def run(sampler: "Sampler", ctx: "Context", noise: Tensor, ts: Tensor, *,
+        callback: StepCallback | None = None, check_every: int = 4, progress: bool = False) -> tuple[Tensor, Stats]:
+    """Sample from `noise` (unit Gaussian, flow frame shape) along grid `ts`; returns (x, stats)."""
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=ctx.num_steps, desc=f"flowkit {sampler.name}", dynamic_ncols=True, leave=False)
+    ctx.stack.check(ctx)
+    ctx.denoiser.reset_counters()
+    model = GuidedModel(ctx, callback=callback, check_every=check_every, progress=bar)
+    start = time.perf_counter()
+    try:
+        x = sampler.sample(model, sampler.initial_state(noise, ts, ctx), ts)
+        model.check_finite()
+    finally:
+        if bar is not None:
+            bar.close()
+    stats = Stats(
+        nfe=[int(v) for v in ctx.nfe.tolist()],
+        forward_calls=ctx.forward_calls,
+        seconds=time.perf_counter() - start,
+        forward_seconds=ctx.denoiser.seconds,
+        steps=model.records,
+        sampler=sampler.describe(),
+        guidance=ctx.stack.describe(),
+        grid=[float(v) for v in ts.tolist()],
+    )
+    return x, stats

@@ -1,0 +1,175 @@
+"""Time grids: the flowkit times a sampler visits, separate from its update rule.
+
+A grid is `steps + 1` descending flowkit times ending in an explicit terminal 0, as
+float64. Kinds:
+- `uniform`: uniform in the model path's native time (k-diffusion / diffusers linspace);
+- `shift`: the static timestep shift of SD3, t' = s t / (1 + (s - 1) t);
+- `dynamic`: FLUX's resolution-dependent exponential shift with mu from the image
+  sequence length (or a given mu);
+- `sigmas`: user times (flowkit time, descending; a terminal 0 is appended if missing);
+- `scheduler`: copied from a diffusers scheduler's `set_timesteps`, so a user's
+  scheduler settings are kept;
+- `boss`: stored step sizes (see samplers/boss.py; behaves as `sigmas`).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor
+
+from flowkit.errors import InputError, SpecError
+from flowkit.paths.base import Path
+from flowkit.paths.shift import dynamic_shift, flux_mu, static_shift
+
+__all__ = ["TimeGrid", "GRID_KINDS"]
+
+GRID_KINDS = ("uniform", "shift", "dynamic", "sigmas", "scheduler", "boss")
+
+
+@dataclass(frozen=True)
+class TimeGrid:
+    kind: str = "uniform"
+    shift: float = 1.0
+    mu: float | None = None
+    sigmas: tuple[float, ...] | None = None
+    scheduler: Any = field(default=None, compare=False, repr=False)
+    name: str | None = None  # a label (e.g. the BOSS table it came from)
+    pass_sigmas: bool = False  # scheduler grids: pass sigmas = linspace(1, 1/N, N) as FLUX does
+
+    def __post_init__(self) -> None:
+        if self.kind not in GRID_KINDS:
+            raise SpecError(f"unknown time grid {self.kind!r}; use one of {', '.join(GRID_KINDS)}")
+        if self.kind == "shift" and not self.shift > 0:
+            raise SpecError(f"grid shift must be > 0, got {self.shift}")
+        if self.kind in ("sigmas", "boss"):
+            if not self.sigmas:
+                raise SpecError(f"a {self.kind} grid needs its times")
+            s = list(self.sigmas)
+            if any(not (0.0 <= v <= 1.0) for v in s) or any(b >= a for a, b in zip(s, s[1:])):
+                raise SpecError("grid times must lie in [0, 1] and strictly decrease")
+        if self.kind == "scheduler" and self.scheduler is None:
+            raise SpecError("a scheduler grid needs a scheduler; use TimeGrid.from_scheduler")
+
+    # -- constructors -------------------------------------------------------------
+    @classmethod
+    def uniform(cls) -> "TimeGrid":
+        return cls("uniform")
+
+    @classmethod
+    def shifted(cls, shift: float) -> "TimeGrid":
+        return cls("shift", shift=float(shift))
+
+    @classmethod
+    def dynamic(cls, mu: float | None = None) -> "TimeGrid":
+        return cls("dynamic", mu=mu)
+
+    @classmethod
+    def from_times(cls, times: Sequence[float], kind: str = "sigmas", name: str | None = None) -> "TimeGrid":
+        return cls(kind, sigmas=tuple(float(v) for v in times), name=name)
+
+    @classmethod
+    def from_scheduler(cls, scheduler: Any, *, pass_sigmas: bool = False) -> "TimeGrid":
+        """Copy the grid from a diffusers scheduler (a private copy is stepped).
+
+        `pass_sigmas`: call `set_timesteps(sigmas=linspace(1, 1/N, N))` as diffusers' FLUX
+        pipeline does; without it the scheduler's own spacing is used (SD3's pipeline).
+        """
+        return cls("scheduler", scheduler=copy.deepcopy(scheduler), name=type(scheduler).__name__,
+                   pass_sigmas=pass_sigmas)
+
+    @classmethod
+    def parse(cls, text: str | "TimeGrid" | None) -> "TimeGrid":
+        """'uniform', 'shift:3', 'dynamic', 'dynamic:0.8', 'sigmas:1;0.5;0.2' -> TimeGrid."""
+        if text is None:
+            return cls.uniform()
+        if isinstance(text, TimeGrid):
+            return text
+        kind, _, arg = str(text).strip().partition(":")
+        try:
+            if kind == "uniform" and not arg:
+                return cls.uniform()
+            if kind == "shift":
+                return cls.shifted(float(arg))
+            if kind == "dynamic":
+                return cls.dynamic(float(arg) if arg else None)
+            if kind == "sigmas":
+                return cls.from_times([float(v) for v in arg.replace(",", ";").split(";") if v.strip()])
+        except ValueError as e:
+            raise SpecError(f"bad time grid {text!r}: {e}") from None
+        raise SpecError(f"bad time grid {text!r}; use uniform, shift:S, dynamic[:MU] or sigmas:T1;T2;...")
+
+    # -- the grid -----------------------------------------------------------------
+    def build(self, steps: int, path: Path, *, image_seq_len: int | None = None) -> Tensor:
+        """`steps + 1` flowkit times (float64, descending, last = 0)."""
+        if not isinstance(steps, int) or steps < 1:
+            raise InputError(f"steps must be an integer >= 1, got {steps!r}")
+        if self.kind in ("sigmas", "boss"):
+            ts = torch.tensor(self.sigmas, dtype=torch.float64)
+            if ts[-1] != 0:
+                ts = torch.cat([ts, ts.new_zeros(1)])
+            if len(ts) != steps + 1:
+                raise InputError(f"this {self.kind} grid has {len(ts) - 1} steps, not {steps}: "
+                                 f"ask for {len(ts) - 1} steps or choose another grid")
+            return ts
+        if self.kind == "scheduler":
+            return _scheduler_times(self.scheduler, steps, path, image_seq_len, self.pass_sigmas)
+        ts = path.uniform_grid(steps)
+        if self.kind == "shift":
+            ts = static_shift(ts, self.shift)
+        elif self.kind == "dynamic":
+            mu = self.mu
+            if mu is None:
+                if image_seq_len is None:
+                    raise InputError("a dynamic grid needs the image sequence length or an explicit mu")
+                mu = flux_mu(image_seq_len)
+            ts = dynamic_shift(ts, mu)
+        return ts
+
+    def describe(self) -> str:
+        if self.kind == "shift":
+            return f"shift:{self.shift:g}"
+        if self.kind == "dynamic":
+            return "dynamic" if self.mu is None else f"dynamic:{self.mu:g}"
+        if self.kind in ("scheduler", "boss") and self.name:
+            return f"{self.kind}:{self.name}"
+        return self.kind
+
+
+def _scheduler_times(scheduler: Any, steps: int, path: Path, image_seq_len: int | None,
+                     pass_sigmas: bool = False) -> Tensor:
+    """flowkit times from a diffusers scheduler's set_timesteps."""
+    import inspect
+
+    kwargs: dict[str, Any] = {}
+    cfg = getattr(scheduler, "config", {})
+    if cfg.get("use_dynamic_shifting", False):
+        if image_seq_len is None:
+            raise InputError("this scheduler shifts dynamically: the image sequence length is needed")
+        kwargs["mu"] = flux_mu(image_seq_len, cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096),
+                               cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.15))
+    if "FlowMatch" in type(scheduler).__name__:
+        params = inspect.signature(scheduler.set_timesteps).parameters
+        if pass_sigmas and "sigmas" in params:
+            kwargs["sigmas"] = torch.linspace(1.0, 1.0 / steps, steps, dtype=torch.float64).tolist()
+        scheduler.set_timesteps(steps, **kwargs)
+        ts = torch.as_tensor(scheduler.sigmas, dtype=torch.float64).flatten()
+    elif hasattr(scheduler, "sigmas") and getattr(scheduler, "init_noise_sigma", 1.0) != 1.0 or "Euler" in type(scheduler).__name__:
+        scheduler.set_timesteps(steps)
+        sig = torch.as_tensor(scheduler.sigmas, dtype=torch.float64).flatten()
+        ts = sig / (1 + sig)
+    else:
+        scheduler.set_timesteps(steps)
+        ac = torch.as_tensor(scheduler.alphas_cumprod, dtype=torch.float64)
+        k = torch.as_tensor(scheduler.timesteps).long()
+        sig = ((1 - ac[k]) / ac[k]).sqrt()
+        ts = torch.cat([sig / (1 + sig), torch.zeros(1, dtype=torch.float64)])
+    if ts[-1] != 0:
+        ts = torch.cat([ts, ts.new_zeros(1)])
+    if len(ts) != steps + 1:
+        raise InputError(f"{type(scheduler).__name__} gave {len(ts) - 1} steps for {steps}; "
+                         "use sampler='pipeline' to run this scheduler itself")
+    return ts
