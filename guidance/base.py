@@ -133,6 +133,11 @@ class Guidance:
         self.start = float(start)
         self.stop = float(stop)
 
+    @property
+    def extra_branches(self) -> int:
+        """Branches this module adds to every evaluation inside its window (for NFE checks)."""
+        return 0
+
     # -- window and state ---------------------------------------------------------
     def active(self, ctx: "Context") -> bool:
         """Whether the current step lies in [start, stop) of the run (by step index)."""

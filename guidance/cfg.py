@@ -1,10 +1,12 @@
 """Classifier-free guidance (Ho & Salimans, "Classifier-Free Diffusion Guidance").
 
-D = D_uncond + w (D_cond - D_uncond)  (eq. 6), combined on the raw model output by
-default (the rule is affine, so for Gaussian paths every space gives the same step; the
-raw output is what diffusers combines, bit for bit). `guidance_rescale` is the
+D = D_uncond + w (D_cond - D_uncond)  (eq. 6), combined on the raw model output: the rule
+is affine, so for Gaussian paths every prediction space gives the same step, and the raw
+output is what diffusers combines, bit for bit (and it avoids converting through a space
+that is singular at the path's ends, such as noise at t = 1). `guidance_rescale` is the
 std-matching rescale of Lin et al., "Common Diffusion Noise Schedules and Sample Steps
-are Flawed" (eq. 15-16), applied in the model-output space as diffusers does. On
+are Flawed" (eq. 15-16); it is not affine, so `space` chooses where it is measured
+(the model output by default, as diffusers does). On
 discrete paths the rule combines categorical probabilities in log space and renormalises.
 Samples whose unconditional branch is absent (dropped by a policy such as Adaptive
 Guidance) take the conditional prediction.
@@ -55,6 +57,10 @@ class CFG(Guidance):
         self.space = space
         self.batched = bool(batched)
 
+    @property
+    def extra_branches(self) -> int:
+        return 0 if self.scale == 1.0 else 1
+
     def branches(self, ctx, requests: BranchRequests) -> None:
         if self.scale != 1.0:
             requests.need("uncond")
@@ -69,9 +75,11 @@ class CFG(Guidance):
             logp = logp + self.scale * (cond.probs.clamp_min(1e-12).log() - logp)
             guided = torch.softmax(logp, dim=-1)
             return cond.replace(preds.where("uncond", guided, cond.probs))
-        kind = cond.kind if self.space == "model_output" else self.space
-        c, u = cond.as_kind(kind), uncond.as_kind(kind)
+        c, u = cond.value, uncond.value
         guided = u + self.scale * (c - u)
         if self.guidance_rescale > 0:
-            guided = rescale_noise_cfg(guided, c, self.guidance_rescale)
-        return cond.replace(preds.where("uncond", guided, c), kind).converted(cond.kind)
+            kind = cond.kind if self.space == "model_output" else self.space
+            g = cond.replace(guided)
+            rescaled = rescale_noise_cfg(g.as_kind(kind), cond.as_kind(kind), self.guidance_rescale)
+            guided = g.replace(rescaled, kind).as_kind(cond.kind)
+        return cond.replace(preds.where("uncond", guided, c))

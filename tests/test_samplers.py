@@ -58,23 +58,26 @@ def test_nfe_matches_each_samplers_evaluation_count():
 def test_stochastic_samplers_keep_the_marginal(sampler):
     """Final samples have the data law N(MU, S^2): mean and std within sampling error."""
     n, steps = 20000, 200
-    noise = randn_per_sample((1,), generators_for(3, range(n))).double()
+    ctx = context(n, steps, seed=3)
+    noise = ctx.randn((1,)).double()  # drawn from the run's own generators, as flowkit.sample does
     ts = TimeGrid.uniform().build(steps, LinearPath())
-    x, _ = run(sampler, context(n, steps, seed=3), noise, ts)
+    x, _ = run(sampler, ctx, noise, ts)
     mean, std = x.mean().item(), x.std().item()
     assert abs(mean - MU) < 4 * S / math.sqrt(n) + 0.005
     assert abs(std - S) < 0.015, std
     # and the stochastic sampler really is stochastic: it does not reproduce the ODE map
     xo, _ = run(Euler(), context(n, steps, seed=3), noise, ts)
+    assert abs(xo.std().item() - S) < 0.015
     assert (x - xo).abs().mean() > 0.01
 
 
 def test_sde_intermediate_marginal_variance():
     """Stopping the SDE at t = 0.5 gives Var = (1 - t)^2 S^2 + t^2 (the path's marginal)."""
     n, steps = 20000, 100
-    noise = randn_per_sample((1,), generators_for(5, range(n))).double()
+    ctx = context(n, steps // 2, seed=5)
+    noise = ctx.randn((1,)).double()
     ts = TimeGrid.uniform().build(steps, LinearPath())[: steps // 2 + 1]  # 1.0 .. 0.5
-    x, _ = run(FlowSDE(c=1.5, power=1.0), context(n, steps // 2, seed=5), noise, ts)
+    x, _ = run(FlowSDE(c=1.5, power=1.0), ctx, noise, ts)
     t = float(ts[-1])
     assert abs(x.var().item() - ((1 - t) ** 2 * S**2 + t**2)) < 0.02
     assert abs(x.mean().item() - (1 - t) * MU) < 0.02
@@ -84,10 +87,11 @@ def test_sampler_noise_is_per_sample():
     """A sample's stochastic path depends only on its own generator, not its batch partners."""
     steps = 10
     ts = TimeGrid.uniform().build(steps, LinearPath())
-    gens = generators_for(7, range(4))
-    noise = randn_per_sample((6,), gens).double()
-    x4, _ = run(FlowSDE(c=1.0), context(4, steps, seed=7), noise, ts)
-    x1, _ = run(FlowSDE(c=1.0), context(1, steps, seed=7), noise[:1], ts)
+    c4, c1 = context(4, steps, seed=7), context(1, steps, seed=7)
+    noise = c4.randn((6,)).double()
+    c1.randn((6,))
+    x4, _ = run(FlowSDE(c=1.0), c4, noise, ts)
+    x1, _ = run(FlowSDE(c=1.0), c1, noise[:1], ts)
     assert torch.allclose(x4[:1], x1, atol=1e-12)
 
 

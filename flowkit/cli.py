@@ -1,0 +1,370 @@
+"""`flowkit`: the command line (`generate`, `list`, `bench`, `train`).
+
+One function per subcommand (`cmd_generate`, ...), all parsers built in `build_parser`.
+`generate` checks every option (specs, grid, numbers, model name, output path) in
+`parse_generate_args` before a model is loaded, so a typo fails at once. Torch and
+diffusers are imported inside the subcommands.
+
+Exit codes: 0 done; 2 bad input (argparse usage errors, and every `FlowkitError` printed as
+one line ``flowkit: error: <message>``); 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from flowkit.errors import FlowkitError, InputError, UnknownNameError, closest
+
+__all__ = ["main", "build_parser", "parse_generate_args", "GenerateOptions"]
+
+DEFAULT_MODEL = "shapes"
+FALLBACK_MODEL = "tiny"
+DEFAULT_OUT = "flowkit-out"
+LIST_KINDS = ("samplers", "guidance", "models", "experiments")
+
+
+# --------------------------------------------------------------------------- parsers
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `flowkit` parser with every subcommand."""
+    from flowkit import __version__
+
+    p = argparse.ArgumentParser(prog="flowkit", description="Samplers and composable guidance for "
+                                "diffusion and flow-matching models.")
+    p.add_argument("--version", action="version", version=f"flowkit {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    g = sub.add_parser("generate", help="generate images from prompts",
+                       description="Generate images from prompts and write them as PNG files.")
+    g.add_argument("prompts", nargs="+", metavar="PROMPT")
+    g.add_argument("--model", default=None,
+                   help=f"a built-in model (see `flowkit list models`) or a local diffusers folder "
+                        f"(default {DEFAULT_MODEL}; '{FALLBACK_MODEL}' if its weights are not installed)")
+    g.add_argument("--sampler", default="euler", metavar="SPEC", help="sampler spec, e.g. heun or sde:c=0.5")
+    g.add_argument("--guidance", default=None, metavar="SPEC",
+                   help="guidance stack, e.g. cfg:scale=7, or none (default: CFG at the model's scale)")
+    g.add_argument("--steps", type=int, default=30)
+    g.add_argument("--seed", type=int, default=0, help="image i uses flowkit.seed_for(SEED, i)")
+    g.add_argument("-n", "--num-images", type=int, default=1, metavar="N", help="images per prompt")
+    g.add_argument("--negative-prompt", default=None, metavar="TEXT")
+    g.add_argument("--height", type=int, default=None, metavar="H")
+    g.add_argument("--width", type=int, default=None, metavar="W")
+    g.add_argument("--grid", default=None, help="time grid: uniform, shift:S, dynamic[:MU] or sigmas:T1;T2;...")
+    g.add_argument("--out", default=None, metavar="FILE_OR_DIR",
+                   help=f"a .png file (one image) or a directory (default ./{DEFAULT_OUT}/)")
+    g.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="show a progress bar on stderr (default: when stderr is a terminal)")
+    g.set_defaults(func=cmd_generate)
+
+    li = sub.add_parser("list", help="list samplers, guidance modules, models and experiments")
+    li.add_argument("what", nargs="?", choices=(*LIST_KINDS, "all"), default="all")
+    li.add_argument("--json", action="store_true")
+    li.set_defaults(func=cmd_list)
+
+    # Parsed by flowkit.bench.cli (main hands it the rest of the line); here for --help only.
+    sub.add_parser("bench", help="run a bench experiment (flowkit bench --help)", add_help=False)
+
+    t = sub.add_parser("train", help="train one of the small models",
+                       description="Train a target, resuming from OUT/latest.pt unless --no-resume.")
+    t.add_argument("target", metavar="TARGET")
+    t.add_argument("--out", default=None, metavar="DIR", help="checkpoint folder (default checkpoints/TARGET)")
+    t.add_argument("--steps", type=int, default=None, help="total steps (the target's curriculum follows)")
+    t.add_argument("--batch-size", type=int, default=None)
+    t.add_argument("--lr", type=float, default=None)
+    t.add_argument("--threads", type=int, default=None, help="torch threads (0: torch's default)")
+    t.add_argument("--no-resume", dest="resume", action="store_false", help="start again from step 0")
+    t.set_defaults(func=cmd_train)
+    return p
+
+
+# --------------------------------------------------------------------------- main
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run `flowkit` with `argv` (default sys.argv[1:]); returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if argv[:1] == ["bench"]:
+            from flowkit.bench.cli import main as bench_main
+
+            return bench_main(argv[1:])
+        args = build_parser().parse_args(argv)
+        return args.func(args)
+    except SystemExit as e:  # argparse: --help, --version, usage errors
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except FlowkitError as e:
+        return _report(e)
+    except KeyboardInterrupt:
+        print("flowkit: interrupted", file=sys.stderr)
+        return 130
+
+
+def _report(error: Exception) -> int:
+    """Print `error` as one line on stderr; the exit status of bad input."""
+    message = " ".join(str(error).splitlines()) or type(error).__name__
+    print(f"flowkit: error: {message}", file=sys.stderr)
+    return 2
+
+
+# --------------------------------------------------------------------------- generate
+
+
+@dataclass(frozen=True)
+class GenerateOptions:
+    """`flowkit generate`'s options, checked; `sampler` and `guidance` are built objects."""
+
+    prompts: list[str]
+    model: str
+    model_given: bool  # --model was given: no fallback to the tiny model
+    sampler: Any  # flowkit.sampler.Sampler
+    guidance: Any  # flowkit.guidance.GuidanceStack, or None: CFG at the model's default scale
+    grid: Any  # flowkit.TimeGrid, or None: the model's default grid
+    steps: int
+    seed: int
+    num_images: int
+    negative_prompt: str | None
+    height: int | None
+    width: int | None
+    out: Path
+    out_is_file: bool
+    json: bool
+    progress: bool
+
+    @property
+    def total(self) -> int:
+        return len(self.prompts) * self.num_images
+
+
+def parse_generate_args(argv: Sequence[str]) -> GenerateOptions:
+    """Parse and check the arguments after `generate`, loading nothing.
+
+    Bad input prints its error on stderr and raises SystemExit(2), as on the command line.
+    """
+    args = build_parser().parse_args(["generate", *argv])
+    try:
+        return generate_options(args)
+    except FlowkitError as e:
+        raise SystemExit(_report(e)) from None
+
+
+def generate_options(args: argparse.Namespace) -> GenerateOptions:
+    """Check `generate`'s parsed arguments; FlowkitError names the option to change."""
+    from flowkit.api import build_guidance, build_sampler
+    from flowkit.timegrid import TimeGrid
+
+    _check_int("--steps", args.steps, 1)
+    _check_int("--seed", args.seed, 0)
+    _check_int("-n/--num-images", args.num_images, 1)
+    if (args.height is None) != (args.width is None):
+        raise InputError("give both --height and --width, or neither")
+    if args.height is not None:
+        _check_int("--height", args.height, 1)
+        _check_int("--width", args.width, 1)
+    model = args.model if args.model is not None else DEFAULT_MODEL
+    _check_model(model)
+    sampler = _with_flag("--sampler", build_sampler, args.sampler)
+    guidance = None if args.guidance is None else _with_flag("--guidance", build_guidance, args.guidance, 0.0)
+    grid = None if args.grid is None else _with_flag("--grid", TimeGrid.parse, args.grid)
+
+    total = len(args.prompts) * args.num_images
+    out = Path(args.out if args.out is not None else DEFAULT_OUT)
+    out_is_file = out.suffix.lower() == ".png" and not out.is_dir()
+    if out_is_file and total != 1:
+        raise InputError(f"--out {str(out)!r} names one file, but this command makes {total} images: "
+                         "give a directory")
+    if not out_is_file and out.exists() and not out.is_dir():
+        raise InputError(f"--out {str(out)!r} is a file: give a directory, or a .png name for one image")
+    progress = sys.stderr.isatty() if args.progress is None else args.progress
+    return GenerateOptions(
+        prompts=list(args.prompts), model=model, model_given=args.model is not None, sampler=sampler,
+        guidance=guidance, grid=grid, steps=args.steps, seed=args.seed, num_images=args.num_images,
+        negative_prompt=args.negative_prompt, height=args.height, width=args.width, out=out,
+        out_is_file=out_is_file, json=args.json, progress=progress,
+    )
+
+
+def _check_int(flag: str, value: int, minimum: int) -> None:
+    if value < minimum:
+        raise InputError(f"{flag} must be an integer >= {minimum}, got {value}")
+
+
+def _with_flag(flag: str, build: Any, *args: Any) -> Any:
+    """`build(*args)`, its FlowkitError prefixed with the option's name."""
+    try:
+        return build(*args)
+    except FlowkitError as e:
+        raise type(e)(f"{flag}: {e}") from None
+
+
+def _check_model(name: str) -> None:
+    """A built-in model name or an existing folder, else UnknownNameError (nothing is loaded)."""
+    from flowkit.loading import BUILTIN_MODELS
+
+    if name in BUILTIN_MODELS or _is_dir(name):
+        return
+    raise UnknownNameError(f"--model: unknown model {name!r}{closest(name, BUILTIN_MODELS)}; give one of "
+                           f"{', '.join(BUILTIN_MODELS)} or the path of a local diffusers folder")
+
+
+def _is_dir(path: str) -> bool:
+    try:
+        return Path(path).expanduser().is_dir()
+    except (OSError, RuntimeError):  # NUL bytes, unknown ~user, no home directory
+        return False
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import flowkit
+
+    opts = generate_options(args)
+    out_dir = opts.out.parent if opts.out_is_file else opts.out
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise InputError(f"--out: cannot create folder {str(out_dir)!r}: {e.strerror}") from None
+    pipe, model = _load_model(opts)
+    result = flowkit.sample(
+        pipe, opts.prompts, sampler=opts.sampler, steps=opts.steps, guidance=opts.guidance, seed=opts.seed,
+        negative_prompt=opts.negative_prompt, height=opts.height, width=opts.width, grid=opts.grid,
+        num_images_per_prompt=opts.num_images, progress=opts.progress,
+    )
+    files = []
+    for i, (image, prompt) in enumerate(zip(result.images, result.prompts)):
+        path = opts.out if opts.out_is_file else out_dir / f"{i:05d}-{_slug(prompt)}.png"
+        _write_png(image, path)
+        files.append(str(path))
+    stats = result.stats
+    if opts.json:
+        print(json.dumps({
+            "model": model, "files": files, "seeds": result.seeds, "prompts": result.prompts,
+            "steps": opts.steps, "sampler": stats.sampler, "guidance": stats.guidance, "seconds": stats.seconds,
+            "stats": {"nfe": stats.nfe, "forward_calls": stats.forward_calls, "seconds": stats.seconds,
+                      "forward_seconds": stats.forward_seconds},
+        }, indent=2))
+        return 0
+    for path, seed in zip(files, result.seeds):
+        print(f"{path}  seed={seed}")
+    nfe = sorted(set(stats.nfe))
+    per_image = str(nfe[0]) if len(nfe) == 1 else f"{nfe[0]}-{nfe[-1]}"
+    plural = "s" if len(files) != 1 else ""
+    print(f"{len(files)} image{plural} in {stats.seconds:.2f} s, {per_image} NFE per image, "
+          f"sampler {stats.sampler}, guidance {stats.guidance}")
+    return 0
+
+
+def _load_model(opts: GenerateOptions) -> tuple[Any, str]:
+    """(pipeline, model name); the default model falls back to the tiny one if not installed."""
+    from flowkit.errors import WeightsError
+    from flowkit.loading import load
+
+    try:
+        return load(opts.model), opts.model
+    except WeightsError as e:
+        if opts.model_given:
+            raise
+        print(f"flowkit: note: the default model {opts.model!r} is not available ({e}); using the untrained "
+              f"{FALLBACK_MODEL!r} model instead", file=sys.stderr)
+        return load(FALLBACK_MODEL), FALLBACK_MODEL
+
+
+def _slug(prompt: str, limit: int = 40) -> str:
+    """A file-name part from a prompt: lower-case ASCII letters and digits joined by '-'."""
+    slug = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")
+    return slug[:limit].rstrip("-") or "image"
+
+
+def _write_png(image: Any, path: Path) -> None:
+    """Write `image` to `path` atomically: a temporary file beside it, then os.replace."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            image.save(f, format="PNG")
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise InputError(f"cannot write {str(path)!r}: {e.strerror or e}") from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+# --------------------------------------------------------------------------- list
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    tables = {kind: _describe(kind) for kind in LIST_KINDS if args.what in (kind, "all")}
+    if args.json:
+        print(json.dumps(tables, indent=2))
+        return 0
+    for k, (kind, table) in enumerate(tables.items()):
+        print(("\n" if k else "") + f"{kind}:")
+        width = max(map(len, table), default=0)
+        for name, description in table.items():
+            print(f"  {name:<{width}}  {description}")
+    return 0
+
+
+def _describe(kind: str) -> dict[str, str]:
+    """Registered name -> one-line description, for one kind of `flowkit list`."""
+    if kind == "samplers":
+        from flowkit.registry import SAMPLERS
+
+        return SAMPLERS.describe()
+    if kind == "guidance":
+        from flowkit.registry import GUIDANCE
+
+        return GUIDANCE.describe()
+    if kind == "models":
+        from flowkit.loading import BUILTIN_MODELS
+
+        return dict(BUILTIN_MODELS)
+    from flowkit.bench import available
+
+    return available()
+
+
+# --------------------------------------------------------------------------- train
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from flowkit.train import target, train
+
+    overrides = {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "threads": args.threads}
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    for key, minimum in (("steps", 1), ("batch_size", 1), ("threads", 0)):
+        if key in overrides:
+            _check_int("--" + key.replace("_", "-"), overrides[key], minimum)
+    if "lr" in overrides and not (math.isfinite(overrides["lr"]) and overrides["lr"] > 0):
+        raise InputError(f"--lr must be a finite number > 0, got {overrides['lr']}")
+    try:
+        task, cfg = target(args.target)
+    except FlowkitError:
+        raise
+    except ValueError as e:  # flowkit.train.target's unknown name
+        raise UnknownNameError(str(e)) from None
+    cfg = dataclasses.replace(cfg, **overrides)
+    if "steps" in overrides and hasattr(task, "total_steps"):
+        task.total_steps = cfg.steps  # the target's curriculum is laid out over the whole run
+    out = Path(args.out if args.out is not None else Path("checkpoints") / args.target)
+    try:
+        losses = train(task, cfg, out, resume=args.resume, progress=sys.stderr.isatty())
+    except KeyboardInterrupt:
+        print(f"flowkit: interrupted; run the same command again to resume from {out / 'latest.pt'}",
+              file=sys.stderr)
+        return 130
+    last = f", last loss {losses[-1]:.4f}" if losses else ""
+    print(f"trained {args.target} to step {cfg.steps} ({len(losses)} steps in this run{last})")
+    print(f"exported weights: {out / 'export'}")
+    return 0
