@@ -219,7 +219,7 @@ def _check_model(name: str) -> None:
 def _is_dir(path: str) -> bool:
     try:
         return Path(path).expanduser().is_dir()
-    except (OSError, RuntimeError):  # NUL bytes, unknown ~user, no home directory
+    except (OSError, ValueError, RuntimeError):  # NUL bytes, unknown ~user, no home directory
         return False
 
 
