@@ -3,18 +3,38 @@
     import flowkit
     pipe = flowkit.load("shapes")
     out = flowkit.sample(pipe, ["three red circles"], sampler="euler", steps=20, seed=0)
+
+The public names are imported lazily, so `import flowkit` (and `flowkit --version`) stays
+fast until sampling is used.
 """
 
+from importlib import import_module
 from importlib.metadata import PackageNotFoundError, version
+from typing import Any
 
 try:
     __version__ = version("flowkit")
 except PackageNotFoundError:  # pragma: no cover - running from a source tree
     __version__ = "0.0.0"
 
-from flowkit.api import SampleOutput, sample
-from flowkit.loading import load
-from flowkit.seeding import seed_for
-from flowkit.timegrid import TimeGrid
+_LAZY = {
+    "load": "flowkit.loading",
+    "sample": "flowkit.api",
+    "SampleOutput": "flowkit.api",
+    "seed_for": "flowkit.seeding",
+    "TimeGrid": "flowkit.timegrid",
+}
 
-__all__ = ["__version__", "load", "sample", "SampleOutput", "seed_for", "TimeGrid"]
+__all__ = ["__version__", *_LAZY]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'flowkit' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

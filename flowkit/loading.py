@@ -106,8 +106,12 @@ def load(name_or_path: str | os.PathLike, **kwargs: Any):
         return _load_shapes()
     if name == "tiny":
         return _load_tiny(**kwargs)
-    path = Path(name).expanduser()
-    if path.is_dir():
+    try:
+        path = Path(name).expanduser()
+        is_dir = path.is_dir()
+    except (OSError, RuntimeError, ValueError):
+        is_dir = False
+    if is_dir:
         return _load_folder(path, **kwargs)
     raise UnknownNameError(f"unknown model {name!r}{closest(name, BUILTIN_MODELS)}: give one of "
                            f"{', '.join(BUILTIN_MODELS)} or the path of a local diffusers folder")
