@@ -3,11 +3,13 @@
 `available()` lists every registered module, built-in or from a plugin.
 """
 
+from flowkit.guidance.adaptive import AdaptiveGuidance
+from flowkit.guidance.apg import APG
 from flowkit.guidance.base import BranchPredictions, BranchRequests, Guidance, GuidanceStack
 from flowkit.guidance.cfg import CFG
 from flowkit.registry import GUIDANCE
 
-__all__ = ["Guidance", "GuidanceStack", "BranchRequests", "BranchPredictions", "CFG", "available", "get"]
+__all__ = ["Guidance", "GuidanceStack", "BranchRequests", "BranchPredictions", "CFG", "APG", "AdaptiveGuidance", "available", "get"]
 
 
 def available() -> dict[str, str]:

@@ -124,6 +124,8 @@ class Guidance:
     role: ClassVar[str] = "modifier"
     # Path kinds the module can work on ("gaussian", "discrete").
     path_kinds: ClassVar[tuple[str, ...]] = ("gaussian",)
+    # Whether the module may skip branch evaluations per sample (its NFE is data-dependent).
+    saves_nfe: ClassVar[bool] = False
 
     def __init__(self, *, start: float = 0.0, stop: float = 1.0):
         if not (0.0 <= start <= 1.0 and 0.0 <= stop <= 1.0):

@@ -51,8 +51,12 @@ def test_combination_runs_or_is_refused_as_listed(sampler, guidance, model):
     assert key not in TABLE, f"{key} is listed as refused but ran"
     x = out.latents
     assert x.shape == (2, 3, 32, 32) and torch.isfinite(x).all()
-    branches = 1 + sum(m.extra_branches for m in stack)
-    assert out.stats.nfe == [smp.evaluations(STEPS) * branches] * 2
+    evals = smp.evaluations(STEPS)
+    full = evals * (1 + sum(m.extra_branches for m in stack))
+    if any(m.saves_nfe for m in stack):  # data-dependent savings: bounded by conditional-only and full
+        assert all(evals <= n <= full for n in out.stats.nfe), out.stats.nfe
+    else:
+        assert out.stats.nfe == [full] * 2
 
 
 def test_refusal_table_names_real_combinations():
