@@ -19,7 +19,7 @@ from flowkit.sampling import Stats, run
 from flowkit.seeding import generators_for, randn_per_sample, seed_for
 from flowkit.timegrid import TimeGrid
 
-__all__ = ["sample", "SampleOutput", "build_sampler", "build_guidance"]
+__all__ = ["sample", "SampleOutput", "build_sampler", "build_guidance", "run_adapter"]
 
 
 @dataclass
@@ -125,21 +125,15 @@ def sample(
     shape = adapter.latent_shape(h, w)
     smp = build_sampler(sampler)
     stack = build_guidance(guidance, adapter.default_guidance_scale)
-    den = adapter.denoiser
     need_uncond = any(_wants_uncond(m) for m in stack)
     grad_ctx = contextlib.nullcontext() if grad else torch.no_grad()
     with grad_ctx:
-        conds = adapter.encode(prompt_list, negatives, need_uncond)
-        time_grid = smp.time_grid(TimeGrid.parse(grid) if grid is not None else adapter.default_grid())
-        ts = time_grid.build(steps, den.path, image_seq_len=adapter.image_seq_len(h, w))
+        conds = adapter.encode_sized(prompt_list, negatives, need_uncond, h, w)
         noise = randn_per_sample(shape, generators, adapter.device, torch.float32)
-        ctx = Context(den, stack, conds, generators, steps, device=adapter.device, encode=adapter.encoder())
-        reason = smp.refuse(ctx)
-        if reason:
-            from flowkit.errors import UnsupportedError
-
-            raise UnsupportedError(reason)
-        x, stats = run(smp, ctx, noise, ts, callback=callback, check_every=check_every, progress=progress)
+        x, stats, _ = run_adapter(adapter, conds, noise, sampler=smp, stack=stack, steps=steps,
+                               grid=TimeGrid.parse(grid) if grid is not None else None, height=h, width=w,
+                               generators=generators, callback=callback, check_every=check_every,
+                               progress=progress)
         images = adapter.decode(x, output_type)
     return SampleOutput(images=images, latents=x, stats=stats, seeds=seeds, prompts=prompt_list)
 
@@ -147,3 +141,53 @@ def sample(
 def _wants_uncond(module: Guidance) -> bool:
     """Whether a module may ask for the 'uncond' branch (so prompts' negatives are encoded)."""
     return module.role in ("combiner",) or getattr(module, "needs_uncond", False)
+
+
+def run_adapter(adapter: Any, conds: dict, noise: Tensor, *, sampler: Sampler, stack: GuidanceStack, steps: int,
+                grid: TimeGrid | None, height: int, width: int, generators: Sequence[torch.Generator],
+                callback: Callable | None = None, check_every: int = 4, progress: bool = False,
+                sigmas: Sequence[float] | None = None, mu: float | None = None,
+                step_generator: Any = None) -> tuple[Tensor, Stats, Context]:
+    """Sample from unit `noise` [B, *latent] with an adapter's denoiser; the loop both surfaces share.
+
+    The grid is the sampler's own, else `grid`, else the adapter's default. On the pipeline
+    scheduler's grid the run starts as the scheduler starts (`init_noise_sigma`), feeds the
+    network the scheduler's own timesteps, and carries the scheduler for sampler='pipeline'
+    (which needs that grid). `sigmas` / `mu`: a pipeline call's own, passed to its scheduler;
+    `step_generator`: what sampler='pipeline' hands a stochastic scheduler's step (a call's
+    generator or list of them; default: the first sample's generator).
+    Returns (final flow-frame state, stats, context).
+    """
+    from flowkit.errors import UnsupportedError
+
+    explicit = sampler.time_grid(grid) if (grid is not None or sampler.grid) else None
+    if sigmas is not None or mu is not None or sampler.uses_scheduler:
+        if explicit is not None and explicit.kind != "scheduler":
+            what = "sampler 'pipeline' steps on the pipeline scheduler's own timesteps" if sampler.uses_scheduler \
+                else "sigmas= and mu= go to the pipeline's scheduler"
+            raise UnsupportedError(f"{what}; drop the flowkit grid {explicit.describe()!r}")
+        time_grid = adapter.scheduler_grid(sigmas=sigmas, mu=mu) if (sigmas is not None or mu is not None) \
+            else (explicit or adapter.scheduler_grid())
+        if time_grid is None:
+            reason = sampler.refuse(Context(adapter.denoiser, stack, conds, list(generators), steps))
+            raise UnsupportedError(reason or f"{type(getattr(adapter, 'pipe', adapter)).__name__} has no scheduler "
+                                   "to take sigmas or mu")
+    else:
+        time_grid = explicit or adapter.default_grid()
+    den = adapter.denoiser
+    plan = time_grid.schedule(steps, den.path, image_seq_len=adapter.image_seq_len(height, width),
+                              strict=not sampler.uses_scheduler)
+    ctx = Context(den, stack, conds, list(generators), plan.steps, device=adapter.device, encode=adapter.encoder(),
+                  scheduler=plan.scheduler, noise_scale=plan.noise_scale)
+    ctx.grid = plan.ts
+    if step_generator is not None:
+        ctx.extras["step_generator"] = step_generator
+    reason = sampler.refuse(ctx)
+    if reason:
+        raise UnsupportedError(reason)
+    den.pin_timesteps(plan.ts[:-1] if plan.timesteps is not None else None, plan.timesteps)
+    try:
+        x, stats = run(sampler, ctx, noise, plan.ts, callback=callback, check_every=check_every, progress=progress)
+    finally:
+        den.pin_timesteps(None, None)
+    return x, stats, ctx

@@ -24,7 +24,10 @@ class Context:
 
     step: global step index (across bottleneck stages); num_steps: total steps;
     t: the current flowkit time per sample [B] (1 = noise); grid: the current stage's
-    times; nfe: network evaluations per sample (per branch row) so far.
+    times; nfe: network evaluations per sample (per branch row) so far; scheduler: the
+    pipeline's scheduler with its timesteps set (runs on a scheduler grid; what
+    sampler='pipeline' steps with); noise_scale: the initial state's scale (diffusers'
+    `init_noise_sigma` seen in the flow frame).
     """
 
     denoiser: "Denoiser"
@@ -41,6 +44,8 @@ class Context:
     nfe: Tensor = field(default=None)  # type: ignore[assignment]
     forward_calls: int = 0
     attention: Any = None
+    scheduler: Any = None  # the wrapped pipeline's scheduler (a private copy, timesteps set), if any
+    noise_scale: float | None = None  # x_flow at the start = noise_scale * unit noise (None: grid[0])
     log: list[str] = field(default_factory=list)
     extras: dict[str, Any] = field(default_factory=dict)
     _state: dict[int, dict] = field(default_factory=dict, repr=False)
@@ -61,7 +66,7 @@ class Context:
     @property
     def timestep(self) -> Tensor | None:
         """The model's native timestep at the current time."""
-        return None if self.t is None else self.denoiser.path.at(self.t).timestep
+        return None if self.t is None else self.denoiser.point(self.t.cpu()).timestep
 
     def state_for(self, module: object) -> dict:
         """This run's private state dict of `module`."""

@@ -4,6 +4,11 @@
 `cond` a `Conditioning` with N rows. A denoiser converts to the model's native frame and
 timestep, runs the network, and wraps the raw output with its prediction type. It counts
 rows evaluated (`nfe`), forward calls and seconds spent in the network.
+
+A run on a diffusers scheduler's grid *pins* the scheduler's own timesteps to its grid
+times (`pin_timesteps`), so the network is fed exactly what the pipeline would feed it
+(e.g. Euler's fractional "linspace" indices, which the path's log-sigma interpolation only
+approximates); every other time uses the path's `timestep`.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import torch
 from torch import Tensor
 
 from flowkit.conditioning import Conditioning
-from flowkit.paths.base import Path, as_time
+from flowkit.paths.base import Path, PathPoint, as_time
 from flowkit.prediction import Prediction
 
 __all__ = ["Denoiser", "UNetDenoiser", "FunctionDenoiser"]
@@ -32,13 +37,37 @@ class Denoiser(ABC):
         self.calls = 0
         self.seconds = 0.0
         self.sync_timing = False  # synchronise CUDA around forwards when timing is wanted
+        self._pinned: tuple[Tensor, Tensor] | None = None
 
     def reset_counters(self) -> None:
         self.nfe, self.calls, self.seconds = 0, 0, 0.0
 
+    def pin_timesteps(self, times: Tensor | None, timesteps: Tensor | None) -> None:
+        """Feed `timesteps[i]` at flowkit time `times[i]` exactly (both [N], float64); None unpins."""
+        if times is None or timesteps is None:
+            self._pinned = None
+            return
+        times, timesteps = as_time(times).flatten().cpu(), as_time(timesteps).flatten().cpu()
+        if times.shape != timesteps.shape:
+            raise ValueError(f"{len(times)} pinned times for {len(timesteps)} timesteps")
+        self._pinned = (times, timesteps)
+
+    def point(self, t: Tensor) -> PathPoint:
+        """The path at flowkit times t [N] (CPU float64), with pinned timesteps where t is pinned."""
+        point = self.path.at(t)
+        if self._pinned is None:
+            return point
+        times, timesteps = self._pinned
+        hit = t[:, None] == times[None, :]  # [N, K]
+        found = hit.any(dim=1)
+        if not bool(found.any()):
+            return point
+        fed = torch.where(found, timesteps[hit.to(torch.long).argmax(dim=1)], point.timestep)
+        return PathPoint(point.t, point.alpha, point.sigma, fed)
+
     def __call__(self, x: Tensor, t: Tensor | float, cond: Conditioning) -> Prediction:
         t = as_time(t, x.shape[0])
-        point = self.path.at(t.cpu())
+        point = self.point(t.cpu())
         x_native = self.path.to_native(x, point)
         if self.sync_timing and x.is_cuda:
             torch.cuda.synchronize(x.device)

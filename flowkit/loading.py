@@ -118,8 +118,16 @@ def load(name_or_path: str | os.PathLike, **kwargs: Any):
 
 
 def _load_folder(path: Path, **kwargs: Any):
+    """A local diffusers pipeline folder of a family flowkit samples (SD 1.x/2.x, SDXL, SD3,
+    FLUX); other pipelines are refused with the list of supported families."""
     from diffusers import DiffusionPipeline
+
+    from flowkit.adapters.base import adapt
 
     if not (path / "model_index.json").is_file():
         raise WeightsError(f"{path} is not a diffusers pipeline folder (no model_index.json)")
-    return DiffusionPipeline.from_pretrained(str(path), local_files_only=True, **kwargs)
+    pipe = DiffusionPipeline.from_pretrained(str(path), local_files_only=True, **kwargs)
+    adapt(pipe)  # UnsupportedError naming the supported families
+    if hasattr(pipe, "set_progress_bar_config"):
+        pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -27,6 +27,8 @@ class Sampler(ABC):
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
     path_kinds: ClassVar[tuple[str, ...]] = ("gaussian",)
+    # True for samplers that step with the pipeline's own scheduler (they run on its grid)
+    uses_scheduler: ClassVar[bool] = False
 
     def __init__(self, *, grid: str | None = None):
         self.grid = grid
@@ -47,8 +49,10 @@ class Sampler(ABC):
         return None
 
     def initial_state(self, noise: Tensor, ts: Tensor, ctx: "Context") -> Tensor:
-        """The flow-frame state at ts[0] for unit Gaussian `noise` (signal ignored)."""
-        return noise * float(ts[0])
+        """The flow-frame state at ts[0] for unit Gaussian `noise` (signal ignored): `noise * ts[0]`,
+        or `noise * ctx.noise_scale` where the run starts as a diffusers scheduler does."""
+        scale = ctx.noise_scale if ctx.noise_scale is not None else float(ts[0])
+        return noise * scale
 
     @abstractmethod
     def sample(self, model: "GuidedModel", x: Tensor, ts: Tensor) -> Tensor:

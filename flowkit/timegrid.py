@@ -7,8 +7,10 @@ float64. Kinds:
 - `dynamic`: FLUX's resolution-dependent exponential shift with mu from the image
   sequence length (or a given mu);
 - `sigmas`: user times (flowkit time, descending; a terminal 0 is appended if missing);
-- `scheduler`: copied from a diffusers scheduler's `set_timesteps`, so a user's
-  scheduler settings are kept;
+- `scheduler`: copied from a diffusers scheduler's `set_timesteps`, called as the
+  pipeline calls it (optionally with a user's `sigmas` or `mu`), so a user's scheduler
+  settings are kept; `schedule()` also gives the timesteps the scheduler feeds the
+  network and the scale of its initial noise;
 - `boss`: stored step sizes (see samplers/boss.py; behaves as `sigmas`).
 """
 
@@ -25,9 +27,26 @@ from flowkit.errors import InputError, SpecError
 from flowkit.paths.base import Path
 from flowkit.paths.shift import dynamic_shift, flux_mu, static_shift
 
-__all__ = ["TimeGrid", "GRID_KINDS"]
+__all__ = ["TimeGrid", "Schedule", "GRID_KINDS"]
 
 GRID_KINDS = ("uniform", "shift", "dynamic", "sigmas", "scheduler", "boss")
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """A grid ready to run: `ts` (flowkit times, one per evaluation step, then the final
+    time); for scheduler grids also the scheduler's own `timesteps` at ts[:-1] (what the
+    network is fed there), the private `scheduler` copy with its timesteps set, and
+    `noise_scale`: the initial flow-frame state is `noise_scale * unit noise`."""
+
+    ts: Tensor
+    noise_scale: float
+    timesteps: Tensor | None = None
+    scheduler: Any = None
+
+    @property
+    def steps(self) -> int:
+        return len(self.ts) - 1
 
 
 @dataclass(frozen=True)
@@ -39,6 +58,8 @@ class TimeGrid:
     scheduler: Any = field(default=None, compare=False, repr=False)
     name: str | None = None  # a label (e.g. the BOSS table it came from)
     pass_sigmas: bool = False  # scheduler grids: pass sigmas = linspace(1, 1/N, N) as FLUX does
+    # scheduler grids: `sigmas` (if given) and `mu` are passed to set_timesteps, as a pipeline's
+    # `sigmas=` / `mu=` arguments (in the scheduler's own convention)
 
     def __post_init__(self) -> None:
         if self.kind not in GRID_KINDS:
@@ -72,14 +93,18 @@ class TimeGrid:
         return cls(kind, sigmas=tuple(float(v) for v in times), name=name)
 
     @classmethod
-    def from_scheduler(cls, scheduler: Any, *, pass_sigmas: bool = False) -> "TimeGrid":
+    def from_scheduler(cls, scheduler: Any, *, pass_sigmas: bool = False, sigmas: Sequence[float] | None = None,
+                       mu: float | None = None) -> "TimeGrid":
         """Copy the grid from a diffusers scheduler (a private copy is stepped).
 
         `pass_sigmas`: call `set_timesteps(sigmas=linspace(1, 1/N, N))` as diffusers' FLUX
         pipeline does; without it the scheduler's own spacing is used (SD3's pipeline).
+        `sigmas`, `mu`: a pipeline call's own `sigmas=` / `mu=`, passed on to set_timesteps
+        (user sigmas fix the number of steps, as in diffusers).
         """
         return cls("scheduler", scheduler=copy.deepcopy(scheduler), name=type(scheduler).__name__,
-                   pass_sigmas=pass_sigmas)
+                   pass_sigmas=pass_sigmas, sigmas=None if sigmas is None else tuple(float(v) for v in sigmas),
+                   mu=None if mu is None else float(mu))
 
     @classmethod
     def parse(cls, text: str | "TimeGrid" | None) -> "TimeGrid":
@@ -116,7 +141,7 @@ class TimeGrid:
                                  f"ask for {len(ts) - 1} steps or choose another grid")
             return ts
         if self.kind == "scheduler":
-            return _scheduler_times(self.scheduler, steps, path, image_seq_len, self.pass_sigmas)
+            return self.schedule(steps, path, image_seq_len=image_seq_len).ts
         ts = path.uniform_grid(steps)
         if self.kind == "shift":
             ts = static_shift(ts, self.shift)
@@ -129,6 +154,36 @@ class TimeGrid:
             ts = dynamic_shift(ts, mu)
         return ts
 
+    def schedule(self, steps: int, path: Path, *, image_seq_len: int | None = None,
+                 strict: bool = True) -> Schedule:
+        """The grid with what running it needs (see `Schedule`).
+
+        Scheduler grids: a fresh copy of the scheduler gets `set_timesteps` as its pipeline
+        calls it; with `strict` (samplers that walk the times themselves) a scheduler that
+        evaluates more often than `steps` (PNDM's warm-up, Heun's second evaluations) is
+        refused, while sampler='pipeline' (strict=False) takes all of its timesteps.
+        """
+        if self.kind != "scheduler":
+            ts = self.build(steps, path, image_seq_len=image_seq_len)
+            return Schedule(ts=ts, noise_scale=float(ts[0]))
+        from flowkit.schedulers import initial_noise_scale, scheduler_times, set_timesteps_as_pipeline
+
+        if not isinstance(steps, int) or steps < 1:
+            raise InputError(f"steps must be an integer >= 1, got {steps!r}")
+        sch = copy.deepcopy(self.scheduler)
+        set_timesteps_as_pipeline(sch, steps, image_seq_len=image_seq_len, pass_sigmas=self.pass_sigmas,
+                                  sigmas=self.sigmas, mu=self.mu)
+        times, final = scheduler_times(sch)
+        timesteps = torch.as_tensor(sch.timesteps, dtype=torch.float64).flatten().cpu()
+        if strict and self.sigmas is None and len(times) != steps:
+            raise InputError(f"{type(sch).__name__} gives {len(times)} evaluations for {steps} steps; "
+                             "use sampler='pipeline' to run this scheduler itself")
+        if strict and bool((times[1:] >= times[:-1]).any()):
+            raise InputError(f"{type(sch).__name__}'s times do not strictly decrease; "
+                             "use sampler='pipeline' to run this scheduler itself")
+        ts = torch.cat([times, torch.tensor([final], dtype=torch.float64)])
+        return Schedule(ts=ts, noise_scale=initial_noise_scale(sch, float(ts[0])), timesteps=timesteps, scheduler=sch)
+
     def describe(self) -> str:
         if self.kind == "shift":
             return f"shift:{self.shift:g}"
@@ -137,39 +192,3 @@ class TimeGrid:
         if self.kind in ("scheduler", "boss") and self.name:
             return f"{self.kind}:{self.name}"
         return self.kind
-
-
-def _scheduler_times(scheduler: Any, steps: int, path: Path, image_seq_len: int | None,
-                     pass_sigmas: bool = False) -> Tensor:
-    """flowkit times from a diffusers scheduler's set_timesteps."""
-    import inspect
-
-    kwargs: dict[str, Any] = {}
-    cfg = getattr(scheduler, "config", {})
-    if cfg.get("use_dynamic_shifting", False):
-        if image_seq_len is None:
-            raise InputError("this scheduler shifts dynamically: the image sequence length is needed")
-        kwargs["mu"] = flux_mu(image_seq_len, cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096),
-                               cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.15))
-    if "FlowMatch" in type(scheduler).__name__:
-        params = inspect.signature(scheduler.set_timesteps).parameters
-        if pass_sigmas and "sigmas" in params:
-            kwargs["sigmas"] = torch.linspace(1.0, 1.0 / steps, steps, dtype=torch.float64).tolist()
-        scheduler.set_timesteps(steps, **kwargs)
-        ts = torch.as_tensor(scheduler.sigmas, dtype=torch.float64).flatten()
-    elif hasattr(scheduler, "sigmas") and getattr(scheduler, "init_noise_sigma", 1.0) != 1.0 or "Euler" in type(scheduler).__name__:
-        scheduler.set_timesteps(steps)
-        sig = torch.as_tensor(scheduler.sigmas, dtype=torch.float64).flatten()
-        ts = sig / (1 + sig)
-    else:
-        scheduler.set_timesteps(steps)
-        ac = torch.as_tensor(scheduler.alphas_cumprod, dtype=torch.float64)
-        k = torch.as_tensor(scheduler.timesteps).long()
-        sig = ((1 - ac[k]) / ac[k]).sqrt()
-        ts = torch.cat([sig / (1 + sig), torch.zeros(1, dtype=torch.float64)])
-    if ts[-1] != 0:
-        ts = torch.cat([ts, ts.new_zeros(1)])
-    if len(ts) != steps + 1:
-        raise InputError(f"{type(scheduler).__name__} gave {len(ts) - 1} steps for {steps}; "
-                         "use sampler='pipeline' to run this scheduler itself")
-    return ts

@@ -9,9 +9,10 @@ from flowkit.samplers.ddim import DDIM
 from flowkit.samplers.euler import Euler
 from flowkit.samplers.heun import Heun
 from flowkit.samplers.midpoint import Midpoint
+from flowkit.samplers.pipeline import PipelineSampler
 from flowkit.samplers.sde import FlowSDE
 
-__all__ = ["Sampler", "Euler", "Heun", "Midpoint", "FlowSDE", "DDIM", "available", "get"]
+__all__ = ["Sampler", "Euler", "Heun", "Midpoint", "FlowSDE", "DDIM", "PipelineSampler", "available", "get"]
 
 
 def available() -> dict[str, str]:

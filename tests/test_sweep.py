@@ -8,13 +8,23 @@ import pytest
 import torch
 
 import flowkit
+import tiny_pipes
+from flowkit.adapters.base import adapt
 from flowkit.errors import UnsupportedError
 from flowkit.guidance import CFG, GuidanceStack
 from flowkit.registry import GUIDANCE, SAMPLERS
 
 STEPS = 3
+one_thread = tiny_pipes.one_thread  # autouse fixture: tiny models run faster on one thread
 TABLE = json.loads((Path(__file__).parent / "sweep_refusals.json").read_text())["refusals"]
-MODELS = {"shapes-tiny": lambda: flowkit.load("tiny")}
+MODELS = {
+    "shapes-tiny": lambda: flowkit.load("tiny"),
+    # tiny random diffusers pipelines of the drop-in families (tests/tiny_pipes.py), built lazily
+    "sd-tiny": lambda: tiny_pipes.cached("sd"),
+    "sdxl-tiny": lambda: tiny_pipes.cached("sdxl"),
+    "sd3-tiny": lambda: tiny_pipes.cached("sd3"),
+    "flux-tiny": lambda: tiny_pipes.cached("flux"),
+}
 _cache: dict = {}
 
 
@@ -50,7 +60,8 @@ def test_combination_runs_or_is_refused_as_listed(sampler, guidance, model):
         return
     assert key not in TABLE, f"{key} is listed as refused but ran"
     x = out.latents
-    assert x.shape == (2, 3, 32, 32) and torch.isfinite(x).all()
+    adapter = adapt(pipe)
+    assert x.shape == (2, *adapter.latent_shape(*adapter.default_size())) and torch.isfinite(x).all()
     evals = smp.evaluations(STEPS)
     full = evals * (1 + sum(m.extra_branches for m in stack))
     if any(m.saves_nfe for m in stack):  # data-dependent savings: bounded by conditional-only and full

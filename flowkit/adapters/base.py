@@ -23,10 +23,24 @@ __all__ = ["ModelAdapter", "adapt", "ADAPTERS"]
 
 class ModelAdapter(ABC):
     family: str = ""
+    title: str = ""  # e.g. "SDXL (StableDiffusionXLPipeline)", for messages
     default_guidance_scale: float = 7.5
+    pass_sigmas: bool = False  # the pipeline calls set_timesteps(sigmas=linspace(1, 1/N, N)) (FLUX)
 
     def __init__(self, pipe: Any):
         self.pipe = pipe
+
+    @property
+    def scheduler(self) -> Any:
+        """The pipeline's diffusers scheduler, or None."""
+        return getattr(self.pipe, "scheduler", None)
+
+    def scheduler_grid(self, *, sigmas: Sequence[float] | None = None, mu: float | None = None) -> TimeGrid | None:
+        """The pipeline scheduler's grid, set as the pipeline sets it (None without a scheduler)."""
+        sch = self.scheduler
+        if sch is None or not hasattr(sch, "set_timesteps"):
+            return None
+        return TimeGrid.from_scheduler(sch, pass_sigmas=self.pass_sigmas, sigmas=sigmas, mu=mu)
 
     @property
     @abstractmethod
@@ -40,6 +54,11 @@ class ModelAdapter(ABC):
     def encode(self, prompts: Sequence[str], negative_prompts: Sequence[str] | None,
                need_uncond: bool) -> dict[str, Conditioning]:
         """Branch conditionings ('cond' and, if asked, 'uncond') for the prompts."""
+
+    def encode_sized(self, prompts: Sequence[str], negative_prompts: Sequence[str] | None, need_uncond: bool,
+                     height: int, width: int) -> dict[str, Conditioning]:
+        """`encode` for an image size (SDXL's conditioning depends on it)."""
+        return self.encode(prompts, negative_prompts, need_uncond)
 
     def encoder(self):
         """A function prompts -> Conditioning, for modules that add branches (GFCG)."""
@@ -70,13 +89,33 @@ def adapt(pipe: Any) -> ModelAdapter:
     """The adapter for `pipe`, or an UnsupportedError naming the supported families."""
     if isinstance(pipe, ModelAdapter):
         return pipe
-    from flowkit.adapters import shapes  # noqa: F401  (registers)
+    from flowkit.adapters import sd, sdxl, sd3, flux, shapes  # noqa: F401  (register)
 
+    inner = getattr(pipe, "pipe", None)
+    if inner is not None and type(pipe).__name__ == "FlowKitPipeline":
+        pipe = inner
     for pred, cls in ADAPTERS:
         if pred(pipe):
             return cls(pipe)
-    names = ", ".join(cls.family for _, cls in ADAPTERS)
-    raise UnsupportedError(f"flowkit cannot sample with a {type(pipe).__name__}; supported families: {names}")
+    names = "; ".join(cls.title or cls.family for _, cls in ADAPTERS)
+    kind = _pipeline_kind(type(pipe).__name__)
+    what = f" ({kind})" if kind else ""
+    raise UnsupportedError(f"flowkit cannot sample with a {type(pipe).__name__}{what}; it supports text-to-image "
+                           f"pipelines of these families: {names}")
+
+
+_KINDS = (("Img2Img", "an image-to-image pipeline"), ("Inpaint", "an inpainting pipeline"),
+          ("ControlNet", "a ControlNet pipeline"), ("Refiner", "a refiner"), ("Depth2Img", "an image-to-image pipeline"),
+          ("Upscale", "an upscaler"), ("InstructPix2Pix", "an image-editing pipeline"), ("Fill", "an inpainting pipeline"),
+          ("Kontext", "an image-editing pipeline"), ("Redux", "an image-variation pipeline"),
+          ("Control", "a control pipeline"), ("Adapter", "an adapter pipeline"))
+
+
+def _pipeline_kind(name: str) -> str:
+    for key, kind in _KINDS:
+        if key.lower() in name.lower():
+            return kind
+    return ""
 
 
 def check_multiple(height: int, width: int, factor: int, family: str) -> None:

@@ -37,7 +37,9 @@ def to_images(x: Tensor, output_type: str) -> Any:
 
 class ShapesAdapter(ModelAdapter):
     family = "shapes"
+    title = "shapes (flowkit's ShapesPipeline)"
     default_guidance_scale = 4.0
+    pass_sigmas = True  # ShapesPipeline sets its scheduler with sigmas = linspace(1, 1/N, N)
 
     def __init__(self, pipe: Any):
         super().__init__(pipe)

@@ -1,0 +1,179 @@
+"""What the latent diffusers pipelines (SD 1.x/2.x, SDXL, SD3, FLUX) share in flowkit.
+
+Each family's adapter (sd.py, sdxl.py, sd3.py, flux.py) names its pipeline class, its
+denoiser and its prompt encoding; this base gives them the pipeline's scheduler grid,
+device and dtype, the initial noise as the pipeline draws it (`randn_tensor`, diffusers'
+generator semantics), the latents a pipeline callback sees, and decoding through the
+pipeline's VAE into the pipeline's own output class.
+"""
+
+from __future__ import annotations
+
+import inspect
+from abc import abstractmethod
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from flowkit.adapters.base import ModelAdapter, check_multiple
+from flowkit.conditioning import Conditioning
+from flowkit.errors import InputError, UnsupportedError
+from flowkit.schedulers import frame_scale
+from flowkit.timegrid import TimeGrid
+
+__all__ = ["LatentAdapter"]
+
+
+class LatentAdapter(ModelAdapter):
+    """Base of the adapters of diffusers' latent text-to-image pipelines."""
+
+    # the network attribute of the pipeline ("unet" or "transformer")
+    network: str = "unet"
+    # keyword of the pipeline call that carries attention extras (the LoRA scale)
+    attention_kwargs_name: str = "cross_attention_kwargs"
+
+    def __init__(self, pipe: Any):
+        super().__init__(pipe)
+        if getattr(pipe, "vae", None) is None:
+            raise UnsupportedError(f"this {type(pipe).__name__} has no VAE; flowkit needs the full pipeline")
+        net = getattr(pipe, self.network, None)
+        if net is None:
+            raise UnsupportedError(f"this {type(pipe).__name__} has no {self.network}")
+        if getattr(net, "encoder_hid_proj", None) is not None:
+            raise UnsupportedError(
+                "IP-Adapter weights are loaded into this pipeline; flowkit samples text-to-image without them: "
+                "call pipe.unload_ip_adapter() first")
+
+    # -- the pipeline ----------------------------------------------------------------------
+    @property
+    def net(self) -> Any:
+        return getattr(self.pipe, self.network)
+
+    @property
+    def device(self) -> torch.device:
+        return self.pipe._execution_device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.net.dtype
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return int(self.pipe.vae_scale_factor)
+
+    def default_grid(self) -> TimeGrid:
+        grid = self.scheduler_grid()
+        if grid is None:
+            raise UnsupportedError(f"this {type(self.pipe).__name__} has no scheduler; give flowkit a grid")
+        return grid
+
+    def factor(self) -> int:
+        """Height and width must be multiples of this."""
+        return self.vae_scale_factor
+
+    def latent_shape(self, height: int, width: int) -> tuple[int, ...]:
+        check_multiple(height, width, self.factor(), self.family)
+        f = self.vae_scale_factor
+        return (self.latent_channels(), height // f, width // f)
+
+    def latent_channels(self) -> int:
+        return int(self.net.config.in_channels)
+
+    # -- prompts ---------------------------------------------------------------------------
+    @abstractmethod
+    def encode_call(self, kw: Mapping[str, Any], need_uncond: bool, num_images_per_prompt: int) -> dict[str, Conditioning]:
+        """Branch conditionings from a pipeline call's keywords (prompt, prompt_2, negative_prompt,
+        prompt_embeds, ..., height, width), as the pipeline's own `encode_prompt` makes them."""
+
+    def encode(self, prompts: Sequence[str], negative_prompts: Sequence[str] | None, need_uncond: bool):
+        h, w = self.default_size()
+        return self.encode_sized(prompts, negative_prompts, need_uncond, h, w)
+
+    def encode_sized(self, prompts, negative_prompts, need_uncond, height, width):
+        kw = {"prompt": list(prompts), "negative_prompt": list(negative_prompts) if negative_prompts else None,
+              "height": height, "width": width}
+        return self.encode_call(kw, need_uncond, 1)
+
+    def check_call(self, kw: Mapping[str, Any]) -> None:
+        """The pipeline's own `check_inputs` on a call's keywords (diffusers' messages)."""
+        check = getattr(self.pipe, "check_inputs", None)
+        if check is None:
+            return
+        args = {}
+        for name, p in inspect.signature(check).parameters.items():
+            if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+                continue
+            if name in kw:
+                args[name] = kw[name]
+            elif p.default is inspect.Parameter.empty:
+                args[name] = None
+        check(**args)
+
+    # -- attention extras (LoRA scale) -----------------------------------------------------
+    def set_attention_kwargs(self, kwargs: dict | None) -> None:
+        """The pipeline call's cross/joint attention kwargs (e.g. {"scale": 0.5}) for the network."""
+        setattr(self.denoiser, self.attention_kwargs_name, kwargs)
+
+    @staticmethod
+    def lora_scale(kw: Mapping[str, Any], name: str) -> float | None:
+        extra = kw.get(name)
+        return None if not extra else extra.get("scale")
+
+    # -- latents ---------------------------------------------------------------------------
+    def draw_noise(self, batch: int, height: int, width: int, generator: Any, dtype: torch.dtype) -> Tensor:
+        """Unit noise [batch, *latent_shape] as the pipeline draws it (`randn_tensor`)."""
+        from diffusers.utils.torch_utils import randn_tensor
+
+        shape = (batch,) + self.latent_shape(height, width)
+        return randn_tensor(shape, generator=generator, device=self.device, dtype=dtype)
+
+    def noise_from_latents(self, latents: Tensor, height: int, width: int) -> Tensor:
+        """A call's `latents=` (the pipeline's unit starting noise) in flowkit's latent layout."""
+        shape = self.latent_shape(height, width)
+        if tuple(latents.shape[1:]) != shape:
+            raise InputError(f"latents must have shape [batch, {', '.join(map(str, shape))}] for "
+                             f"{height}x{width}, got {list(latents.shape)}")
+        return latents
+
+    def to_pipeline_latents(self, x: Tensor, t: float, frame: str) -> Tensor:
+        """The flow-frame state as the pipeline's `latents` at flowkit time t (its scheduler's frame)."""
+        return x * frame_scale(frame, t)
+
+    def from_pipeline_latents(self, latents: Tensor, like: Tensor, t: float, frame: str) -> Tensor:
+        """The inverse of `to_pipeline_latents` (`like`: a flow-frame state of the right shape)."""
+        return latents / frame_scale(frame, t)
+
+    # -- decoding --------------------------------------------------------------------------
+    @abstractmethod
+    def decode_full(self, x: Tensor, output_type: str, generator: Any = None) -> tuple[Any, dict]:
+        """Final latents -> (images, other fields of the pipeline's output)."""
+
+    def decode(self, x: Tensor, output_type: str) -> Any:
+        return self.decode_full(x, output_type)[0]
+
+    @property
+    @abstractmethod
+    def output_class(self) -> type: ...
+
+    def output(self, x: Tensor, output_type: str, return_dict: bool, generator: Any = None) -> Any:
+        """The pipeline's own output (its output class, or its tuple form)."""
+        images, extra = self.decode_full(x, output_type, generator)
+        if not return_dict:
+            return (images, *extra.values())
+        return self.output_class(images=images, **extra)
+
+    def _postprocess(self, image: Tensor, output_type: str, **kw: Any) -> Any:
+        if output_type not in ("pil", "np", "pt"):
+            raise InputError(f"output_type must be pil, np, pt or latent, got {output_type!r}")
+        return self.pipe.image_processor.postprocess(image, output_type=output_type, **kw)
+
+
+def vae_decode(pipe: Any, latents: Tensor, generator: Any = None) -> Tensor:
+    """`pipe.vae.decode` of scaled latents on the VAE's device and dtype."""
+    vae = pipe.vae
+    latents = latents.to(device=vae.device, dtype=vae.dtype)
+    params = inspect.signature(vae.decode).parameters
+    if "generator" in params and generator is not None:
+        return vae.decode(latents, return_dict=False, generator=generator)[0]
+    return vae.decode(latents, return_dict=False)[0]

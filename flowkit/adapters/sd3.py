@@ -1,0 +1,117 @@
+"""Adapter for Stable Diffusion 3 (`StableDiffusion3Pipeline`, SD3Transformer2DModel).
+
+A rectified-flow transformer (velocity prediction on the linear path, timestep = 1000 t)
+conditioned on the joint CLIP + T5 token embeddings (`prompt`, `prompt_2`, `prompt_3`) and
+the pooled CLIP projections. The time grid is the pipeline's FlowMatchEulerDiscreteScheduler
+(static shift, or a dynamic one from the image's token count). Decoding: latents /
+scaling_factor + shift_factor through the VAE.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+from torch import Tensor
+
+from flowkit.adapters.base import ADAPTERS
+from flowkit.adapters.latent import LatentAdapter, vae_decode
+from flowkit.conditioning import Conditioning
+from flowkit.denoiser import Denoiser
+from flowkit.paths.linear import LinearPath
+
+__all__ = ["SD3Adapter", "SD3Denoiser"]
+
+
+class SD3Denoiser(Denoiser):
+    """SD3Transformer2DModel: velocity from latents [N, C, H, W], timesteps, tokens and pooled projections."""
+
+    def __init__(self, transformer: Any, path: LinearPath):
+        super().__init__(path, "velocity")
+        self.transformer = transformer
+        self.joint_attention_kwargs: dict | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.transformer.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.transformer.dtype
+
+    def forward(self, x_native: Tensor, timestep: Tensor, cond: Conditioning) -> Tensor:
+        return self.transformer(
+            hidden_states=x_native.to(self.dtype),
+            timestep=timestep.to(device=x_native.device, dtype=torch.float32),
+            encoder_hidden_states=cond["encoder_hidden_states"].to(self.dtype),
+            pooled_projections=cond["pooled_projections"].to(self.dtype),
+            joint_attention_kwargs=self.joint_attention_kwargs,
+            return_dict=False,
+        )[0]
+
+
+class SD3Adapter(LatentAdapter):
+    family = "sd3"
+    title = "SD3 (StableDiffusion3Pipeline)"
+    default_guidance_scale = 7.0
+    network = "transformer"
+    attention_kwargs_name = "joint_attention_kwargs"
+
+    def __init__(self, pipe: Any):
+        super().__init__(pipe)
+        n = int(pipe.scheduler.config.get("num_train_timesteps", 1000))
+        self._denoiser = SD3Denoiser(pipe.transformer, LinearPath(n))
+
+    @property
+    def denoiser(self) -> SD3Denoiser:
+        return self._denoiser
+
+    def default_size(self) -> tuple[int, int]:
+        s = int(self.pipe.default_sample_size) * self.vae_scale_factor
+        return s, s
+
+    def factor(self) -> int:
+        return self.vae_scale_factor * int(self.net.config.patch_size)
+
+    def image_seq_len(self, height: int, width: int) -> int:
+        p = int(self.net.config.patch_size)
+        f = self.vae_scale_factor
+        return (height // f // p) * (width // f // p)
+
+    def encode_call(self, kw: Mapping[str, Any], need_uncond: bool, num_images_per_prompt: int):
+        pos, neg, pooled, neg_pooled = self.pipe.encode_prompt(
+            prompt=kw.get("prompt"), prompt_2=kw.get("prompt_2"), prompt_3=kw.get("prompt_3"),
+            negative_prompt=kw.get("negative_prompt"), negative_prompt_2=kw.get("negative_prompt_2"),
+            negative_prompt_3=kw.get("negative_prompt_3"), do_classifier_free_guidance=need_uncond,
+            prompt_embeds=kw.get("prompt_embeds"), negative_prompt_embeds=kw.get("negative_prompt_embeds"),
+            pooled_prompt_embeds=kw.get("pooled_prompt_embeds"),
+            negative_pooled_prompt_embeds=kw.get("negative_pooled_prompt_embeds"), device=self.device,
+            clip_skip=kw.get("clip_skip"), num_images_per_prompt=num_images_per_prompt,
+            max_sequence_length=kw.get("max_sequence_length", 256),
+            lora_scale=self.lora_scale(kw, "joint_attention_kwargs"))
+        out = {"cond": Conditioning({"encoder_hidden_states": pos, "pooled_projections": pooled})}
+        if need_uncond:
+            out["uncond"] = Conditioning({"encoder_hidden_states": neg, "pooled_projections": neg_pooled})
+        return out
+
+    @property
+    def output_class(self) -> type:
+        from diffusers.pipelines.stable_diffusion_3 import StableDiffusion3PipelineOutput
+
+        return StableDiffusion3PipelineOutput
+
+    def decode_full(self, x: Tensor, output_type: str, generator: Any = None):
+        if output_type == "latent":
+            return x.to(self.dtype), {}
+        cfg = self.pipe.vae.config
+        image = vae_decode(self.pipe, x / cfg.scaling_factor + cfg.shift_factor)
+        return self._postprocess(image, output_type), {}
+
+
+def _is_sd3(pipe: Any) -> bool:
+    from diffusers import StableDiffusion3Pipeline
+
+    return isinstance(pipe, StableDiffusion3Pipeline)
+
+
+ADAPTERS.append((_is_sd3, SD3Adapter))

@@ -1,0 +1,272 @@
+"""`FlowKitPipeline`: the drop-in wrapper around a diffusers text-to-image pipeline.
+
+A thin wrapper, not a second pipeline: attributes it does not own (components, config,
+`enable_model_cpu_offload`, `scheduler`, ...) are the wrapped pipeline's, `to()` moves the
+wrapped pipeline, and a call takes the wrapped `__call__`'s own keywords, validated
+against its signature (a misspelt keyword fails and names the closest one). The call
+encodes prompts with the pipeline's `encode_prompt`, draws the starting latents with
+`randn_tensor` exactly as the pipeline does (one generator for the batch, or a list of one
+per image), runs flowkit's sampler and guidance stack on the pipeline scheduler's grid,
+decodes with the pipeline's VAE and returns the pipeline's own output class. `.stats`
+keeps the last call's `Stats` (NFE, seconds, per-step records).
+
+With `guidance=None` a call behaves like the wrapped pipeline: classifier-free guidance at
+the call's `guidance_scale` (above 1), or on FLUX no CFG unless `true_cfg_scale > 1` with
+a negative prompt (`guidance_scale` stays FLUX's distilled-guidance embedding). With a
+stack, an explicit `guidance_scale` (FLUX: `true_cfg_scale`) sets its combiner's scale.
+
+Keywords of the wrapped pipeline that flowkit does not take are refused, unless they keep
+their default value, with the flowkit way to get the same (see `REFUSED`). Differences
+from diffusers: FLUX sizes must be multiples of the packing factor (diffusers rounds
+down); callbacks see `prompt_embeds` / `negative_prompt_embeds` per branch (diffusers
+passes the concatenated CFG batch) and may replace `latents` only.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+from typing import Any
+
+import torch
+
+from flowkit.adapters.base import adapt
+from flowkit.api import _wants_uncond, build_guidance, build_sampler, run_adapter
+from flowkit.errors import InputError, UnsupportedError, closest
+from flowkit.guidance.base import GuidanceStack
+from flowkit.guidance.cfg import CFG
+from flowkit.sampler import Sampler
+from flowkit.sampling import Stats
+
+__all__ = ["FlowKitPipeline", "REFUSED"]
+
+# keyword -> how to get the same with flowkit (refused unless left at the pipeline's default)
+REFUSED = {
+    "timesteps": "give sigmas=..., or a flowkit grid: FlowKitPipeline.from_pipe(pipe, sampler='euler:grid=\"sigmas:0.9;0.5;0.2\"')",
+    "eta": "use flowkit's DDIM: FlowKitPipeline.from_pipe(pipe, sampler='ddim:eta=...')",
+    "ip_adapter_image": "IP-Adapter is not supported; flowkit's drop-in is text-to-image (prompts and embeddings)",
+    "ip_adapter_image_embeds": "IP-Adapter is not supported; flowkit's drop-in is text-to-image",
+    "negative_ip_adapter_image": "IP-Adapter is not supported; flowkit's drop-in is text-to-image",
+    "negative_ip_adapter_image_embeds": "IP-Adapter is not supported; flowkit's drop-in is text-to-image",
+    "denoising_end": "refiner hand-off is not supported; flowkit samples to the end (use the diffusers "
+                     "pipeline itself for an ensemble of expert denoisers)",
+    "skip_guidance_layers": "skip-layer guidance is not a drop-in option; compose a flowkit guidance stack: "
+                            "from_pipe(pipe, guidance=[...]) (flowkit.guidance.available())",
+    "skip_layer_guidance_scale": "compose a flowkit guidance stack: from_pipe(pipe, guidance=[...])",
+    "skip_layer_guidance_start": "compose a flowkit guidance stack: from_pipe(pipe, guidance=[...])",
+    "skip_layer_guidance_stop": "compose a flowkit guidance stack: from_pipe(pipe, guidance=[...])",
+    "callback": "use callback_on_step_end",
+    "callback_steps": "use callback_on_step_end",
+}
+_OWN = ("pipe", "sampler", "guidance", "stats")
+# callback tensor name -> (branch, conditioning fields to try)
+_CALLBACK_TENSORS = {
+    "prompt_embeds": ("cond", ("encoder_hidden_states",)),
+    "negative_prompt_embeds": ("uncond", ("encoder_hidden_states",)),
+    "pooled_prompt_embeds": ("cond", ("pooled_projections", "text_embeds")),
+    "negative_pooled_prompt_embeds": ("uncond", ("pooled_projections", "text_embeds")),
+    "add_text_embeds": ("cond", ("text_embeds",)),
+    "add_time_ids": ("cond", ("time_ids",)),
+    "negative_add_time_ids": ("uncond", ("time_ids",)),
+}
+
+
+class FlowKitPipeline:
+    """A diffusers pipeline sampled by flowkit (see the module docstring)."""
+
+    def __init__(self, pipe: Any, sampler: str | Sampler = "euler", guidance: Any = None):
+        adapt(pipe)  # refuses unsupported pipelines now, naming the supported ones
+        object.__setattr__(self, "pipe", pipe)
+        object.__setattr__(self, "sampler", build_sampler(sampler))
+        if guidance is not None:
+            build_guidance(guidance, 1.0)  # a bad spec fails here, not at the first call
+        object.__setattr__(self, "guidance", guidance)
+        object.__setattr__(self, "stats", None)
+
+    @classmethod
+    def from_pipe(cls, pipe: Any, sampler: str | Sampler = "euler", guidance: Any = None) -> "FlowKitPipeline":
+        """Wrap `pipe` (StableDiffusion, StableDiffusionXL, StableDiffusion3 or Flux pipeline)."""
+        return cls(pipe, sampler=sampler, guidance=guidance)
+
+    # -- the wrapped pipeline's surface ---------------------------------------------------
+    def __getattr__(self, name: str) -> Any:
+        if name in _OWN:
+            raise AttributeError(name)
+        return getattr(self.pipe, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _OWN:
+            object.__setattr__(self, name, value)
+        else:
+            setattr(self.pipe, name, value)
+
+    def __dir__(self) -> list[str]:
+        return sorted(set(super().__dir__()) | set(dir(self.pipe)))
+
+    def __repr__(self) -> str:
+        return f"FlowKitPipeline({type(self.pipe).__name__}, sampler={self.sampler.describe()!r})"
+
+    def to(self, *args: Any, **kwargs: Any) -> "FlowKitPipeline":
+        self.pipe.to(*args, **kwargs)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return self.pipe.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.pipe.dtype
+
+    # -- the call -------------------------------------------------------------------------
+    def _keywords(self, args: tuple, kwargs: dict) -> tuple[dict, set]:
+        """The call's keywords with the wrapped signature's defaults; and the names given."""
+        pipe = self.pipe
+        sig = inspect.signature(pipe.__call__)
+        params = {n: p for n, p in sig.parameters.items() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+        names = list(params)
+        if len(args) > len(names):
+            raise InputError(f"{type(pipe).__name__} takes at most {len(names)} positional arguments, got {len(args)}")
+        given = dict(kwargs)
+        for name, value in zip(names, args):
+            if name in given:
+                raise InputError(f"{name!r} given both by position and by keyword")
+            given[name] = value
+        for name in given:
+            if name in REFUSED and name not in params:
+                raise UnsupportedError(f"{name} is not supported: {REFUSED[name]}")
+            if name not in params:
+                raise InputError(f"{type(pipe).__name__} takes no keyword {name!r}{closest(name, names)}")
+        for name, value in given.items():
+            if name in REFUSED and not _is_default(value, params[name].default):
+                raise UnsupportedError(f"{name} is not supported by FlowKitPipeline: {REFUSED[name]}")
+        kw = {n: p.default for n, p in params.items() if p.default is not inspect.Parameter.empty}
+        kw.update(given)
+        return kw, set(given)
+
+    def _stack(self, kw: dict, given: set, family: str) -> GuidanceStack:
+        scale_name = "true_cfg_scale" if family == "flux" else "guidance_scale"
+        if self.guidance is None:
+            if family == "flux":
+                has_neg = kw.get("negative_prompt") is not None or (
+                    kw.get("negative_prompt_embeds") is not None and kw.get("negative_pooled_prompt_embeds") is not None)
+                scale = float(kw.get("true_cfg_scale", 1.0))
+                return GuidanceStack([CFG(scale=scale)] if scale > 1 and has_neg else [])
+            scale = float(kw.get("guidance_scale", 1.0))
+            rescale = float(kw.get("guidance_rescale", 0.0) or 0.0)
+            return GuidanceStack([CFG(scale=scale, guidance_rescale=rescale)] if scale > 1 else [])
+        if "guidance_rescale" in given and kw["guidance_rescale"]:
+            raise UnsupportedError("guidance_rescale goes on the combiner of your stack: CFG(scale=..., guidance_rescale=...)")
+        stack = build_guidance(self.guidance, 1.0)
+        if scale_name in given and stack.combiner is not None and hasattr(stack.combiner, "scale"):
+            combiner = copy.copy(stack.combiner)
+            combiner.scale = float(kw[scale_name])
+            stack = GuidanceStack([combiner if m is stack.combiner else m for m in stack])
+        return stack
+
+    @torch.no_grad()
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """Generate as the wrapped pipeline's `__call__` would, sampled by flowkit."""
+        kw, given = self._keywords(args, kwargs)
+        pipe = self.pipe
+        adapter = adapt(pipe)
+        h0, w0 = adapter.default_size()
+        h, w = kw.get("height") or h0, kw.get("width") or w0
+        kw["height"], kw["width"] = h, w
+        adapter.latent_shape(h, w)  # flowkit's size rules first (FLUX: no silent resize)
+        n_per = kw.get("num_images_per_prompt") or 1
+        if not isinstance(n_per, int) or n_per < 1:
+            raise InputError(f"num_images_per_prompt must be an integer >= 1, got {n_per!r}")
+        adapter.check_call(kw)
+        stack = self._stack(kw, given, adapter.family)
+        need_uncond = any(_wants_uncond(m) for m in stack)
+        attention = kw.get(adapter.attention_kwargs_name)
+        adapter.set_attention_kwargs(attention)
+        conds = adapter.encode_call(kw, need_uncond, n_per)
+        batch = len(conds["cond"])
+        generator = kw.get("generator")
+        if isinstance(generator, (list, tuple)) and len(generator) != batch:
+            raise InputError(f"{len(generator)} generators for {batch} images ({batch // n_per} prompts x {n_per} "
+                             "images per prompt): give one generator, or a list of one per image")
+        latents = kw.get("latents")
+        if latents is not None:
+            noise = adapter.noise_from_latents(latents.to(adapter.device), h, w).float()
+        else:
+            dtype = conds["cond"]["encoder_hidden_states"].dtype
+            noise = adapter.draw_noise(batch, h, w, generator, dtype).float()
+        callback = None
+        if kw.get("callback_on_step_end") is not None:
+            callback = self._callback(kw, adapter)
+        x, stats, ctx = run_adapter(
+            adapter, conds, noise, sampler=self.sampler, stack=stack, steps=int(kw.get("num_inference_steps") or 1),
+            grid=None, height=h, width=w, generators=_per_sample_generators(generator, batch),
+            callback=callback, sigmas=kw.get("sigmas"), mu=kw.get("mu"),
+            step_generator=generator)
+        object.__setattr__(self, "stats", stats)
+        out = adapter.output(x, kw.get("output_type") or "pil", bool(kw.get("return_dict", True)), generator)
+        if hasattr(pipe, "maybe_free_model_hooks"):
+            pipe.maybe_free_model_hooks()
+        return out
+
+    def _callback(self, kw: dict, adapter: Any):
+        """flowkit's step callback calling the user's `callback_on_step_end(pipe, i, t, tensors)`."""
+        from flowkit.paths.linear import LinearPath
+        from flowkit.schedulers import scheduler_frame
+
+        user = kw["callback_on_step_end"]
+        names = list(getattr(user, "tensor_inputs", None) or kw.get("callback_on_step_end_tensor_inputs") or [])
+        frames: dict[str, str] = {}
+
+        def fn(ctx, step, x, pred):
+            if "frame" not in frames:
+                frames["frame"] = scheduler_frame(ctx.scheduler) if ctx.scheduler is not None else (
+                    "flow" if isinstance(ctx.denoiser.path, LinearPath) else "vp")
+            frame = frames["frame"]
+            t_next = float(ctx.grid[step + 1])
+            latents = adapter.to_pipeline_latents(x, t_next, frame).to(adapter.dtype)
+            tensors = {}
+            for name in names:
+                if name == "latents":
+                    tensors[name] = latents
+                    continue
+                if name not in _CALLBACK_TENSORS:
+                    raise UnsupportedError(f"callback tensor {name!r} is not available through flowkit; "
+                                           f"available: latents, {', '.join(_CALLBACK_TENSORS)}")
+                branch, fields = _CALLBACK_TENSORS[name]
+                cond = ctx.conds.get(branch)
+                found = [cond.get(f) for f in fields if cond is not None and cond.get(f) is not None]
+                tensors[name] = found[0] if found else None
+            timestep = ctx.denoiser.point(ctx.t.cpu()).timestep[0].to(torch.float32)
+            outputs = user(self.pipe, step, timestep, tensors) or {}
+            new = outputs.get("latents", latents)
+            if new is latents:
+                return None
+            return adapter.from_pipeline_latents(new.to(device=x.device, dtype=x.dtype), x, t_next, frame)
+
+        return fn
+
+
+def _is_default(value: Any, default: Any) -> bool:
+    if value is None:
+        return default is None or default is inspect.Parameter.empty
+    try:
+        return bool(value == default)
+    except Exception:  # tensors, images
+        return False
+
+
+def _per_sample_generators(generator: Any, batch: int) -> list[torch.Generator]:
+    """One CPU generator per image for flowkit's own noise (stochastic samplers, particles),
+    drawn from the call's generator(s); from torch's global RNG when there is none, as diffusers."""
+    def cpu(g: torch.Generator) -> torch.Generator:
+        if g.device.type == "cpu":
+            return g
+        seed = int(torch.randint(0, 2**62, (1,), generator=g, device=g.device))
+        return torch.Generator("cpu").manual_seed(seed)
+
+    if generator is None:
+        return [torch.Generator("cpu").manual_seed(int(torch.randint(0, 2**62, (1,)))) for _ in range(batch)]
+    if isinstance(generator, (list, tuple)):
+        return [cpu(g) for g in generator]
+    g = cpu(generator)
+    return [g] * batch

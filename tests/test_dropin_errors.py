@@ -1,0 +1,75 @@
+"""Bad input to the drop-in: each a flowkit ValueError whose message says what to change."""
+
+import pytest
+import torch
+
+import flowkit
+import tiny_pipes as tp
+from flowkit.errors import InputError, UnsupportedError
+from flowkit.pipelines import FlowKitPipeline
+from tiny_pipes import one_thread  # noqa: F401  (autouse fixture)
+
+
+@pytest.fixture(scope="module")
+def fk():
+    return FlowKitPipeline.from_pipe(tp.cached("sd"))
+
+
+def test_unknown_keyword_names_the_closest(fk):
+    with pytest.raises(InputError, match="'num_inference_step'.*did you mean 'num_inference_steps'"):
+        fk("a red cat", num_inference_step=2)
+    with pytest.raises(InputError, match="negative_prompt"):
+        fk("a red cat", negativ_prompt="blurry")
+    with pytest.raises(UnsupportedError, match="callback_on_step_end"):
+        fk("a red cat", callback_steps=2)
+
+
+def test_generator_list_must_have_one_per_image(fk):
+    with pytest.raises(InputError, match="3 generators for 4 images \\(2 prompts x 2 images per prompt\\)"):
+        fk(tp.PROMPTS, num_images_per_prompt=2, generator=tp.gens(3), num_inference_steps=1, output_type="latent")
+
+
+def test_refused_keywords_name_the_flowkit_way_unless_left_at_default(fk):
+    with pytest.raises(UnsupportedError, match="ddim:eta"):
+        fk("a red cat", eta=0.5, num_inference_steps=1)
+    with pytest.raises(UnsupportedError, match="sigmas="):
+        fk("a red cat", timesteps=[999, 500], num_inference_steps=None)
+    out = fk("a red cat", eta=0.0, num_inference_steps=1, output_type="latent", **tp.SIZE)  # the default is fine
+    assert out.images.shape == (1, 4, 16, 16)
+    stacked = FlowKitPipeline.from_pipe(tp.cached("sd"), guidance="cfg:scale=3")
+    with pytest.raises(UnsupportedError, match="guidance_rescale"):
+        stacked("a red cat", guidance_rescale=0.7, num_inference_steps=1)
+
+
+def test_unknown_family_and_other_pipeline_kinds_are_refused():
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    with pytest.raises(UnsupportedError, match="supports text-to-image.*SDXL \\(StableDiffusionXLPipeline\\)"):
+        FlowKitPipeline.from_pipe(object())
+    img2img = StableDiffusionImg2ImgPipeline(**tp.cached("sd").components)
+    with pytest.raises(UnsupportedError, match="image-to-image.*text-to-image"):
+        FlowKitPipeline.from_pipe(img2img)
+    with pytest.raises(UnsupportedError, match="image-to-image"):
+        flowkit.sample(img2img, "a red cat", steps=1)
+
+
+def test_a_folder_of_an_unsupported_family_is_refused(tmp_path):
+    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+
+    unet = UNet2DModel(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(8, 16), layers_per_block=1,
+                       norm_num_groups=2, down_block_types=("DownBlock2D", "DownBlock2D"),
+                       up_block_types=("UpBlock2D", "UpBlock2D"))
+    DDPMPipeline(unet=unet, scheduler=DDPMScheduler()).save_pretrained(tmp_path)
+    with pytest.raises(UnsupportedError, match="DDPMPipeline.*supports text-to-image"):
+        flowkit.load(tmp_path)
+
+
+def test_bad_latents_shape_and_pipeline_sampler_with_flowkit_grid():
+    fk = FlowKitPipeline.from_pipe(tp.cached("sd"))
+    with pytest.raises(InputError, match="latents must have shape"):
+        fk("a red cat", latents=torch.zeros(1, 4, 8, 8), num_inference_steps=1, **tp.SIZE)
+    from flowkit.samplers import Euler
+
+    fk = FlowKitPipeline.from_pipe(tp.cached("sd"), sampler=Euler(grid="shift:2"))
+    with pytest.raises(UnsupportedError, match="drop the flowkit grid"):
+        fk("a red cat", sigmas=[14.6, 1.0, 0.0], **tp.SIZE)
