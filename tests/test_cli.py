@@ -251,7 +251,7 @@ def test_train_overrides_resumes_and_exports(tmp_path, capsys, monkeypatch):
 
 def test_train_bad_input(capsys):
     code, _, err = run(["train", "nosuch"], capsys)
-    assert code == 2 and err == "flowkit: error: unknown training target 'nosuch'; known: shapes\n"
+    assert code == 2 and err == "flowkit: error: unknown training target 'nosuch'; known: classifier, counter, shapes\n"
     code, _, err = run(["train", "shapes", "--lr", "nan"], capsys)
     assert code == 2 and err.startswith("flowkit: error: --lr must be")
 

@@ -57,7 +57,7 @@ def test_nfe_matches_each_samplers_evaluation_count():
 @pytest.mark.parametrize("sampler", [FlowSDE(c=1.0), FlowSDE(c=2.0, power=1.0), DDIM(eta=1.0)])
 def test_stochastic_samplers_keep_the_marginal(sampler):
     """Final samples have the data law N(MU, S^2): mean and std within sampling error."""
-    n, steps = 20000, 200
+    n, steps = 8000, 250
     ctx = context(n, steps, seed=3)
     noise = ctx.randn((1,)).double()  # drawn from the run's own generators, as flowkit.sample does
     ts = TimeGrid.uniform().build(steps, LinearPath())
@@ -73,7 +73,7 @@ def test_stochastic_samplers_keep_the_marginal(sampler):
 
 def test_sde_intermediate_marginal_variance():
     """Stopping the SDE at t = 0.5 gives Var = (1 - t)^2 S^2 + t^2 (the path's marginal)."""
-    n, steps = 20000, 100
+    n, steps = 8000, 100
     ctx = context(n, steps // 2, seed=5)
     noise = ctx.randn((1,)).double()
     ts = TimeGrid.uniform().build(steps, LinearPath())[: steps // 2 + 1]  # 1.0 .. 0.5
