@@ -50,3 +50,17 @@ def test_seeds_are_per_image(pipe):
 def test_images_are_pil_by_default(pipe):
     out = flowkit.sample(pipe, "a red circle", steps=2, guidance="none")
     assert out.images[0].size == (32, 32) and out.stats.nfe == [2]
+
+
+def test_flowkit_pipeline_wraps_the_shapes_pipeline(pipe):
+    from flowkit.pipelines import FlowKitPipeline
+
+    prompts = ["a red circle", "two blue squares"]
+    ref = _ref(pipe, prompts, 5, 3.0)
+    fk = FlowKitPipeline.from_pipe(pipe)
+    out = fk(prompts, num_inference_steps=5, guidance_scale=3.0, generator=_gens(11, 2), output_type="latent")
+    tol = 1e-4 * ref.std().item()
+    assert (out.images - ref).abs().max().item() < tol
+    assert fk.stats.nfe == [10, 10]
+    wrong = fk(prompts, num_inference_steps=5, guidance_scale=2.0, generator=_gens(11, 2), output_type="latent")
+    assert (wrong.images - ref).abs().max().item() > 10 * tol  # negative control: wrong scale

@@ -7,8 +7,9 @@ default time grid and guidance, and decoding of final latents into images.
 
 from __future__ import annotations
 
+import inspect
 from abc import ABC, abstractmethod
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -16,6 +17,7 @@ from torch import Tensor
 from flowkit.conditioning import Conditioning
 from flowkit.denoiser import Denoiser
 from flowkit.errors import InputError, UnsupportedError
+from flowkit.schedulers import frame_scale
 from flowkit.timegrid import TimeGrid
 
 __all__ = ["ModelAdapter", "adapt", "ADAPTERS"]
@@ -80,6 +82,72 @@ class ModelAdapter(ABC):
     @abstractmethod
     def decode(self, x: Tensor, output_type: str) -> Any:
         """Final latents -> images ('pil' list, 'np' array, 'pt' tensor in [0, 1], or 'latent')."""
+
+    # -- the drop-in protocol (FlowKitPipeline): a pipeline call's keywords -------------------
+    # keyword of the pipeline call that carries attention extras (the LoRA scale)
+    attention_kwargs_name: str = "cross_attention_kwargs"
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.denoiser.dtype
+
+    def encode_call(self, kw: Mapping[str, Any], need_uncond: bool, num_images_per_prompt: int) -> dict[str, Conditioning]:
+        """Branch conditionings from a pipeline call's keywords, as its `encode_prompt` makes them."""
+        raise UnsupportedError(f"{type(self.pipe).__name__} cannot be wrapped by FlowKitPipeline")
+
+    def output(self, x: Tensor, output_type: str, return_dict: bool, generator: Any = None) -> Any:
+        """The pipeline's own output (its output class, or its tuple form)."""
+        raise UnsupportedError(f"{type(self.pipe).__name__} cannot be wrapped by FlowKitPipeline")
+
+    def check_call(self, kw: Mapping[str, Any]) -> None:
+        """The pipeline's own `check_inputs` on a call's keywords (diffusers' messages)."""
+        check = getattr(self.pipe, "check_inputs", None)
+        if check is None:
+            return
+        args = {}
+        for name, p in inspect.signature(check).parameters.items():
+            if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+                continue
+            if name in kw:
+                args[name] = kw[name]
+            elif p.default is inspect.Parameter.empty:
+                args[name] = None
+        check(**args)
+
+    # -- attention extras (LoRA scale) -----------------------------------------------------
+    def set_attention_kwargs(self, kwargs: dict | None) -> None:
+        """The pipeline call's cross/joint attention kwargs (e.g. {"scale": 0.5}) for the network."""
+        setattr(self.denoiser, self.attention_kwargs_name, kwargs)
+
+    @staticmethod
+    def lora_scale(kw: Mapping[str, Any], name: str) -> float | None:
+        extra = kw.get(name)
+        return None if not extra else extra.get("scale")
+
+    # -- latents ---------------------------------------------------------------------------
+    def draw_noise(self, batch: int, height: int, width: int, generator: Any, dtype: torch.dtype) -> Tensor:
+        """Unit noise [batch, *latent_shape] as the pipeline draws it (`randn_tensor`)."""
+        from diffusers.utils.torch_utils import randn_tensor
+
+        shape = (batch,) + self.latent_shape(height, width)
+        return randn_tensor(shape, generator=generator, device=self.device, dtype=dtype)
+
+    def noise_from_latents(self, latents: Tensor, height: int, width: int) -> Tensor:
+        """A call's `latents=` (the pipeline's unit starting noise) in flowkit's latent layout."""
+        shape = self.latent_shape(height, width)
+        if tuple(latents.shape[1:]) != shape:
+            raise InputError(f"latents must have shape [batch, {', '.join(map(str, shape))}] for "
+                             f"{height}x{width}, got {list(latents.shape)}")
+        return latents
+
+    def to_pipeline_latents(self, x: Tensor, t: float, frame: str) -> Tensor:
+        """The flow-frame state as the pipeline's `latents` at flowkit time t (its scheduler's frame)."""
+        return x * frame_scale(frame, t)
+
+    def from_pipeline_latents(self, latents: Tensor, like: Tensor, t: float, frame: str) -> Tensor:
+        """The inverse of `to_pipeline_latents` (`like`: a flow-frame state of the right shape)."""
+        return latents / frame_scale(frame, t)
+
 
 
 ADAPTERS: list[tuple[Any, type[ModelAdapter]]] = []  # (predicate(pipe) -> bool, adapter class)

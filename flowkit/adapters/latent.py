@@ -19,7 +19,6 @@ from torch import Tensor
 from flowkit.adapters.base import ModelAdapter, check_multiple
 from flowkit.conditioning import Conditioning
 from flowkit.errors import InputError, UnsupportedError
-from flowkit.schedulers import frame_scale
 from flowkit.timegrid import TimeGrid
 
 __all__ = ["LatentAdapter"]
@@ -30,8 +29,6 @@ class LatentAdapter(ModelAdapter):
 
     # the network attribute of the pipeline ("unet" or "transformer")
     network: str = "unet"
-    # keyword of the pipeline call that carries attention extras (the LoRA scale)
-    attention_kwargs_name: str = "cross_attention_kwargs"
 
     def __init__(self, pipe: Any):
         super().__init__(pipe)
@@ -94,55 +91,6 @@ class LatentAdapter(ModelAdapter):
         kw = {"prompt": list(prompts), "negative_prompt": list(negative_prompts) if negative_prompts else None,
               "height": height, "width": width}
         return self.encode_call(kw, need_uncond, 1)
-
-    def check_call(self, kw: Mapping[str, Any]) -> None:
-        """The pipeline's own `check_inputs` on a call's keywords (diffusers' messages)."""
-        check = getattr(self.pipe, "check_inputs", None)
-        if check is None:
-            return
-        args = {}
-        for name, p in inspect.signature(check).parameters.items():
-            if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
-                continue
-            if name in kw:
-                args[name] = kw[name]
-            elif p.default is inspect.Parameter.empty:
-                args[name] = None
-        check(**args)
-
-    # -- attention extras (LoRA scale) -----------------------------------------------------
-    def set_attention_kwargs(self, kwargs: dict | None) -> None:
-        """The pipeline call's cross/joint attention kwargs (e.g. {"scale": 0.5}) for the network."""
-        setattr(self.denoiser, self.attention_kwargs_name, kwargs)
-
-    @staticmethod
-    def lora_scale(kw: Mapping[str, Any], name: str) -> float | None:
-        extra = kw.get(name)
-        return None if not extra else extra.get("scale")
-
-    # -- latents ---------------------------------------------------------------------------
-    def draw_noise(self, batch: int, height: int, width: int, generator: Any, dtype: torch.dtype) -> Tensor:
-        """Unit noise [batch, *latent_shape] as the pipeline draws it (`randn_tensor`)."""
-        from diffusers.utils.torch_utils import randn_tensor
-
-        shape = (batch,) + self.latent_shape(height, width)
-        return randn_tensor(shape, generator=generator, device=self.device, dtype=dtype)
-
-    def noise_from_latents(self, latents: Tensor, height: int, width: int) -> Tensor:
-        """A call's `latents=` (the pipeline's unit starting noise) in flowkit's latent layout."""
-        shape = self.latent_shape(height, width)
-        if tuple(latents.shape[1:]) != shape:
-            raise InputError(f"latents must have shape [batch, {', '.join(map(str, shape))}] for "
-                             f"{height}x{width}, got {list(latents.shape)}")
-        return latents
-
-    def to_pipeline_latents(self, x: Tensor, t: float, frame: str) -> Tensor:
-        """The flow-frame state as the pipeline's `latents` at flowkit time t (its scheduler's frame)."""
-        return x * frame_scale(frame, t)
-
-    def from_pipeline_latents(self, latents: Tensor, like: Tensor, t: float, frame: str) -> Tensor:
-        """The inverse of `to_pipeline_latents` (`like`: a flow-frame state of the right shape)."""
-        return latents / frame_scale(frame, t)
 
     # -- decoding --------------------------------------------------------------------------
     @abstractmethod

@@ -78,6 +78,29 @@ class ShapesAdapter(ModelAdapter):
     def decode(self, x: Tensor, output_type: str) -> Any:
         return to_images(x, output_type)
 
+    # -- the drop-in protocol -------------------------------------------------------------
+    def encode_call(self, kw, need_uncond: bool, num_images_per_prompt: int):
+        pos, neg = kw.get("prompt_embeds"), kw.get("negative_prompt_embeds")
+        if pos is None:
+            prompt = kw.get("prompt")
+            if prompt is None:
+                raise InputError("give a prompt or prompt_embeds")
+            pos, neg = self.pipe.encode_prompt(prompt, kw.get("negative_prompt"), need_uncond,
+                                               num_images_per_prompt, self.device)
+        elif need_uncond and neg is None:
+            n = pos.shape[0] // num_images_per_prompt
+            neg = self.pipe.encode_prompt([""] * n, None, False, num_images_per_prompt, self.device)[0]
+        out = {"cond": Conditioning({"encoder_hidden_states": pos})}
+        if need_uncond:
+            out["uncond"] = Conditioning({"encoder_hidden_states": neg})
+        return out
+
+    def output(self, x: Tensor, output_type: str, return_dict: bool, generator: Any = None) -> Any:
+        from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
+
+        images = to_images(x, output_type)
+        return ImagePipelineOutput(images=images) if return_dict else (images,)
+
 
 def _is_shapes(pipe: Any) -> bool:
     from flowkit.pipelines.shapes import ShapesPipeline
