@@ -24,7 +24,7 @@ from flowkit.conditioning import Conditioning
 from flowkit.paths.base import Path, PathPoint, as_time
 from flowkit.prediction import Prediction
 
-__all__ = ["Denoiser", "UNetDenoiser", "FunctionDenoiser"]
+__all__ = ["Denoiser", "NetworkDenoiser", "TransformerDenoiser", "UNetDenoiser", "FunctionDenoiser"]
 
 
 class Denoiser(ABC):
@@ -93,22 +93,39 @@ class Denoiser(ABC):
         return torch.float32
 
 
-class UNetDenoiser(Denoiser):
+class NetworkDenoiser(Denoiser):
+    """A denoiser around one diffusers model, whose device and dtype it reports."""
+
+    def __init__(self, network: Any, path: Path, prediction_type: str):
+        super().__init__(path, prediction_type)
+        self.network = network
+
+    @property
+    def device(self) -> torch.device:
+        return self.network.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.network.dtype
+
+
+class TransformerDenoiser(NetworkDenoiser):
+    """Base of the SD3 and FLUX transformer denoisers (joint attention extras: the LoRA scale)."""
+
+    def __init__(self, transformer: Any, path: Path, prediction_type: str = "velocity"):
+        super().__init__(transformer, path, prediction_type)
+        self.transformer = transformer
+        self.joint_attention_kwargs: dict | None = None
+
+
+class UNetDenoiser(NetworkDenoiser):
     """A diffusers UNet2DConditionModel (shapes model; SD/SDXL build on it)."""
 
     def __init__(self, unet: Any, path: Path, prediction_type: str,
                  cross_attention_kwargs: dict | None = None):
-        super().__init__(path, prediction_type)
+        super().__init__(unet, path, prediction_type)
         self.unet = unet
         self.cross_attention_kwargs = cross_attention_kwargs
-
-    @property
-    def device(self) -> torch.device:
-        return self.unet.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.unet.dtype
 
     def forward(self, x_native: Tensor, timestep: Tensor, cond: Conditioning) -> Tensor:
         added = {k: cond[k] for k in ("text_embeds", "time_ids") if cond.get(k) is not None}

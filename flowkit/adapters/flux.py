@@ -23,7 +23,7 @@ from torch import Tensor
 from flowkit.adapters.base import ADAPTERS, check_multiple
 from flowkit.adapters.latent import LatentAdapter, vae_decode
 from flowkit.conditioning import Conditioning
-from flowkit.denoiser import Denoiser
+from flowkit.denoiser import TransformerDenoiser
 from flowkit.errors import InputError
 from flowkit.paths.linear import LinearPath
 from flowkit.schedulers import frame_scale
@@ -53,21 +53,8 @@ def image_ids(h: int, w: int, device: torch.device, dtype: torch.dtype) -> Tenso
     return ids.reshape(-1, 3).to(device=device, dtype=dtype)
 
 
-class FluxDenoiser(Denoiser):
+class FluxDenoiser(TransformerDenoiser):
     """FluxTransformer2DModel on unpacked latents [N, C, H, W] (packing done here)."""
-
-    def __init__(self, transformer: Any, path: LinearPath):
-        super().__init__(path, "velocity")
-        self.transformer = transformer
-        self.joint_attention_kwargs: dict | None = None
-
-    @property
-    def device(self) -> torch.device:
-        return self.transformer.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.transformer.dtype
 
     def forward(self, x_native: Tensor, timestep: Tensor, cond: Conditioning) -> Tensor:
         _, _, h, w = x_native.shape

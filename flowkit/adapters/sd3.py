@@ -17,27 +17,14 @@ from torch import Tensor
 from flowkit.adapters.base import ADAPTERS
 from flowkit.adapters.latent import LatentAdapter, vae_decode
 from flowkit.conditioning import Conditioning
-from flowkit.denoiser import Denoiser
+from flowkit.denoiser import TransformerDenoiser
 from flowkit.paths.linear import LinearPath
 
 __all__ = ["SD3Adapter", "SD3Denoiser"]
 
 
-class SD3Denoiser(Denoiser):
+class SD3Denoiser(TransformerDenoiser):
     """SD3Transformer2DModel: velocity from latents [N, C, H, W], timesteps, tokens and pooled projections."""
-
-    def __init__(self, transformer: Any, path: LinearPath):
-        super().__init__(path, "velocity")
-        self.transformer = transformer
-        self.joint_attention_kwargs: dict | None = None
-
-    @property
-    def device(self) -> torch.device:
-        return self.transformer.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.transformer.dtype
 
     def forward(self, x_native: Tensor, timestep: Tensor, cond: Conditioning) -> Tensor:
         return self.transformer(
