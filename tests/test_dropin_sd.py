@@ -9,12 +9,9 @@ negative controls that must miss the same tolerance by far.
 import pytest
 import torch
 
-import flowkit
 import tiny_pipes as tp
 from tiny_pipes import one_thread  # noqa: F401  (autouse fixture)
-from flowkit.guidance import CFG
 from flowkit.pipelines import FlowKitPipeline
-from flowkit.samplers import Euler
 
 STEPS, SCALE = 4, 5.0
 CASES = ["sd", "sd-linspace", "sd-v"]
@@ -29,38 +26,20 @@ def _ref(pipe, generator):
 def test_dropin_reproduces_the_pipeline_latents(name):
     pipe = tp.cached(name)
     ref = _ref(pipe, torch.Generator().manual_seed(3))
-    fk = FlowKitPipeline.from_pipe(pipe)
 
-    def ours(wrapper=fk, **kw):
+    def ours(wrapper, **kw):
         args = dict(num_inference_steps=STEPS, guidance_scale=SCALE, generator=torch.Generator().manual_seed(3),
                     output_type="latent", **tp.SIZE)
         args.update(kw)
         return wrapper(tp.PROMPTS, **args).images
 
-    assert tp.rel_err(ours(), ref) < tp.TOL
-    assert fk.stats.nfe == [2 * STEPS] * 2  # flowkit's loop ran: cond + uncond per step
-    assert tp.rel_err(ours(guidance_scale=SCALE - 1), ref) > 10 * tp.TOL
-    assert tp.rel_err(ours(num_inference_steps=STEPS - 1), ref) > 10 * tp.TOL
-    wrong_grid = FlowKitPipeline.from_pipe(pipe, sampler=Euler(grid="shift:2"))
-    assert tp.rel_err(ours(wrong_grid), ref) > 10 * tp.TOL
+    tp.check_dropin_parity(pipe, ref, ours, STEPS, SCALE)
 
 
 @pytest.mark.parametrize("name", CASES)
 def test_flowkit_sample_reproduces_the_pipeline_latents(name):
     pipe = tp.cached(name)
-    ref = _ref(pipe, tp.gens())
-
-    def ours(**kw):
-        args = dict(steps=STEPS, guidance=[CFG(scale=SCALE)], generators=tp.gens(), output_type="latent", **tp.SIZE)
-        args.update(kw)
-        return flowkit.sample(pipe, tp.PROMPTS, **args)
-
-    out = ours()
-    assert tp.rel_err(out.images, ref) < tp.TOL
-    assert out.stats.nfe == [2 * STEPS] * 2
-    assert tp.rel_err(ours(guidance=[CFG(scale=SCALE - 1)]).images, ref) > 10 * tp.TOL
-    assert tp.rel_err(ours(steps=STEPS - 1).images, ref) > 10 * tp.TOL
-    assert tp.rel_err(ours(grid="shift:2").images, ref) > 10 * tp.TOL
+    tp.check_sample_parity(pipe, _ref(pipe, tp.gens()), STEPS, SCALE)
 
 
 def test_callbacks_see_the_pipelines_timesteps_and_latents_and_may_change_them():

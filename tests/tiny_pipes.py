@@ -199,3 +199,38 @@ def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
     """max |ours - ref| in units of the reference latents' standard deviation."""
     assert ours.shape == ref.shape, (ours.shape, ref.shape)
     return float((ours.float() - ref.float()).abs().max() / ref.float().std())
+
+
+def check_sample_parity(pipe, ref: torch.Tensor, steps: int, scale: float) -> None:
+    """`flowkit.sample` with euler + CFG reproduces `ref` (the pipeline's latents from `gens()`),
+    its NFE shows flowkit's loop ran, and each negative control misses the same tolerance."""
+    import flowkit
+    from flowkit.guidance import CFG
+
+    def ours(**kw):
+        args = dict(steps=steps, guidance=[CFG(scale=scale)], generators=gens(), output_type="latent", **SIZE)
+        args.update(kw)
+        return flowkit.sample(pipe, PROMPTS, **args)
+
+    out = ours()
+    assert rel_err(out.images, ref) < TOL
+    assert out.stats.nfe == [2 * steps] * 2
+    assert rel_err(ours(guidance=[CFG(scale=scale - 1)]).images, ref) > 10 * TOL  # wrong scale
+    assert rel_err(ours(steps=steps - 1).images, ref) > 10 * TOL  # one step fewer
+    assert rel_err(ours(grid="shift:2").images, ref) > 10 * TOL  # wrong shift
+
+
+def check_dropin_parity(pipe, ref: torch.Tensor, ours, steps: int, scale: float):
+    """`ours(wrapper, **call_kw) -> latents` through `FlowKitPipeline` reproduces `ref`, with
+    NFE and negative controls (wrong scale, one step fewer, wrong grid). Returns the wrapper."""
+    from flowkit.pipelines import FlowKitPipeline
+    from flowkit.samplers import Euler
+
+    fk = FlowKitPipeline.from_pipe(pipe)
+    assert rel_err(ours(fk), ref) < TOL
+    assert fk.stats.nfe == [2 * steps] * 2  # flowkit's loop ran: cond + uncond per step
+    assert rel_err(ours(fk, guidance_scale=scale - 1), ref) > 10 * TOL
+    assert rel_err(ours(fk, num_inference_steps=steps - 1), ref) > 10 * TOL
+    wrong_grid = FlowKitPipeline.from_pipe(pipe, sampler=Euler(grid="shift:2"))
+    assert rel_err(ours(wrong_grid), ref) > 10 * TOL
+    return fk
