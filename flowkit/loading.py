@@ -9,7 +9,6 @@ manifest.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -18,29 +17,32 @@ from typing import Any
 import torch
 
 from flowkit.errors import UnknownNameError, WeightsError, closest
+from flowkit.manifest import MANIFEST_FILE, sha256_file, verify_manifest, write_manifest
 
-__all__ = ["load", "BUILTIN_MODELS", "weights_dir", "sha256_file", "load_unet_strict"]
+__all__ = ["load", "BUILTIN_MODELS", "weights_dir", "sha256_file", "load_unet_strict", "save_shapes",
+           "load_shapes", "SHAPES_FILES"]
+
+# the files of a shapes model folder (the shipped one, or one written by `save_shapes`)
+SHAPES_FILES = ("unet/config.json", "unet/diffusion_pytorch_model.safetensors")
 
 BUILTIN_MODELS = {
     "shapes": "the shapes world's text-to-image flow model (32 px, shipped weights)",
     "tiny": "the shapes architecture, tiny and randomly initialised (seeded), for tests",
+    # the sequence models (flowkit.seqmodels.SHIPPED)
+    "dna": "the dna world's class-conditional Dirichlet FM model (promoter, enhancer, silencer; lengths 64-200)",
+    "dna-distilled": "the dna model distilled into a one-step sampler (sampler dirichlet-onestep)",
+    "simplex": "the toy simplex task's Dirichlet FM model (K = 20, length 4, unconditional)",
 }
+SEQUENCE_MODELS = ("dna", "dna-distilled", "simplex")
 
 
 def weights_dir() -> Path:
     return Path(__file__).resolve().parent / "weights"
 
 
-def sha256_file(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def load_unet_strict(folder: Path, expected_sha256: str | None = None):
-    """A UNet2DConditionModel from `folder` (config.json + safetensors), strictly."""
+    """A UNet2DConditionModel from `folder` (config.json + safetensors), strictly: no
+    missing or unexpected keys, no shape mismatch; in eval mode."""
     from diffusers import UNet2DConditionModel
     from safetensors.torch import load_file
 
@@ -53,8 +55,11 @@ def load_unet_strict(folder: Path, expected_sha256: str | None = None):
         raise WeightsError(f"weights file {weights} is damaged (sha256 mismatch): reinstall flowkit")
     try:
         config = json.loads(cfg_path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise WeightsError(f"cannot read weights config {cfg_path}: {e}") from None
+    try:
         state = load_file(str(weights))
-    except Exception as e:
+    except Exception as e:  # safetensors raises its own error types
         raise WeightsError(f"cannot read weights file {weights}: {e}") from None
     config = {k: v for k, v in config.items() if not k.startswith("_")}
     unet = UNet2DConditionModel.from_config(config)
@@ -76,15 +81,30 @@ def _shapes_pipeline(unet):
     return pipe
 
 
-def _load_shapes():
-    folder = weights_dir() / "shapes"
-    manifest = folder / "manifest.json"
-    if not manifest.is_file():
-        raise WeightsError(f"missing weights manifest {manifest}: the shipped shapes model is not installed "
-                           "(use --model tiny, or train it with `flowkit train shapes`)")
-    sums = json.loads(manifest.read_text())
-    unet = load_unet_strict(folder / "unet", sums.get("unet/diffusion_pytorch_model.safetensors"))
-    return _shapes_pipeline(unet)
+def save_shapes(unet, folder: str | os.PathLike) -> list[Path]:
+    """Write a shapes UNet as a loadable model folder: `unet/` (diffusers config and fp16
+    safetensors) and `manifest.json` with their sha256. `flowkit.load(folder)` reads it."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    (folder / "unet").mkdir(parents=True, exist_ok=True)
+    config, weights = (folder / name for name in SHAPES_FILES)
+    state = {k: v.detach().to(torch.float16).contiguous() for k, v in unet.state_dict().items()}
+    save_file(state, str(weights))
+    config.write_text(json.dumps(dict(unet.config), indent=2, default=list) + "\n")
+    return [config, weights, write_manifest(folder, (config, weights))]
+
+
+def load_shapes(folder: str | os.PathLike | None = None):
+    """The shapes pipeline from `folder` (default: the shipped model), offline and strictly:
+    the manifest's sha256 are checked before the weights are read."""
+    shipped = folder is None
+    folder = Path(weights_dir() / "shapes" if shipped else folder)
+    if shipped and not (folder / MANIFEST_FILE).is_file():
+        raise WeightsError(f"missing weights manifest {folder / MANIFEST_FILE}: the shipped shapes model is not "
+                           "installed (use --model tiny, or train it with `flowkit train shapes`)")
+    verify_manifest(folder, SHAPES_FILES, hint="reinstall flowkit" if shipped else "export the model again")
+    return _shapes_pipeline(load_unet_strict(folder / "unet"))
 
 
 def _load_tiny(seed: int = 0):
@@ -103,14 +123,20 @@ def load(name_or_path: str | os.PathLike, **kwargs: Any):
     """A pipeline: a built-in model by name (`shapes`, `tiny`) or a local diffusers folder."""
     name = str(name_or_path)
     if name == "shapes":
-        return _load_shapes()
+        return load_shapes()
     if name == "tiny":
         return _load_tiny(**kwargs)
+    if name in SEQUENCE_MODELS:
+        from flowkit.seqmodels import load_builtin
+
+        return load_builtin(name)
     try:
         path = Path(name).expanduser()
         is_dir = path.is_dir()
     except (OSError, RuntimeError, ValueError):
         is_dir = False
+    if is_dir and (path / MANIFEST_FILE).is_file() and (path / "unet").is_dir():
+        return load_shapes(path)  # a shapes model folder written by `save_shapes`
     if is_dir:
         return _load_folder(path, **kwargs)
     raise UnknownNameError(f"unknown model {name!r}{closest(name, BUILTIN_MODELS)}: give one of "

@@ -185,9 +185,12 @@ def test_bad_input_one_line_exit_2(name, loads, tmp_path, capsys, monkeypatch):
 
 
 def test_usage_errors_exit_2(capsys):
-    for argv in (["generate", "x", "--steps", "two"], ["generate"], ["nosuch"], ["list", "nothing"], []):
+    for argv in (["generate", "x", "--steps", "two"], ["nosuch"], ["list", "nothing"], []):
         code, _, err = run(argv, capsys)
         assert code == 2 and "usage:" in err and "Traceback" not in err
+    # prompts are optional for sequence models (--class), so an image model without one is our error
+    code, _, err = run(["generate"], capsys)
+    assert (code, err) == (2, "flowkit: error: give at least one prompt\n")
 
 
 def test_keyboard_interrupt_exits_130(tmp_path, capsys):
@@ -251,7 +254,10 @@ def test_train_overrides_resumes_and_exports(tmp_path, capsys, monkeypatch):
 
 def test_train_bad_input(capsys):
     code, _, err = run(["train", "nosuch"], capsys)
-    assert code == 2 and err == "flowkit: error: unknown training target 'nosuch'; known: classifier, counter, shapes\n"
+    from flowkit.train import TARGETS
+
+    assert code == 2 and err == f"flowkit: error: unknown training target 'nosuch'; known: {', '.join(sorted(TARGETS))}\n"
+    assert {"classifier", "counter", "shapes"} <= set(TARGETS)
     code, _, err = run(["train", "shapes", "--lr", "nan"], capsys)
     assert code == 2 and err.startswith("flowkit: error: --lr must be")
 

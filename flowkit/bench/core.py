@@ -38,7 +38,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from flowkit.bench.cache import ResultCache, check_name, to_jsonable, write_json_atomic
-from flowkit.bench.stats import Interval, bootstrap_mean, paired_bootstrap
+from flowkit.bench.stats import Interval, bootstrap_mean, paired_bootstrap, paired_bootstrap_set
 from flowkit.bench.verdict import Claim, verdict
 from flowkit.errors import InputError, UnknownNameError, closest
 
@@ -210,6 +210,45 @@ class BenchRun:
             treatment_values=t.tolist(),
             baseline_values=b.tolist(),
             per_sample=self._per_sample(per_sample, interval.n),
+        )
+        self.rows.append(row)
+        return row
+
+    def compare_set(
+        self,
+        method: str,
+        metric: str,
+        *,
+        claim: Claim,
+        statistic: Callable[[np.ndarray], tuple[float, float]],
+        n: int,
+        baseline_name: str = "baseline",
+        units: str = "",
+        notes: str = "",
+    ) -> Row:
+        """Add a paired row for a set-level statistic (FSD, KID): `statistic(indices)` gives
+        (treatment, baseline) on a resample of the n paired samples; see `paired_bootstrap_set`."""
+        interval = paired_bootstrap_set(statistic, n, stat=claim.stat, n_boot=min(self.n_boot, 500),
+                                        seed=self.seed)
+        t, b = (float(v) for v in statistic(np.arange(n)))
+        row = Row(
+            experiment=self.name,
+            method=method,
+            metric=metric,
+            claim=claim.describe(method, metric, baseline_name),
+            baseline=baseline_name,
+            n=interval.n,
+            treatment_mean=t,
+            baseline_mean=b,
+            estimate=interval.estimate,
+            low=interval.low,
+            high=interval.high,
+            verdict=verdict(claim, interval, baseline_mean=b),
+            units=units,
+            stat=interval.stat,
+            ci=interval.ci,
+            notes=(notes + "; " if notes else "") + "set statistic: per-sample values are not defined",
+            claim_spec=claim.to_dict(),
         )
         self.rows.append(row)
         return row

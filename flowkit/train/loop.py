@@ -21,7 +21,9 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["TrainConfig", "TrainTask", "step_generators", "train"]
+from flowkit.errors import InputError
+
+__all__ = ["TrainConfig", "TrainTask", "step_generators", "train", "export_checkpoint"]
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +62,21 @@ def step_generators(seed: int, step: int) -> tuple[np.random.Generator, torch.Ge
 
 def _lr_at(cfg: TrainConfig, step: int) -> float:
     return cfg.lr * min(1.0, (step + 1) / max(cfg.warmup, 1))
+
+
+def export_checkpoint(task: TrainTask, out_dir: str | os.PathLike) -> list[Path]:
+    """Export the EMA weights of `out_dir/latest.pt` (say, of a run still in progress)."""
+    out = Path(out_dir)
+    ckpt_path = out / "latest.pt"
+    if not ckpt_path.is_file():
+        raise InputError(f"no checkpoint {ckpt_path} to export; train first")
+    ema = task.build()
+    try:
+        ema.load_state_dict(torch.load(ckpt_path, map_location="cpu", weights_only=True)["ema"])
+    except (RuntimeError, KeyError) as e:
+        raise InputError(f"checkpoint {ckpt_path} does not fit the {task.name} model: "
+                         f"{str(e).strip().splitlines()[0]}") from None
+    return task.export(ema.eval(), out)
 
 
 def _atomic_save(obj: dict, path: Path) -> None:

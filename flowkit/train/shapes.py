@@ -7,7 +7,6 @@ mostly 16 px early with 32 px mixed in, and 32 px only for the final `finish` fr
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -80,13 +79,8 @@ class ShapesTask:
         return torch.mean((v - (noise - x0)) ** 2)
 
     def export(self, model: nn.Module, out_dir: Path) -> list[Path]:
-        """fp16 safetensors of the EMA weights plus the diffusers config."""
-        from safetensors.torch import save_file
+        """The EMA weights as a shapes model folder (`out_dir/export`: fp16 safetensors, the
+        diffusers config, sha256 manifest); `flowkit.load(out_dir/export)` samples from it."""
+        from flowkit.loading import save_shapes
 
-        folder = Path(out_dir) / "export" / "unet"
-        folder.mkdir(parents=True, exist_ok=True)
-        sd = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()}
-        path = folder / "diffusion_pytorch_model.safetensors"
-        save_file(sd, str(path))
-        (folder / "config.json").write_text(json.dumps(dict(model.config), indent=2, default=list))
-        return [path]
+        return save_shapes(model, Path(out_dir) / "export")

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from flowkit.errors import InputError, WeightsError
+from flowkit.manifest import MANIFEST_FILE, verify_manifest, write_manifest
 from flowkit.worlds import shapes as world
 from flowkit.worlds.shapes import Group
 
@@ -74,7 +75,6 @@ _WIDTHS = (32, 64, 96)
 _GROUPS_PER_NORM = 8
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
-MANIFEST_FILE = "manifest.json"
 FORMAT_VERSION = 1
 
 
@@ -378,12 +378,6 @@ def held_out_accuracy(classifier: ShapesClassifier | None, counter: ShapesCounte
 # ----------------------------------------------------------------------------- weights
 
 
-def _sha256(path: Path) -> str:
-    from flowkit.loading import sha256_file
-
-    return sha256_file(path)
-
-
 def export_net(model: nn.Module, folder: str | Path) -> list[Path]:
     """Write `model` (a ShapesClassifier or ShapesCounter) to `folder`: fp16 safetensors
     (`model.safetensors`), its config (`config.json`) and their sha256 (`manifest.json`)."""
@@ -402,9 +396,7 @@ def export_net(model: nn.Module, folder: str | Path) -> list[Path]:
         "kind": kind, "format": FORMAT_VERSION, "args": model.config, "input_size": INPUT_SIZE,
         "input_range": [-1, 1], "groups": [list(g) for g in world.GROUPS],
     }, indent=2) + "\n")
-    manifest = folder / MANIFEST_FILE
-    manifest.write_text(json.dumps({p.name: _sha256(p) for p in (weights, config)}, indent=2) + "\n")
-    return [weights, config, manifest]
+    return [weights, config, write_manifest(folder, (weights, config))]
 
 
 def load_net(folder: str | Path, kind: str | None = None) -> nn.Module:
@@ -417,25 +409,8 @@ def load_net(folder: str | Path, kind: str | None = None) -> nn.Module:
     from safetensors.torch import load_file
 
     folder = Path(folder)
-    manifest = folder / MANIFEST_FILE
-    if not manifest.is_file():
-        raise WeightsError(f"missing weights manifest {manifest}: reinstall flowkit or retrain with "
-                           f"`flowkit train {kind or 'classifier'}`")
-    try:
-        sums = json.loads(manifest.read_text())
-        if not isinstance(sums, dict):
-            raise ValueError("not a JSON object")
-    except ValueError as e:
-        raise WeightsError(f"weights manifest {manifest} is damaged ({e}): reinstall flowkit") from None
-    for name in (WEIGHTS_FILE, CONFIG_FILE):
-        if name not in sums:
-            raise WeightsError(f"weights manifest {manifest} does not list {name}: reinstall flowkit")
-    for name, digest in sums.items():
-        path = folder / name
-        if not path.is_file():
-            raise WeightsError(f"missing weights file {path}: reinstall flowkit")
-        if _sha256(path) != digest:
-            raise WeightsError(f"weights file {path} is damaged (sha256 mismatch): reinstall flowkit")
+    verify_manifest(folder, (WEIGHTS_FILE, CONFIG_FILE),
+                    hint=f"reinstall flowkit or retrain with `flowkit train {kind or 'classifier'}`")
     config_path, weights = folder / CONFIG_FILE, folder / WEIGHTS_FILE
     try:
         config = json.loads(config_path.read_text())
