@@ -43,7 +43,7 @@ class Context:
     grid: Tensor | None = None
     nfe: Tensor = field(default=None)  # type: ignore[assignment]
     forward_calls: int = 0
-    attention: Any = None
+    attention: Any = None  # the run's AttentionStore: request and read attention maps (flowkit.attention.store)
     scheduler: Any = None  # the wrapped pipeline's scheduler (a private copy, timesteps set), if any
     noise_scale: float | None = None  # x_flow at the start = noise_scale * unit noise (None: grid[0])
     log: list[str] = field(default_factory=list)

@@ -99,6 +99,7 @@ class NetworkDenoiser(Denoiser):
     def __init__(self, network: Any, path: Path, prediction_type: str):
         super().__init__(path, prediction_type)
         self.network = network
+        self._dtype: tuple[Any, torch.dtype] | None = None
 
     @property
     def device(self) -> torch.device:
@@ -106,7 +107,14 @@ class NetworkDenoiser(Denoiser):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.network.dtype
+        # diffusers' `network.dtype` walks every module (layerwise-casting hooks): milliseconds per
+        # call on a large UNet, asked for several times per forward. Cached until the first
+        # parameter's dtype or device changes (`.to()`, `enable_layerwise_casting` both change it).
+        first = next(self.network.parameters(), None)
+        key = None if first is None else (first.dtype, first.device)
+        if key is None or self._dtype is None or self._dtype[0] != key:
+            self._dtype = (key, self.network.dtype)
+        return self._dtype[1]
 
 
 class TransformerDenoiser(NetworkDenoiser):

@@ -58,7 +58,7 @@ REFUSED = {
     "callback": "use callback_on_step_end",
     "callback_steps": "use callback_on_step_end",
 }
-_OWN = ("pipe", "sampler", "guidance", "stats")
+_OWN = ("pipe", "sampler", "guidance", "stats", "attention")
 # callback tensor name -> (branch, conditioning fields to try)
 _CALLBACK_TENSORS = {
     "prompt_embeds": ("cond", ("encoder_hidden_states",)),
@@ -74,7 +74,8 @@ _CALLBACK_TENSORS = {
 class FlowKitPipeline:
     """A diffusers pipeline sampled by flowkit (see the module docstring)."""
 
-    def __init__(self, pipe: Any, sampler: str | Sampler = "euler", guidance: Any = None):
+    def __init__(self, pipe: Any, sampler: str | Sampler = "euler", guidance: Any = None,
+                 attention: str | None = None):
         adapt(pipe)  # refuses unsupported pipelines now, naming the supported ones
         object.__setattr__(self, "pipe", pipe)
         object.__setattr__(self, "sampler", build_sampler(sampler))
@@ -82,11 +83,23 @@ class FlowKitPipeline:
             build_guidance(guidance, 1.0)  # a bad spec fails here, not at the first call
         object.__setattr__(self, "guidance", guidance)
         object.__setattr__(self, "stats", None)
+        object.__setattr__(self, "attention", None)
+        self.set_attention_kernel(attention)
 
     @classmethod
-    def from_pipe(cls, pipe: Any, sampler: str | Sampler = "euler", guidance: Any = None) -> "FlowKitPipeline":
-        """Wrap `pipe` (StableDiffusion, StableDiffusionXL, StableDiffusion3 or Flux pipeline)."""
-        return cls(pipe, sampler=sampler, guidance=guidance)
+    def from_pipe(cls, pipe: Any, sampler: str | Sampler = "euler", guidance: Any = None,
+                  attention: str | None = None) -> "FlowKitPipeline":
+        """Wrap `pipe` (StableDiffusion, StableDiffusionXL, StableDiffusion3 or Flux pipeline);
+        `attention`: the attention kernel of its calls (see flowkit.attention; None: the active one)."""
+        return cls(pipe, sampler=sampler, guidance=guidance, attention=attention)
+
+    def set_attention_kernel(self, kernel: str | None) -> None:
+        """The attention kernel of this wrapper's calls ("sdpa", "sdpa-math", "reference", ...; None: the active one)."""
+        if kernel is not None:
+            from flowkit.attention import check_kernel
+
+            check_kernel(kernel)
+        object.__setattr__(self, "attention", kernel)
 
     # -- the wrapped pipeline's surface ---------------------------------------------------
     def __getattr__(self, name: str) -> Any:
@@ -201,7 +214,7 @@ class FlowKitPipeline:
             adapter, conds, noise, sampler=self.sampler, stack=stack, steps=int(kw.get("num_inference_steps") or 1),
             grid=None, height=h, width=w, generators=_per_sample_generators(generator, batch),
             callback=callback, sigmas=kw.get("sigmas"), mu=kw.get("mu"),
-            step_generator=generator)
+            step_generator=generator, attention=self.attention)
         object.__setattr__(self, "stats", stats)
         out = adapter.output(x, kw.get("output_type") or "pil", bool(kw.get("return_dict", True)), generator)
         if hasattr(pipe, "maybe_free_model_hooks"):

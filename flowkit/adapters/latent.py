@@ -49,7 +49,11 @@ class LatentAdapter(ModelAdapter):
 
     @property
     def device(self) -> torch.device:
-        return self.pipe._execution_device
+        # diffusers' `_execution_device` walks every component (~10 ms on an SD-sized UNet) and a
+        # call asks for it several times; an adapter lives for one call, where it cannot change
+        if getattr(self, "_device", None) is None:
+            self._device = self.pipe._execution_device
+        return self._device
 
     @property
     def dtype(self) -> torch.dtype:
