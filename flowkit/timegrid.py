@@ -11,7 +11,9 @@ float64. Kinds:
   pipeline calls it (optionally with a user's `sigmas` or `mu`), so a user's scheduler
   settings are kept; `schedule()` also gives the timesteps the scheduler feeds the
   network and the scale of its initial noise;
-- `boss`: stored step sizes (see samplers/boss.py; behaves as `sigmas`).
+- `boss`: BOSS step sizes (flowkit.boss): given times (as `sigmas`), or `boss:TABLE`, a
+  table written by `flowkit tune boss` (a file, or a shipped name such as `shapes`) that
+  gives the best grid for any number of steps it was tuned for.
 """
 
 from __future__ import annotations
@@ -66,7 +68,10 @@ class TimeGrid:
             raise SpecError(f"unknown time grid {self.kind!r}; use one of {', '.join(GRID_KINDS)}")
         if self.kind == "shift" and not self.shift > 0:
             raise SpecError(f"grid shift must be > 0, got {self.shift}")
-        if self.kind in ("sigmas", "boss"):
+        if self.kind == "boss" and not self.sigmas and not self.name:
+            raise SpecError("a boss grid needs a table: boss:FILE or boss:NAME (see `flowkit tune boss`), "
+                            "or use the sampler 'boss', which finds the model's own")
+        if self.kind == "sigmas" or (self.kind == "boss" and self.sigmas):
             if not self.sigmas:
                 raise SpecError(f"a {self.kind} grid needs its times")
             s = list(self.sigmas)
@@ -123,15 +128,21 @@ class TimeGrid:
                 return cls.dynamic(float(arg) if arg else None)
             if kind == "sigmas":
                 return cls.from_times([float(v) for v in arg.replace(",", ";").split(";") if v.strip()])
+            if kind == "boss":
+                return cls("boss", name=arg.strip() or None)
         except ValueError as e:
             raise SpecError(f"bad time grid {text!r}: {e}") from None
-        raise SpecError(f"bad time grid {text!r}; use uniform, shift:S, dynamic[:MU] or sigmas:T1;T2;...")
+        raise SpecError(f"bad time grid {text!r}; use uniform, shift:S, dynamic[:MU], sigmas:T1;T2;... or boss:TABLE")
 
     # -- the grid -----------------------------------------------------------------
     def build(self, steps: int, path: Path, *, image_seq_len: int | None = None) -> Tensor:
         """`steps + 1` flowkit times (float64, descending, last = 0)."""
         if not isinstance(steps, int) or steps < 1:
             raise InputError(f"steps must be an integer >= 1, got {steps!r}")
+        if self.kind == "boss" and not self.sigmas:
+            from flowkit.boss import resolve_table
+
+            return resolve_table(self.name).times(steps)
         if self.kind in ("sigmas", "boss"):
             ts = torch.tensor(self.sigmas, dtype=torch.float64)
             if ts[-1] != 0:

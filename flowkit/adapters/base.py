@@ -20,7 +20,7 @@ from flowkit.errors import InputError, UnsupportedError
 from flowkit.schedulers import frame_scale
 from flowkit.timegrid import TimeGrid
 
-__all__ = ["ModelAdapter", "adapt", "ADAPTERS"]
+__all__ = ["ModelAdapter", "adapt", "ADAPTERS", "latent_multiple"]
 
 
 class ModelAdapter(ABC):
@@ -184,6 +184,19 @@ def _pipeline_kind(name: str) -> str:
         if key.lower() in name.lower():
             return kind
     return ""
+
+
+def latent_multiple(denoiser: Any) -> int:
+    """Latent heights and widths this denoiser's network takes must be multiples of this (a
+    sampler that changes resolution, such as bottleneck, checks its stages with it): the
+    denoiser's own `latent_multiple` (FLUX's 2x2 packing, SD3's patch size), else 2^(levels-1)
+    for a UNet's downsampling, else 1."""
+    own = getattr(denoiser, "latent_multiple", None)
+    if own is not None:
+        return int(own)
+    config = getattr(getattr(denoiser, "network", None), "config", None)
+    levels = getattr(config, "block_out_channels", None)
+    return 2 ** (len(levels) - 1) if levels else 1
 
 
 def check_multiple(height: int, width: int, factor: int, family: str) -> None:

@@ -54,7 +54,10 @@ def image_ids(h: int, w: int, device: torch.device, dtype: torch.dtype) -> Tenso
 
 
 class FluxDenoiser(TransformerDenoiser):
-    """FluxTransformer2DModel on unpacked latents [N, C, H, W] (packing done here)."""
+    """FluxTransformer2DModel on unpacked latents [N, C, H, W] (packing done here, with the
+    image ids of the latents' own size, so any even size runs: bottleneck stages)."""
+
+    latent_multiple = 2  # 2x2 packing
 
     def forward(self, x_native: Tensor, timestep: Tensor, cond: Conditioning) -> Tensor:
         _, _, h, w = x_native.shape

@@ -26,6 +26,11 @@ __all__ = ["SD3Adapter", "SD3Denoiser"]
 class SD3Denoiser(TransformerDenoiser):
     """SD3Transformer2DModel: velocity from latents [N, C, H, W], timesteps, tokens and pooled projections."""
 
+    @property
+    def latent_multiple(self) -> int:
+        """Latent sizes must be multiples of the patch size (the transformer patches any such size)."""
+        return int(self.transformer.config.patch_size)
+
     def forward(self, x_native: Tensor, timestep: Tensor, cond: Conditioning) -> Tensor:
         return self.transformer(
             hidden_states=x_native.to(self.dtype),

@@ -1,0 +1,86 @@
+"""Computing BOSS tables: trajectories, cost matrix, grids (Nguyen et al., Algorithm 1).
+
+`tune_table` runs N fine Euler trajectories from seeded noise on a fine grid of M steps,
+builds the cost matrix (local or end-point, see flowkit.boss.cost) and stores the best
+grids for the asked step counts. `auto_problem` makes the small problem the `boss` sampler
+tunes on when a model has no table yet: unguided, on a fixed prompt set and fixed seeds, so
+the grid never depends on the run's own prompts or batch partners.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+
+from flowkit.boss.cost import COST_KINDS, Problem, endpoint_cost, fingerprint, local_cost, prompts_key
+from flowkit.boss.table import BossTable
+from flowkit.errors import InputError, UnsupportedError
+from flowkit.seeding import generators_for, randn_per_sample
+
+__all__ = ["tune_table", "auto_problem", "model_fingerprint", "fine_grid", "AUTO_PROMPTS", "TUNE_SEED"]
+
+TUNE_SEED = 20240611  # base seed of the tuning trajectories (image i: seed_for(TUNE_SEED, i))
+# the fixed prompt set of on-the-fly tuning: shapes-world captions and a few general ones
+AUTO_PROMPTS = ("one red circle", "two blue squares", "three green triangles", "a yellow circle and a red square",
+                "a photo of a cat", "a mountain landscape at sunset", "a bowl of fruit on a table",
+                "a portrait of an old man")
+
+
+def model_fingerprint(denoiser: Any) -> str | None:
+    """The fingerprint of a denoiser's network (None for networks-free denoisers, which are
+    tuned afresh each time and never cached)."""
+    net = getattr(denoiser, "network", None)
+    if net is None:
+        return None
+    kind = getattr(denoiser, "prediction_type", "")
+    return fingerprint(net) + ("" if kind in ("velocity", "flow") else f"-{kind}")
+
+
+def fine_grid(denoiser: Any, k_max: int) -> torch.Tensor:
+    """The fine grid: `k_max` steps uniform in the path's native time (t_max .. 0)."""
+    if not isinstance(k_max, int) or k_max < 2:
+        raise InputError(f"k_max must be an integer >= 2, got {k_max!r}")
+    return denoiser.path.uniform_grid(k_max)
+
+
+def tune_table(problem: Problem, shape: Sequence[int], *, k_max: int, cost: str = "local", seed: int = TUNE_SEED,
+               prompts: Sequence[str] = (), guidance: str = "none", key: str | None = None, model: str = "",
+               steps: Sequence[int] = (), max_rows: int = 256) -> BossTable:
+    """A BOSS table from `problem.rows` trajectories of `k_max` fine Euler steps.
+
+    shape: the per-sample latent shape; noise row i is drawn from seed_for(seed, i).
+    key: the prompt-set key of the table (default: a hash of prompts and guidance).
+    steps: the step counts whose grids are stored in the table.
+    """
+    if cost not in COST_KINDS:
+        raise InputError(f"BOSS cost must be one of {', '.join(COST_KINDS)}, got {cost!r}")
+    den = problem.denoiser
+    if den.path.kind != "gaussian":
+        raise UnsupportedError(f"BOSS works on Gaussian paths, not on {den.path.kind} ones")
+    fp = model_fingerprint(den) or "unfingerprinted"
+    ts = fine_grid(den, k_max)
+    noise = randn_per_sample(tuple(shape), generators_for(seed, range(problem.rows)), problem.device)
+    tr = problem.euler(noise * float(ts[0]), ts)
+    matrix = local_cost(tr) if cost == "local" else endpoint_cost(problem, tr, max_rows=max_rows)
+    table = BossTable(fingerprint=fp, shape=tuple(shape), cost_kind=cost, fine=[float(v) for v in ts.tolist()],
+                      cost=matrix, samples=problem.rows, prompts=list(prompts), guidance=guidance,
+                      prompts_key=key or prompts_key(prompts, guidance), model=model, nfe=problem.nfe)
+    return table.choose([k for k in steps if k <= k_max])
+
+
+def auto_problem(ctx: Any, samples: int) -> Problem:
+    """The on-the-fly tuning problem of a run: its denoiser, no guidance, `samples` rows of
+    AUTO_PROMPTS (cycled) encoded with the run's encoder, generators from TUNE_SEED.
+    Without an encoder (analytic denoisers), the run's first conditional row is repeated."""
+    from flowkit.conditioning import Conditioning
+    from flowkit.guidance.base import GuidanceStack
+
+    if ctx.encode is not None:
+        prompts = [AUTO_PROMPTS[i % len(AUTO_PROMPTS)] for i in range(samples)]
+        cond = ctx.encode(prompts)
+    else:
+        first = ctx.conds["cond"].select([0])
+        cond = Conditioning.cat([first] * samples) if samples > 1 else first
+    return Problem(ctx.denoiser, GuidanceStack([]), {"cond": cond}, generators_for(TUNE_SEED, range(samples)),
+                   ctx.device, ctx.encode)

@@ -1,0 +1,196 @@
+"""`flowkit tune`: precomputed sampler data. `flowkit tune boss` computes BOSS step sizes.
+
+    flowkit tune boss --model shapes --prompts single --steps 4,6,8 --k-max 64 --samples 64
+    flowkit tune boss --model shapes --cost endpoint --k-max 16 --samples 16
+
+N = `--samples` fine Euler trajectories of `--k-max` steps (prompts cycled, image i seeded
+with seed_for(SEED, i), under the `--guidance` stack as sampling would run it) give the
+BOSS cost matrix; the table (cost matrix, fine grid, the best grid for each `--steps`) is
+written to the cache ($FLOWKIT_CACHE/boss/FINGERPRINT/...), where the `boss` sampler finds
+it by the model's fingerprint, and to `--out FILE` (usable as `boss:table=FILE` or
+`--grid boss:FILE`). `--ship NAME` writes flowkit/weights/boss/NAME.json, a table shipped
+in the package. Options are checked before a model is loaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from flowkit.errors import InputError
+
+__all__ = ["add_parser", "cmd_tune", "parse_steps_list", "TuneOptions", "tune_options", "load_prompts"]
+
+METHODS = ("boss",)
+
+
+def add_parser(sub: Any) -> argparse.ArgumentParser:
+    """Add `tune` to the `flowkit` subcommands."""
+    t = sub.add_parser("tune", help="compute sampler data (BOSS step sizes) for a model",
+                       description="Compute precomputed sampler data for a model: `boss` step sizes.")
+    t.add_argument("method", choices=METHODS)
+    t.add_argument("--model", default=None, help="a built-in model or a local diffusers folder (default shapes; "
+                                                 "tiny if the shapes weights are not installed)")
+    t.add_argument("--prompts", default=None, metavar="FILE|SET",
+                   help="a text file (one prompt a line) or a shapes prompt set: single, two, counting "
+                        "(default: single)")
+    t.add_argument("--steps", default="4,6,8", metavar="K,K,...", help="step counts whose grids are stored")
+    t.add_argument("--k-max", type=int, default=64, help="steps of the fine grid (endpoint cost: keep it small)")
+    t.add_argument("--samples", type=int, default=32, help="trajectories (N)")
+    t.add_argument("--cost", choices=("local", "endpoint"), default="local")
+    t.add_argument("--guidance", default=None, metavar="SPEC", help="guidance stack (default: CFG at the model's "
+                                                                    "scale), or none")
+    t.add_argument("--seed", type=int, default=None, help="base seed of the trajectories")
+    t.add_argument("--height", type=int, default=None, metavar="H")
+    t.add_argument("--width", type=int, default=None, metavar="W")
+    t.add_argument("--out", default=None, metavar="FILE", help="also write the table to this JSON file")
+    t.add_argument("--ship", default=None, metavar="NAME", help="write flowkit/weights/boss/NAME.json (shipped)")
+    t.add_argument("--json", action="store_true", help="print one JSON object")
+    t.set_defaults(func=cmd_tune)
+    return t
+
+
+def parse_steps_list(text: str) -> list[int]:
+    """'4,6,8' -> [4, 6, 8]: distinct integers >= 1, in increasing order."""
+    parts = [p.strip() for p in str(text).replace(";", ",").split(",")]
+    if not parts or any(not p for p in parts):
+        raise InputError(f"--steps: give step counts separated by commas, e.g. 4,6,8; got {text!r}")
+    out = []
+    for p in parts:
+        if not (p.isascii() and p.isdigit()) or len(p) > 6:
+            raise InputError(f"--steps: {p!r} is not a whole number of steps; e.g. 4,6,8")
+        k = int(p)
+        if k < 1:
+            raise InputError(f"--steps: step counts must be >= 1, got {k}")
+        out.append(k)
+    return sorted(set(out))
+
+
+@dataclass(frozen=True)
+class TuneOptions:
+    model: str
+    model_given: bool
+    prompts: str | None
+    steps: list[int]
+    k_max: int
+    samples: int
+    cost: str
+    guidance: Any  # GuidanceStack or None (CFG at the model's scale)
+    seed: int
+    height: int | None
+    width: int | None
+    out: Path | None
+    ship: str | None
+    json: bool
+
+
+def tune_options(args: argparse.Namespace) -> TuneOptions:
+    """Check `tune`'s parsed arguments (nothing is loaded); FlowkitError names the option."""
+    from flowkit.api import build_guidance
+    from flowkit.boss import TUNE_SEED
+    from flowkit.cli import DEFAULT_MODEL, _check_int, _check_model, _with_flag
+
+    steps = parse_steps_list(args.steps)
+    _check_int("--k-max", args.k_max, 2)
+    _check_int("--samples", args.samples, 1)
+    if steps[-1] > args.k_max:
+        raise InputError(f"--steps: {steps[-1]} steps need a fine grid of at least as many: raise --k-max "
+                         f"(now {args.k_max})")
+    if args.seed is not None:
+        _check_int("--seed", args.seed, 0)
+    if (args.height is None) != (args.width is None):
+        raise InputError("give both --height and --width, or neither")
+    if args.height is not None:
+        _check_int("--height", args.height, 1)
+        _check_int("--width", args.width, 1)
+    model = args.model if args.model is not None else DEFAULT_MODEL
+    _check_model(model)
+    guidance = None if args.guidance is None else _with_flag("--guidance", build_guidance, args.guidance, 0.0)
+    if args.prompts is not None:
+        load_prompts(args.prompts)  # a missing file or unknown set fails before the model loads
+    if args.ship is not None and (not args.ship or not all(c.isalnum() or c in "-_" for c in args.ship)):
+        raise InputError(f"--ship: a table name holds letters, digits, '-' and '_', got {args.ship!r}")
+    return TuneOptions(model=model, model_given=args.model is not None, prompts=args.prompts, steps=steps,
+                       k_max=args.k_max, samples=args.samples, cost=args.cost, guidance=guidance,
+                       seed=TUNE_SEED if args.seed is None else args.seed, height=args.height, width=args.width,
+                       out=None if args.out is None else Path(args.out), ship=args.ship, json=args.json)
+
+
+def load_prompts(spec: str | None) -> list[str]:
+    """Prompts from a text file (one a line, blank lines skipped) or a shapes prompt set name."""
+    from flowkit.worlds.shapes_eval import PROMPT_SETS, prompt_set
+
+    name = spec or "single"
+    if name in PROMPT_SETS:
+        return [text for text, _ in prompt_set(name)]
+    try:
+        path = Path(name).expanduser()
+        lines = path.read_text(encoding="utf-8").splitlines() if path.is_file() else None
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        raise InputError(f"--prompts: cannot read {name!r}: {e}") from None
+    if lines is None:
+        raise InputError(f"--prompts: {name!r} is neither a file nor a prompt set ({', '.join(PROMPT_SETS)})")
+    prompts = [ln.strip() for ln in lines if ln.strip()]
+    if not prompts:
+        raise InputError(f"--prompts: {name!r} holds no prompts")
+    return prompts
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    import torch
+
+    from flowkit.adapters.base import adapt
+    from flowkit.api import _wants_uncond, build_guidance
+    from flowkit.boss import Problem, best_path, path_cost, shipped_root, tune_table
+    from flowkit.cli import _load_model
+    from flowkit.seeding import generators_for
+
+    opts = tune_options(args)
+    pipe, model = _load_model(opts)  # type: ignore[arg-type]  (reads .model / .model_given)
+    adapter = adapt(pipe)
+    stack = build_guidance(opts.guidance, adapter.default_guidance_scale)
+    h, w = adapter.default_size() if opts.height is None else (opts.height, opts.width)
+    shape = adapter.latent_shape(h, w)
+    prompts = load_prompts(opts.prompts)
+    rows = [prompts[i % len(prompts)] for i in range(opts.samples)]
+    with torch.no_grad():
+        conds = adapter.encode_sized(rows, None, any(_wants_uncond(m) for m in stack), h, w)
+        problem = Problem(adapter.denoiser, stack, conds, generators_for(opts.seed, range(opts.samples)),
+                          adapter.device, adapter.encoder())
+        table = tune_table(problem, shape, k_max=opts.k_max, cost=opts.cost, seed=opts.seed, prompts=prompts,
+                           guidance=stack.describe(), model=model, steps=opts.steps)
+    written = [table.save_to_cache()]
+    if opts.out is not None:
+        written.append(table.save(opts.out))
+    if opts.ship is not None:
+        written.append(table.save(shipped_root() / f"{opts.ship}.json"))
+    report = []
+    for k in opts.steps:
+        path, total = best_path(table.cost, k)
+        uniform = path_cost(table.cost, [round(i * opts.k_max / k) for i in range(k + 1)]) \
+            if opts.k_max % k == 0 else None
+        report.append({"steps": k, "times": [round(float(v), 6) for v in table.times(k).tolist()], "cost": total,
+                       "uniform_cost": uniform})
+    if opts.json:
+        print(json.dumps({"model": model, "fingerprint": table.fingerprint, "shape": list(shape), "cost": opts.cost,
+                          "nfe": table.nfe, "files": [str(p) for p in written], "grids": report}, indent=2))
+        return 0
+    print(f"BOSS ({opts.cost} cost) for {model} [{table.fingerprint}], latent {list(shape)}: "
+          f"{opts.samples} trajectories x {opts.k_max} steps, {table.nfe} NFE")
+    for r in report:
+        uni = "" if r["uniform_cost"] is None else f" (uniform: {r['uniform_cost']:.4g})"
+        times = ", ".join(f"{v:.4f}" for v in r["times"])
+        print(f"  {r['steps']} steps: [{times}]  cost {r['cost']:.4g}{uni}")
+    for p in written:
+        print(f"wrote {p}")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    from flowkit.cli import main
+
+    sys.exit(main(["tune", *sys.argv[1:]]))

@@ -1,0 +1,274 @@
+"""BOSS: the dynamic program against brute force, the cost matrices' exact identities, the
+stored tables' round trip, the grid on the analytic Gaussian world, and the sampler on the
+tiny pipelines of each family."""
+
+import copy
+import functools
+import itertools
+import json
+from unittest import mock
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+import analytic
+import flowkit
+import tiny_pipes
+from flowkit.boss import (BossTable, Problem, best_path, endpoint_cost, find_table, fingerprint, load_table,
+                          local_cost, path_cost, resolve_table, tune_table)
+from flowkit.denoiser import FunctionDenoiser
+from flowkit.errors import InputError, SpecError
+from flowkit.guidance.base import GuidanceStack
+from flowkit.paths import LinearPath
+from flowkit.samplers import Boss, Euler
+from flowkit.sampling import run
+from flowkit.seeding import generators_for, randn_per_sample
+from flowkit.timegrid import TimeGrid
+from flowkit.tune import parse_steps_list
+
+one_thread = tiny_pipes.one_thread
+
+
+@pytest.fixture(autouse=True)
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("FLOWKIT_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+# -- the dynamic program -----------------------------------------------------------------
+
+def brute_force(c: np.ndarray, k: int) -> float:
+    m = c.shape[0] - 1
+    return min(path_cost(c, [0, *inner, m]) for inner in itertools.combinations(range(1, m), k - 1))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_dp_matches_brute_force_on_random_non_monotone_costs(seed):
+    rng = np.random.default_rng(seed)
+    m = 8
+    c = rng.normal(size=(m + 1, m + 1)) * rng.choice([1, 10], size=(m + 1, m + 1))  # signs and scales mixed
+    for k in range(1, m + 1):
+        path, total = best_path(c, k)
+        assert path[0] == 0 and path[-1] == m and len(path) == k + 1 and all(a < b for a, b in zip(path, path[1:]))
+        assert total == pytest.approx(path_cost(c, path), abs=1e-12)
+        assert total == pytest.approx(brute_force(c, k), abs=1e-12)
+
+
+def test_dp_beats_uniform_where_uniform_is_provably_not_optimal():
+    # c_ij = w_i (j - i)^2: a step costs its length squared, 25x more where the path starts.
+    # For K = 2 on 8 points uniform (0-4-8) costs 25*16 + 16 = 416; 0-2-8 costs 25*4 + 36 = 136,
+    # and the exact optimum (by hand: min over s of 25 s^2 + (8 - s)^2, s integer) is s = 1: 74.
+    m = 8
+    w = np.array([25.0] + [1.0] * m)
+    i, j = np.meshgrid(np.arange(m + 1), np.arange(m + 1), indexing="ij")
+    c = w[:, None] * (j - i) ** 2.0
+    path, total = best_path(c, 2)
+    assert path_cost(c, [0, 4, 8]) == 416.0
+    assert path == [0, 1, 8] and total == 74.0
+    assert total == brute_force(c, 2)
+
+
+def test_dp_refuses_impossible_step_counts_and_nan():
+    c = np.zeros((5, 5))
+    for k in (0, 5, 2.5):
+        with pytest.raises(InputError, match="steps"):
+            best_path(c, k)
+    c[0, 2] = np.nan
+    with pytest.raises(InputError, match="NaN"):
+        best_path(c, 2)
+
+
+# -- costs on the analytic Gaussian world ------------------------------------------------------
+
+def _problem(n: int, den=None) -> Problem:
+    return Problem(den or analytic.denoiser(), GuidanceStack([]), {"cond": analytic.conds(n)["cond"]},
+                   generators_for(0, range(n)))
+
+
+def test_local_cost_identities_and_nfe():
+    n, m = 4, 6
+    prob = _problem(n)
+    ts = LinearPath().uniform_grid(m)
+    x = randn_per_sample((5,), generators_for(3, range(n)))
+    tr = prob.euler(x, ts)
+    c = local_cost(tr)
+    assert prob.nfe == n * m  # one velocity per point, shared by every jump from it
+    assert np.allclose(np.diag(c, 1), 0.0, atol=1e-10)  # one fine step is the trajectory itself
+    assert np.isinf(c[np.tril_indices(m + 1)]).all()
+    by_hand = ((tr.xs[0].double() - tr.vs[0].double() - tr.xs[m].double()) ** 2).sum(-1).mean()  # t: 1 -> 0
+    assert c[0, m] == pytest.approx(float(by_hand), rel=1e-9)
+
+
+def test_endpoint_cost_identities_and_nfe():
+    n, m = 3, 5
+    prob = _problem(n)
+    tr = prob.euler(randn_per_sample((4,), generators_for(4, range(n))), LinearPath().uniform_grid(m))
+    base = prob.nfe
+    e = endpoint_cost(prob, tr, max_rows=2 * n)  # chunked rollouts
+    assert prob.nfe - base == n * sum(j * (m - j) for j in range(1, m))  # one rollout per jump
+    assert np.allclose(e[:, m][:m], local_cost(tr)[:, m][:m])  # a jump to the end lands at the end
+    assert np.allclose(np.diag(e, 1), 0.0, atol=1e-9)
+
+
+def test_boss_grid_beats_uniform_on_the_gaussian_world():
+    """Euler's error against the exact ODE solution (mu + s z) is lower on the BOSS grid of a
+    few steps than on the uniform grid of as many steps (data N(mu, 0.2^2): the flow bends
+    late, and BOSS moves its steps there)."""
+    s = 0.2
+    den = FunctionDenoiser(functools.partial(analytic.gaussian_velocity, s=s), LinearPath(), "velocity")
+    table = tune_table(_problem(8, den), (6,), k_max=48, steps=[3, 4])
+    noise = randn_per_sample((6,), generators_for(9, range(16))).double()
+
+    def err(ts):
+        x, _ = run(Euler(), analytic.context(16, len(ts) - 1, den=den), noise, ts)
+        return float((x - (analytic.MU + s * noise)).pow(2).mean())
+
+    for k in (3, 4):
+        boss, uniform = err(table.times(k)), err(LinearPath().uniform_grid(k))
+        assert boss < 0.5 * uniform, (k, boss, uniform)
+    mirrored = 1.0 - table.times(4).flip(0)  # control: the same steps, crowded at the noisy end instead
+    assert err(mirrored) > err(LinearPath().uniform_grid(4))
+
+
+# -- tables: fingerprint, round trip, lookup ------------------------------------------------------
+
+def test_fingerprint_follows_weights_and_config():
+    from diffusers import UNet2DConditionModel
+
+    from flowkit.pipelines.shapes import shapes_unet_config
+
+    def unet(seed, **over):
+        torch.manual_seed(seed)
+        return UNet2DConditionModel(**{**shapes_unet_config("tiny"), **over})
+
+    a = unet(0)
+    b = copy.deepcopy(a)
+    assert fingerprint(a) == fingerprint(b)
+    with torch.no_grad():
+        b.conv_in.bias[0] += 1e-3  # one value of a tensor the strided sample reads
+    assert fingerprint(a) != fingerprint(b)
+    assert fingerprint(a) != fingerprint(unet(1))  # another checkpoint of the architecture
+    c = copy.deepcopy(a)
+    c.register_to_config(sample_size=16)
+    assert fingerprint(a) != fingerprint(c)  # same weights, another config
+
+
+def _table(k_max=6) -> BossTable:
+    rng = np.random.default_rng(0)
+    c = np.triu(rng.random((k_max + 1, k_max + 1)), 1)
+    c[np.tril_indices(k_max + 1)] = np.inf
+    return BossTable(fingerprint="f" * 24, shape=(3, 8, 8), cost_kind="local",
+                     fine=np.linspace(1, 0, k_max + 1).tolist(), cost=c, samples=4, prompts=["a"], guidance="none",
+                     prompts_key="abc", model="test").choose([2, 3])
+
+
+def test_table_round_trip(tmp_path):
+    t = _table()
+    path = t.save(tmp_path / "t.json")
+    back = load_table(path)
+    assert back.to_dict() == t.to_dict()
+    assert np.array_equal(back.cost, t.cost)  # inf below the diagonal survives JSON (as null)
+    for k in range(1, t.k_max + 1):
+        assert torch.equal(back.times(k), t.times(k))
+    assert torch.equal(TimeGrid.parse(f"boss:{path}").build(3, LinearPath()), t.times(3))
+    data = json.loads(path.read_text())
+    data["version"] = 99
+    path.write_text(json.dumps(data))
+    with pytest.raises(flowkit.errors.WeightsError, match="tune boss"):
+        load_table(path)
+
+
+def test_lookup_prefers_tuned_tables_and_checks_shape(cache):
+    auto, tuned = _table(), _table()
+    auto.prompts_key = "auto"
+    auto.save_to_cache()
+    assert find_table("f" * 24, (3, 8, 8), "local").prompts_key == "auto"
+    tuned.save_to_cache()
+    assert find_table("f" * 24, (3, 8, 8), "local").prompts_key == "abc"
+    assert find_table("f" * 24, (3, 16, 16), "local") is None
+    assert find_table("f" * 24, (3, 8, 8), "endpoint") is None
+    assert find_table("f" * 24, (3, 8, 8), "local", min_steps=7) is None
+    with pytest.raises(InputError, match="no BOSS table"):
+        resolve_table("no-such-table")
+
+
+def test_boss_grid_spec_errors():
+    with pytest.raises(SpecError, match="needs a table"):
+        TimeGrid.parse("boss")
+    with pytest.raises(InputError, match="no BOSS table"):
+        TimeGrid.parse("boss:nothing-here").build(4, LinearPath())
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(max_size=20))
+def test_fuzz_steps_list_parses_or_says_what_to_change(text):
+    try:
+        steps = parse_steps_list(text)
+    except InputError as e:
+        assert str(e).startswith("--steps")
+        return
+    assert steps == sorted(set(steps)) and all(isinstance(k, int) and k >= 1 for k in steps)
+
+
+# -- the sampler on each family's tiny pipeline ---------------------------------------------------
+
+@pytest.mark.parametrize("family", ["shapes", "sd", "sd3", "flux"])
+def test_boss_sampler_tunes_once_then_reuses(family):
+    pipe = flowkit.load("tiny") if family == "shapes" else tiny_pipes.cached(family)
+    smp = Boss(k_max=6, samples=2)
+    out = flowkit.sample(pipe, ["a red circle", "two blue squares"], sampler=smp, steps=3, guidance="none",
+                         seed=0, output_type="latent")
+    assert out.stats.nfe == [3, 3]
+    assert len(out.stats.grid) == 4 and out.stats.grid[-1] == 0.0
+    table = find_table(smp_fp(pipe), tuple(out.latents.shape[1:]), "local")
+    assert table is not None and table.prompts_key == "auto"
+    assert out.stats.grid == table.times(3).tolist()
+    assert [r.t for r in out.stats.steps] == out.stats.grid[:-1]
+    with mock.patch("flowkit.boss.tuning.tune_table", side_effect=AssertionError("must reuse the cache")):
+        again = flowkit.sample(pipe, ["a red circle", "two blue squares"], sampler=smp, steps=3, guidance="none",
+                               seed=0, output_type="latent")
+    assert torch.equal(again.latents, out.latents)
+
+
+def smp_fp(pipe):
+    from flowkit.adapters.base import adapt
+    from flowkit.boss import model_fingerprint
+
+    return model_fingerprint(adapt(pipe).denoiser)
+
+
+def test_boss_sampler_refuses_a_table_of_another_model(tmp_path):
+    path = _table().save(tmp_path / "other.json")
+    with pytest.raises(InputError, match="another model"):
+        flowkit.sample(flowkit.load("tiny"), "a red circle", sampler=f'boss:table="{path}"', steps=2,
+                       guidance="none", output_type="latent")
+    with pytest.raises(InputError, match="no BOSS table"):
+        flowkit.sample(flowkit.load("tiny"), "a red circle", sampler="boss:auto=false", steps=2, guidance="none",
+                       output_type="latent")
+
+
+# -- the straightening fine-tune ------------------------------------------------------------------
+
+@pytest.mark.parametrize("lora_rank", [0, 2])
+def test_straightening_finetune_lowers_its_loss_and_exports_a_table(tmp_path, lora_rank):
+    from flowkit.train import TARGETS, TrainConfig, train
+    from flowkit.train.boss import BossTask
+
+    assert "boss" in TARGETS
+    task = BossTask(model="tiny", steps=2, k_max=4, trajectories=4, lora_rank=lora_rank)
+    cfg = TrainConfig(steps=12, batch_size=4, lr=3e-3 if lora_rank else 1e-3, warmup=1, ema_decay=0.0, ckpt_every=100)
+    losses = train(task, cfg, tmp_path, progress=False)
+    assert np.mean(losses[-4:]) < np.mean(losses[:4])
+    if lora_rank:  # only the adapters train
+        model = task.build()
+        trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+        assert trainable and all("lora_" in n for n in trainable)
+    table = load_table(tmp_path / "export" / "boss.json")
+    pipe = flowkit.load(str(tmp_path / "export"))
+    assert table.fingerprint == smp_fp(pipe)  # the table belongs to the exported weights
+    assert table.times(2).tolist() == task.data()["fine"][best_path(task.data()["cost"], 2)[0]].tolist()
+    out = flowkit.sample(pipe, "a red circle", sampler=f'boss:table="{tmp_path / "export" / "boss.json"}"', steps=2,
+                         guidance="none", output_type="latent")
+    assert out.stats.grid == table.times(2).tolist()
