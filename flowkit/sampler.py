@@ -10,7 +10,7 @@ generator per sample). Options are keyword-only constructor arguments.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, ClassVar, Literal
 
 from torch import Tensor
 
@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from flowkit.context import Context
     from flowkit.sampling import GuidedModel
 
-__all__ = ["Sampler"]
+__all__ = ["Sampler", "SimplexSampler"]
 
 
 class Sampler(ABC):
@@ -71,3 +71,40 @@ class Sampler(ABC):
     def __repr__(self) -> str:
         inner = ", ".join(f"{k}={v!r}" for k, v in self.params().items())
         return f"{type(self).__name__}({inner})"
+
+
+class SimplexSampler(Sampler):
+    """Base of the samplers of discrete paths (state [B, L, V] on the simplex, probabilities
+    [B, L, K] predicted): the run starts from the path's source drawn from the loop's unit
+    noise, and the last step draws the tokens from the final prediction (`final="sample"`,
+    exact for an exact denoiser) or takes its most likely letter (`final="argmax"`),
+    returning them one-hot."""
+
+    path_kinds = ("discrete",)
+    path_name: ClassVar[str] = ""  # the `Path.name` this sampler steps
+
+    def __init__(self, *, final: Literal["sample", "argmax"] = "sample", grid: str | None = None):
+        super().__init__(grid=grid)
+        if final not in ("sample", "argmax"):
+            raise ValueError(f"final must be 'sample' or 'argmax', got {final!r}")
+        self.final = final
+
+    def refuse(self, ctx: "Context") -> str | None:
+        reason = super().refuse(ctx)
+        path = ctx.denoiser.path
+        if reason is None and path.name != self.path_name:
+            reason = f"sampler {self.name} steps the {self.path_name} path, and this model is on the {path.name} path"
+        return reason
+
+    def initial_state(self, noise: Tensor, ts: Tensor, ctx: "Context") -> Tensor:
+        return ctx.denoiser.path.source(noise).to(noise.dtype)
+
+    def finish(self, model: "GuidedModel", probs: Tensor, x: Tensor) -> Tensor:
+        """One-hot tokens [B, L, V] from the final probabilities [B, L, K]."""
+        from flowkit.paths.categorical import categorical_from_normal, one_hot
+
+        if self.final == "argmax":
+            tokens = probs.argmax(dim=-1)
+        else:
+            tokens = categorical_from_normal(probs, model.ctx.randn_like(x)[..., 0])
+        return one_hot(tokens, x.shape[-1], x.dtype)

@@ -1,0 +1,188 @@
+"""Dirichlet flow matching: the C table, the vector field against the path, the simplex
+invariants, scores and classifier guidance, and sampling the toy task with the exact denoiser."""
+
+import numpy as np
+import pytest
+import torch
+from scipy import special as sp
+from scipy import stats
+
+from flowkit.conditioning import Conditioning
+from flowkit.context import Context
+from flowkit.guidance import CFG, GuidanceStack
+from flowkit.paths.categorical import dirichlet_from_normal
+from flowkit.paths.dirichlet import DirichletPath, c_factor_row
+from flowkit.samplers import DirichletEuler
+from flowkit.sampling import run
+from flowkit.seeding import generators_for, randn_per_sample
+from flowkit.worlds.simplex import ExactDenoiser, ToyTask
+
+
+def exact_run(path, den, n, steps, *, stack=None, conds=None, callback=None, sampler=None, seed=0):
+    gens = generators_for(seed, range(n))
+    conds = conds or {"cond": Conditioning({"class_labels": torch.zeros(n, dtype=torch.long)})}
+    ctx = Context(den, stack or GuidanceStack([]), conds, gens, steps)
+    noise = randn_per_sample((4, path.state_size), gens)
+    x, stats_ = run(sampler or DirichletEuler(), ctx, noise, path.uniform_grid(steps), callback=callback)
+    return x, stats_
+
+
+# -- the C table ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("K", [2, 4, 20, 64])
+@pytest.mark.parametrize("alpha", [1.0, 1.001, 3.5, 8.0, 60.0])
+def test_c_table_is_finite_with_the_exact_face_limits(K, alpha):
+    row = c_factor_row(alpha, K)
+    assert np.isfinite(row).all() and (row >= -1e-12).all()
+    b = K - 1
+    assert row[0] == 0.0 and row[-1] == pytest.approx((sp.digamma(alpha + b) - sp.digamma(alpha)) / b, rel=1e-12)
+    # continuous into both faces: the grid points next to them agree with the limits
+    assert row[1] < 1e-9 and row[-2] == pytest.approx(row[-1], rel=1e-6)
+
+
+@pytest.mark.parametrize("K, alpha", [(4, 2.0), (4, 7.5), (20, 1.5), (20, 6.0), (40, 3.0)])
+def test_vector_field_matches_finite_differences_of_the_path(K, alpha):
+    """x_i moves along its own Beta(alpha, K-1) quantile: dQ/dalpha = C(Q, alpha) (1 - Q) (eq. 14)."""
+    path = DirichletPath(K, alpha_max=80.0)
+    u = np.array([1e-6, 1e-3, 0.05, 0.3, 0.5, 0.7, 0.95, 0.999, 1 - 1e-6])
+    h = 1e-5
+    q = sp.betaincinv(alpha, K - 1, u)
+    dq = (sp.betaincinv(alpha + h, K - 1, u) - sp.betaincinv(alpha - h, K - 1, u)) / (2 * h)
+    x = torch.from_numpy(q)
+    ours = (path.c_factor(x, alpha) * (1 - x)).numpy()
+    np.testing.assert_allclose(ours, dq, rtol=2e-4, atol=1e-10)
+    wrong = (DirichletPath(K + 1).c_factor(x, alpha) * (1 - x)).numpy()  # negative control: another K
+    assert np.abs(wrong - dq).max() > 100 * np.abs(ours - dq).max()
+
+
+def test_conditional_flow_carries_the_path_from_alpha_to_alpha():
+    """Euler on u(x | e_0) from Dir(1 + e_0) (alpha = 2) reaches Dir(1 + 5 e_0) (alpha = 6)."""
+    K, n = 5, 4000
+    path = DirichletPath(K, alpha_max=10.0)
+    gen = torch.Generator().manual_seed(0)
+    x = path.sample(torch.zeros(n, 1, dtype=torch.long), torch.full((n,), float(path.time_from_alpha(2.0))),
+                    generator=gen).double()
+    rest0 = x[..., 1:] / x[..., 1:].sum(-1, keepdim=True)
+    p = torch.zeros_like(x)
+    p[..., 0] = 1.0
+    alphas = np.linspace(2.0, 6.0, 201)
+    for a, a_next in zip(alphas[:-1], alphas[1:]):
+        x = x + (a_next - a) * path.velocity(p, x, float(a))
+    assert stats.kstest(x[:, 0, 0].numpy(), stats.beta(6.0, K - 1).cdf).pvalue > 1e-3
+    assert stats.kstest(x[:, 0, 0].numpy(), stats.beta(5.5, K - 1).cdf).pvalue < 1e-6  # negative control
+    rest = x[..., 1:] / x[..., 1:].sum(-1, keepdim=True)
+    torch.testing.assert_close(rest, rest0, rtol=1e-6, atol=1e-9)  # the others shrink in proportion
+
+
+def test_velocity_is_tangent_and_finite_on_the_faces():
+    path = DirichletPath(6)
+    x = dirichlet_from_normal(torch.randn(64, 3, 6, generator=torch.Generator().manual_seed(1)))
+    x[:8, :, :3] = 0.0  # faces
+    x[8:16] = torch.nn.functional.one_hot(torch.arange(3) % 6, 6).double()  # vertices
+    x = x / x.sum(-1, keepdim=True)
+    p = torch.softmax(torch.randn(64, 3, 6, dtype=torch.float64), -1)
+    for alpha in (1.0, 2.0, 8.0):
+        v = path.velocity(p, x, alpha)
+        assert torch.isfinite(v).all()
+        torch.testing.assert_close(v.sum(-1), torch.zeros(64, 3, dtype=torch.float64), atol=1e-12, rtol=0)
+
+
+def test_dirichlet_path_samples_have_the_beta_marginal():
+    path = DirichletPath(4, alpha_max=8.0)
+    t = torch.full((20000,), 0.5)
+    x = path.sample(torch.full((20000, 1), 2), t, generator=torch.Generator().manual_seed(0))
+    a = float(path.alpha(0.5))
+    assert torch.allclose(x.sum(-1), torch.ones(20000, 1))
+    assert stats.kstest(x[:, 0, 2].numpy(), stats.beta(a, 3).cdf).pvalue > 1e-3
+
+
+# -- scores and classifier guidance -----------------------------------------------------
+
+def test_score_and_probabilities_round_trip():
+    path = DirichletPath(5)
+    g = torch.Generator().manual_seed(0)
+    x = dirichlet_from_normal(torch.randn(10, 4, 5, generator=g))
+    p = torch.softmax(torch.randn(10, 4, 5, generator=g, dtype=torch.float64), -1)
+    alpha = torch.full((10,), 3.0, dtype=torch.float64)
+    s = path.score(p, x, alpha)
+    torch.testing.assert_close(s.sum(-1), torch.zeros(10, 4, dtype=torch.float64), atol=1e-9, rtol=0)
+    torch.testing.assert_close(path.probs_from_score(s, x, alpha), p, atol=1e-10, rtol=0)
+
+
+def _two_class_world(K=4, L=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.log_softmax(3 * torch.randn(2, L, K, generator=g, dtype=torch.float64), -1)  # [2, L, K]
+
+
+def _log_evidence(log_q, x, alpha):
+    """log p(x | y) up to a y-free constant: sum_l log sum_j q_ylj x_lj^(alpha-1) [B, 2]."""
+    return torch.logsumexp(log_q[None] + (alpha - 1) * x.log()[:, None], dim=-1).sum(-1)
+
+
+def test_classifier_tilt_is_exact_on_a_two_class_world():
+    """With the exact unconditional denoiser and the exact classifier, the tilt at scale 1 gives
+    the exact conditional denoiser (eq. 19-20)."""
+    K, L, B = 4, 3, 32
+    log_q = _two_class_world(K, L)
+    path = DirichletPath(K)
+    x = dirichlet_from_normal(torch.randn(B, L, K, generator=torch.Generator().manual_seed(2)))
+    t = torch.full((B,), 0.6, dtype=torch.float64)
+    point = path.at(t)
+    alpha = float(point.alpha[0])
+    xg = x.clone().requires_grad_(True)
+    ev = _log_evidence(log_q, xg, alpha)  # [B, 2]
+    log_py = torch.log_softmax(ev, -1)  # p(y | x) with p(y) = 1/2
+    (grad,) = torch.autograd.grad(log_py[:, 1].sum(), xg)
+    w = log_py.exp().detach()  # [B, 2]
+    per_class = torch.stack([path.posterior(log_q[y], x, t) for y in (0, 1)], 1)  # [B, 2, L, K]
+    uncond = (w[:, :, None, None] * per_class).sum(1)
+    tilted = path.classifier_tilt(uncond, x, point, grad)
+    torch.testing.assert_close(tilted, per_class[:, 1], atol=1e-9, rtol=0)
+    assert (path.classifier_tilt(uncond, x, point, 0.5 * grad) - per_class[:, 1]).abs().max() > 1e-3
+    # alpha = 1: no information, no change
+    at_one = path.at(torch.ones(B, dtype=torch.float64))
+    torch.testing.assert_close(path.classifier_tilt(uncond, x, at_one, grad), uncond)
+
+
+# -- sampling the toy task with the exact denoiser -----------------------------------------
+
+@pytest.mark.parametrize("K", [4, 20])
+def test_exact_denoiser_samples_the_toy_task(K):
+    task = ToyTask(K)
+    path = DirichletPath(K)
+    x, st = exact_run(path, task.exact_denoiser(path), 20000, 20)
+    assert task.kl(x.argmax(-1)) < 0.01
+    assert st.nfe == [20] * 20000
+    # negative control: without the transport the state stays flat and the final draw is wrong
+    still = DirichletPath(K)
+    still.velocity = lambda p, xx, a: torch.zeros_like(xx, dtype=torch.float64)
+    x_bad, _ = exact_run(still, task.exact_denoiser(still), 5000, 20)
+    assert task.kl(x_bad.argmax(-1)) > 0.01
+
+
+def test_every_state_is_a_distribution_even_under_strong_guidance():
+    K, n = 8, 256
+    path = DirichletPath(K)
+    cond_q, uncond_q = ToyTask(K, seed=1).log_probs * 4, ToyTask(K, seed=2).log_probs * 4
+
+    class TwoBranch(ExactDenoiser):
+        def forward(self, x_native, timestep, cond):
+            t = self.path.time_of(timestep.double())
+            y = cond["class_labels"].reshape(-1, 1, 1)
+            return torch.where(y == 0, path.posterior(cond_q, x_native, t), path.posterior(uncond_q, x_native, t)).float()
+
+    conds = {"cond": Conditioning({"class_labels": torch.zeros(n, dtype=torch.long)}),
+             "uncond": Conditioning({"class_labels": torch.ones(n, dtype=torch.long)})}
+    seen = []
+
+    def check(ctx, step, x, pred):
+        seen.append(step)
+        assert torch.isfinite(x).all() and (x >= 0).all()
+        torch.testing.assert_close(x.sum(-1), torch.ones(x.shape[:2]), atol=1e-5, rtol=0)
+        assert (pred.probs >= 0).all()
+
+    for space in ("model_output", "log_probs"):
+        seen.clear()
+        exact_run(path, TwoBranch(path, cond_q), n, 12, stack=GuidanceStack([CFG(scale=6.0, space=space)]),
+                  conds=conds, callback=check)
+        assert seen == list(range(12))
