@@ -45,6 +45,7 @@ class StepRecord:
     nfe: int  # rows evaluated during this step (all samples, all branches)
     seconds: float
     branches: dict[str, int]  # rows per branch evaluated this step
+    shape: tuple[int, ...] = ()  # the per-sample state shape this step ran at (bottleneck stages differ)
 
 
 @dataclass
@@ -58,7 +59,8 @@ class Stats:
     steps: list[StepRecord] = field(default_factory=list)
     sampler: str = ""
     guidance: str = ""
-    grid: list[float] = field(default_factory=list)
+    grid: list[float] = field(default_factory=list)  # the times walked (stage after stage)
+    attention: dict[str, int] = field(default_factory=dict)  # attention calls by kernel ("captured": maps taken)
 
     @property
     def total_nfe(self) -> int:
@@ -84,6 +86,7 @@ class GuidedModel:
         self._step_rows: dict[str, int] = {}
         self._step_start = time.perf_counter()
         self._nfe_at_step = 0
+        self.walked: list[Tensor] = []  # grids a sampler declared with `walk` (its own times)
 
     # -- evaluation ---------------------------------------------------------------
     def __call__(self, x: Tensor, t: Tensor | float) -> Prediction:
@@ -116,12 +119,19 @@ class GuidedModel:
                 mask = mask | m
             if full is not None:
                 preds[name], present[name] = full, mask
+        for name, (m, fn) in req.deferred.items():  # supplied from this pass's predictions
+            if not bool(m.any()):
+                continue
+            sup = fn(dict(preds))
+            old = preds.get(name)
+            preds[name] = sup if old is None else old.replace(torch.where(_rows(m, sup.value), sup.value, old.value))
+            present[name] = present[name] | m if name in present else m
         if "cond" not in preds or not bool(present["cond"].all()):
             raise InputError("every sample needs its conditional branch; a module dropped 'cond'")
         branch_preds = BranchPredictions(preds, present)
+        ctx.extras["branch_predictions"] = branch_preds  # this evaluation's branches, for combine and correct
         pred = ctx.stack.combine(ctx, branch_preds)
         pred = ctx.stack.correct(ctx, x, pred)
-        ctx.extras["branch_predictions"] = branch_preds
         return pred
 
     def _evaluate(self, x: Tensor, t: Tensor, jobs: list[tuple[str, Tensor, Conditioning]]):
@@ -134,7 +144,11 @@ class GuidedModel:
             xs = torch.cat([x[rows] for _, rows, _ in group])
             ts = torch.cat([t[rows.cpu()] for _, rows, _ in group])
             cond = Conditioning.cat([c for _, _, c in group]) if len(group) > 1 else group[0][2]
-            pred = ctx.denoiser(xs, ts, cond)
+            if ctx.attention is None:
+                pred = ctx.denoiser(xs, ts, cond)
+            else:  # tag attention-map captures with the step and each row's branch and sample
+                with ctx.attention.forward(ctx.step, [(name, rows) for name, rows, _ in group], tuple(x.shape[2:])):
+                    pred = ctx.denoiser(xs, ts, cond)
             ctx.forward_calls += 1
             offset = 0
             for name, rows, _ in group:
@@ -159,7 +173,7 @@ class GuidedModel:
         nfe_now = int(ctx.nfe.sum())
         t0 = float(ctx.t[0]) if ctx.t is not None else float("nan")
         self.records.append(StepRecord(ctx.step, ctx.stage, t0, nfe_now - self._nfe_at_step,
-                                       now - self._step_start, dict(self._step_rows)))
+                                       now - self._step_start, dict(self._step_rows), tuple(x.shape[1:])))
         self._nfe_at_step, self._step_start, self._step_rows = nfe_now, now, {}
         if len(self._bad) % self.check_every == 0:
             self.check_finite()
@@ -180,6 +194,12 @@ class GuidedModel:
                 f"non-finite values (NaN or inf) appeared at step {first}{where}: "
                 "lower the guidance scale, use more steps, or check the model and its inputs"
             )
+
+    def walk(self, ts: Tensor) -> None:
+        """A sampler walks its own times `ts` (BOSS's grid, a bottleneck stage's) instead of, or
+        after, the grid it was given: they become `ctx.grid` and are recorded in `stats.grid`."""
+        self.ctx.grid = ts
+        self.walked.append(ts.detach().to(torch.float64).cpu())
 
     def change_stage(self, old_shape: tuple[int, ...], new_shape: tuple[int, ...]) -> None:
         """A sampler changed resolution: notify guidance modules."""
@@ -239,6 +259,6 @@ def run(sampler: "Sampler", ctx: "Context", noise: Tensor, ts: Tensor, *,
         steps=model.records,
         sampler=sampler.describe(),
         guidance=ctx.stack.describe(),
-        grid=[float(v) for v in ts.tolist()],
+        grid=[float(v) for v in (torch.cat(model.walked) if model.walked else ts).tolist()],
     )
     return x, stats

@@ -9,6 +9,10 @@ drop. The similarity is computed on x0 predictions: on noise predictions it is a
 from the first step and the policy degenerates into conditional-only sampling.
 
 gamma > 1 never fires (plain CFG); gamma = -1 fires right after `min_guided_steps`.
+
+LinearAG, the paper's replacement of unconditional evaluations by a fitted affine map of
+past outputs, is the companion policy `linear-ag` (guidance/linear_ag.py), a module of its
+own so that it also runs without AG: `cfg:scale=7+adaptive:gamma=0.999+linear-ag`.
 """
 
 from __future__ import annotations

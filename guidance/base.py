@@ -5,7 +5,8 @@ module adds), each with its own conditioning, batching every branch a step needs
 forward pass. In a fixed order it calls, for every module whose window covers the step:
 
 1. `branches(ctx, requests)`: declare the branches needed this step, per sample; a module
-   may `supply` a branch itself (a *predicted* branch) or `drop` it for some samples;
+   may `supply` a branch itself (a *predicted* branch), `supply_later` it from this
+   evaluation's other branches (after the forward pass), or `drop` it for some samples;
 2. `conditioning(ctx, branch, cond)`: change a branch's conditioning;
 3. `combine(ctx, preds)`: map the branch predictions to one prediction (one combiner per
    stack; with none, or outside its window, the conditional prediction is used);
@@ -21,7 +22,7 @@ runs; tensors stored there with the batch as first dimension follow particle res
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, ClassVar, Iterator, Sequence
+from typing import TYPE_CHECKING, Callable, ClassVar, Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -44,6 +45,8 @@ class BranchRequests:
         self.device = device
         self.masks: dict[str, Tensor] = {}
         self.supplied: dict[str, tuple[Tensor, "Prediction"]] = {}
+        # branches supplied after the forward pass, from that pass's predictions (LinearAG)
+        self.deferred: dict[str, tuple[Tensor, Callable[[dict[str, "Prediction"]], "Prediction"]]] = {}
 
     def _mask(self, mask: Tensor | None) -> Tensor:
         if mask is None:
@@ -56,9 +59,13 @@ class BranchRequests:
         self.masks[name] = self.masks[name] | m if name in self.masks else m
 
     def drop(self, name: str, mask: Tensor | None = None) -> None:
-        """Skip branch `name` for the samples in `mask` (all if None)."""
+        """Skip branch `name` for the samples in `mask` (all if None); a deferred supply of it
+        for those samples is withdrawn too."""
         if name in self.masks:
             self.masks[name] = self.masks[name] & ~self._mask(mask)
+        if name in self.deferred:
+            m, fn = self.deferred[name]
+            self.deferred[name] = (m & ~self._mask(mask), fn)
 
     def supply(self, name: str, mask: Tensor, pred: "Prediction") -> None:
         """Provide branch `name` for the samples in `mask` from `pred` (full batch) instead of the model."""
@@ -69,6 +76,15 @@ class BranchRequests:
             value = torch.where(_rows(m, pred.value), pred.value, old_p.value)
             pred, m = old_p.replace(value), old_m | m
         self.supplied[name] = (m, pred)
+
+    def supply_later(self, name: str, mask: Tensor | None,
+                     fn: Callable[[dict[str, "Prediction"]], "Prediction"]) -> None:
+        """Provide branch `name` for the samples in `mask` from `fn(preds)` (a full-batch
+        Prediction), called after this evaluation's forward pass with the branch predictions
+        made so far; e.g. LinearAG's estimate of `uncond` from the current conditional."""
+        m = self._mask(mask)
+        self.drop(name, m)
+        self.deferred[name] = (m, fn)
 
     def wanted(self, name: str) -> Tensor:
         return self.masks.get(name, torch.zeros(self.batch, dtype=torch.bool, device=self.device))

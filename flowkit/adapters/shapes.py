@@ -15,7 +15,26 @@ from flowkit.errors import InputError
 from flowkit.paths.linear import LinearPath
 from flowkit.timegrid import TimeGrid
 
-__all__ = ["ShapesAdapter", "to_images"]
+__all__ = ["ShapesAdapter", "to_images", "caption_tags", "TAGS"]
+
+TAGS = "caption_groups"  # conditioning field: the world groups a row's caption asks for
+
+
+def caption_tags(prompts: Sequence[str] | None, n: int, device: Any = None) -> Tensor:
+    """[n, 4] long: (group index in `shapes.GROUPS`, count) of each group a shapes caption
+    asks for, -1 where it asks for none or does not parse (prompts None: all -1). The
+    denoiser ignores this field; GFCG reads its target classes from it."""
+    from flowkit.worlds import shapes as world
+
+    out = torch.full((n, 4), -1, dtype=torch.long)
+    for i, text in enumerate(prompts or ()):
+        try:
+            groups = world.parse_caption(text)
+        except ValueError:
+            continue
+        for j, g in enumerate(groups):
+            out[i, 2 * j:2 * j + 2] = torch.tensor([world.GROUPS.index(g.key), g.count])
+    return out.to(device)
 
 
 def to_images(x: Tensor, output_type: str) -> Any:
@@ -53,9 +72,10 @@ class ShapesAdapter(ModelAdapter):
     def encode(self, prompts: Sequence[str], negative_prompts: Sequence[str] | None, need_uncond: bool):
         pos, neg = self.pipe.encode_prompt(list(prompts), list(negative_prompts) if negative_prompts else None,
                                            need_uncond, 1, self.device)
-        out = {"cond": Conditioning({"encoder_hidden_states": pos})}
+        out = {"cond": Conditioning({"encoder_hidden_states": pos, TAGS: caption_tags(prompts, len(pos), pos.device)})}
         if need_uncond:
-            out["uncond"] = Conditioning({"encoder_hidden_states": neg})
+            out["uncond"] = Conditioning({"encoder_hidden_states": neg,
+                                          TAGS: caption_tags(negative_prompts, len(neg), neg.device)})
         return out
 
     def factor(self) -> int:
@@ -90,9 +110,12 @@ class ShapesAdapter(ModelAdapter):
         elif need_uncond and neg is None:
             n = pos.shape[0] // num_images_per_prompt
             neg = self.pipe.encode_prompt([""] * n, None, False, num_images_per_prompt, self.device)[0]
-        out = {"cond": Conditioning({"encoder_hidden_states": pos})}
+        texts = kw.get("prompt") if kw.get("prompt_embeds") is None else None
+        texts = [texts] if isinstance(texts, str) else texts
+        texts = [p for p in texts for _ in range(num_images_per_prompt)] if texts is not None else None
+        out = {"cond": Conditioning({"encoder_hidden_states": pos, TAGS: caption_tags(texts, len(pos), pos.device)})}
         if need_uncond:
-            out["uncond"] = Conditioning({"encoder_hidden_states": neg})
+            out["uncond"] = Conditioning({"encoder_hidden_states": neg, TAGS: caption_tags(None, len(neg), neg.device)})
         return out
 
     def output(self, x: Tensor, output_type: str, return_dict: bool, generator: Any = None) -> Any:

@@ -1,0 +1,147 @@
+"""Shared parts of the guidance experiments on the shapes world (apg, adaptive, gfcg).
+
+`ShapesBench` binds an experiment to the shapes model and a prompt set, on top of the
+shared shapes bench parts (`flowkit.bench.shapes_world`): sample i of every arm uses prompt
+i (cycling) and seed `seed_for(bench.seed, i)`, so arms differ only in their guidance;
+each record holds the caption metrics, the pre-clamp saturation statistics, the NFE and
+the classifier features of the image and of a fresh render of its caption (FSD). Full
+runs use the shipped shapes model (`bench_model`); --quick runs always use the tiny
+random model, so that they prove the code in about a minute. The features stay in the
+cache and are left out of the written JSON.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from flowkit.bench.core import BenchRun, Row, column
+from flowkit.bench.shapes_world import bench_model, fsd_statistic, metric_columns, shapes_arm
+from flowkit.bench.verdict import Claim
+
+__all__ = ["ShapesBench", "prompt_items", "cosine_recorder", "ag_nfe", "calibrate_gamma", "SAMPLER"]
+
+SAMPLER = "euler"
+VERSION = 1
+
+
+def prompt_items(*names: str) -> list[tuple[str, Any]]:
+    """[(text, caption)] of the named `shapes_eval` prompt sets, concatenated."""
+    from flowkit.worlds.shapes_eval import prompt_set
+
+    return [item for name in names for item in prompt_set(name)]
+
+
+class ShapesBench:
+    """The shapes-world side of a guidance experiment (see the module docstring)."""
+
+    def __init__(self, bench: BenchRun, items: Sequence[tuple[str, Any]], *, steps: int = 30, quick_steps: int = 6):
+        import flowkit
+
+        self.bench = bench
+        self.items = list(items)
+        if bench.quick:
+            self.pipe, model = flowkit.load("tiny"), "tiny:0"
+            bench.info["model"] = "tiny (random weights: a quick run proves the code, not the claims)"
+        else:
+            self.pipe, model = bench_model(bench)
+        self.steps = quick_steps if bench.quick else steps
+        self.size = int(self.pipe.unet.config.sample_size)
+        self.base = {"model": model, "steps": self.steps, "sampler": SAMPLER, "size": self.size,
+                     "prompts": [t for t, _ in self.items], "version": VERSION}
+        bench.info.update({"steps": self.steps, "sampler": SAMPLER, "prompts": len(self.items)})
+
+    def run_fn(self, guidance: Any, seed: int | None = None):
+        """The chunk function of an arm with `guidance` (a spec or a list of modules)."""
+        return shapes_arm(self.pipe, self.items, seed=self.bench.seed if seed is None else seed, sampler=SAMPLER,
+                          guidance=guidance, steps=self.steps, size=self.size)
+
+    def arm(self, name: str, guidance: str, n: int, *, label: str | None = None) -> list[dict[str, Any]]:
+        """The cached per-sample records of the guidance spec `guidance` on samples 0..n-1
+        (`label`: what identifies the guidance in the cache key, when the spec holds a path)."""
+        results = self.bench.arm(name, {**self.base, "guidance": label or guidance}, self.run_fn(guidance), n=n)
+        self.bench.samples[name] = [{k: v for k, v in r.items() if "features" not in k} for r in results]
+        return results
+
+    # -- rows -------------------------------------------------------------------------------
+    def fsd_row(self, method: str, treatment: list[dict], baseline: list[dict], claim: Claim,
+                baseline_name: str) -> Row:
+        """FSD(treatment) vs FSD(baseline), each against the renders of the same captions."""
+        return self.bench.compare_set(method, "FSD", claim=claim, statistic=fsd_statistic(treatment, baseline),
+                                      n=len(treatment), baseline_name=baseline_name,
+                                      notes="Frechet distance to renders of the same captions")
+
+    def rate_row(self, method: str, metric: str, key: str, treatment: list[dict], baseline: list[dict],
+                 claim: Claim, baseline_name: str) -> Row:
+        """A paired row of a per-sample caption metric, in percent (differences in points)."""
+        return self.bench.compare(method, metric, claim=claim, treatment=metric_columns(treatment, key),
+                                  baseline=metric_columns(baseline, key), baseline_name=baseline_name, units="%",
+                                  per_sample={"prompt": [r["prompt"] for r in treatment],
+                                              "seed": [r["seed"] for r in treatment]})
+
+    def value_row(self, method: str, metric: str, key: str, treatment: list[dict], baseline: list[dict],
+                  claim: Claim, baseline_name: str) -> Row | None:
+        """A paired row of a per-sample value over the pairs where both are finite (None if none)."""
+        t, b = column(treatment, key), column(baseline, key)
+        ok = np.isfinite(t) & np.isfinite(b)
+        if not ok.any():
+            return None
+        dropped = int((~ok).sum())
+        return self.bench.compare(method, metric, claim=claim, treatment=t[ok], baseline=b[ok],
+                                  baseline_name=baseline_name,
+                                  notes=f"{dropped} samples without coloured pixels left out" if dropped else "")
+
+    def nfe_row(self, method: str, treatment: list[dict], baseline: list[dict], claim: Claim,
+                baseline_name: str) -> Row:
+        return self.bench.compare(method, "NFE", claim=claim, treatment=column(treatment, "nfe"),
+                                  baseline=column(baseline, "nfe"), baseline_name=baseline_name)
+
+
+def cosine_recorder():
+    """A guidance module that records, per step, the x0-space cosine of cond and uncond
+    (Adaptive Guidance's statistic) under plain CFG; `.cosines` [N, S] after a run."""
+    from flowkit.guidance.adaptive import cosine
+    from flowkit.guidance.base import Guidance
+
+    class CosineRecorder(Guidance):
+        name = "cosine_recorder"
+        description = "records the x0 cosine of cond and uncond per step"
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.rows: list[torch.Tensor] = []
+
+        def after_step(self, ctx, x, pred) -> None:
+            preds = ctx.extras["branch_predictions"]
+            self.rows.append(cosine(preds["cond"].x0, preds["uncond"].x0).cpu())
+
+        @property
+        def cosines(self) -> np.ndarray:
+            return torch.stack(self.rows, dim=1).numpy()
+
+    return CosineRecorder()
+
+
+def ag_nfe(cosines: np.ndarray, gamma: float, min_guided_steps: int) -> np.ndarray:
+    """Per-sample NFE of Adaptive Guidance with threshold gamma, from CFG's cosines [N, S]:
+    AG follows CFG exactly until it fires, after the first step k (0-based) with k + 1 >=
+    min_guided_steps and cosine > gamma, so its NFE is S + k + 1 (2 S if it never fires)."""
+    N, S = cosines.shape
+    k = np.arange(S)
+    fire = (cosines > gamma) & (k + 1 >= max(min_guided_steps, 1))
+    first = np.where(fire.any(axis=1), fire.argmax(axis=1), S - 1)
+    return np.where(fire.any(axis=1), S + first + 1, 2 * S)
+
+
+def calibrate_gamma(cosines: np.ndarray, saving: float, min_guided_steps: int) -> float:
+    """The largest gamma whose mean AG NFE saves at least `saving` (a fraction) of CFG's 2 S
+    on the calibration cosines (gamma = -1 when no threshold saves that much)."""
+    S = cosines.shape[1]
+    target = (1.0 - saving) * 2 * S
+    for value in np.unique(cosines)[::-1]:
+        g = float(np.nextafter(value, -np.inf))  # fires on cosines >= this observed value
+        if ag_nfe(cosines, g, min_guided_steps).mean() <= target:
+            return g
+    return -1.0
