@@ -1,0 +1,270 @@
+"""`run_batch`: one rank's part of a batch run, from the prompt file to the merged manifest.
+
+Order of work (every rank runs the same code; rank 0 alone touches shared files):
+
+1. read the prompt file (bad lines: stop, or skip with a warning naming the line),
+   check that DIR is writable, load the model, check the sizes, and (when resuming)
+   refuse a DIR whose run.json holds other settings unless --force; all before any image;
+2. rank 0: delete stale temporary files, fold parts left by a killed run into the
+   manifest, keep only records whose image verifies (sha256) and whose job is unchanged,
+   write run.json; then every rank waits for it;
+3. every rank reads the manifest, plans the pending jobs into micro-batches (the same plan
+   on every rank) and samples its shard, writing each image atomically and appending its
+   records to its own manifest part;
+4. all ranks wait; rank 0 merges the parts and returns the summary.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, Callable
+
+from flowkit.batch import manifest as mf
+from flowkit.batch.dist import Processes, processes
+from flowkit.batch.files import check_writable, lock_folder, remove_stale_temporaries, write_png
+from flowkit.batch.microbatch import MicroBatcher, Sampled
+from flowkit.batch.plan import Defaults, Job, plan, resolve, shard
+from flowkit.batch.prompts import LineError, PromptFile, read_prompt_file
+from flowkit.errors import FlowkitError, InputError
+
+__all__ = ["BatchConfig", "Summary", "run_batch"]
+
+
+@dataclass(frozen=True)
+class BatchConfig:
+    """`flowkit batch`'s options, checked (specs in canonical text)."""
+
+    prompts: Path
+    out: Path
+    model: str
+    model_given: bool
+    sampler: str
+    guidance: str | None
+    steps: int
+    seed: int
+    negative_prompt: str | None
+    height: int | None
+    width: int | None
+    grid: str | None
+    batch_size: int
+    resume: bool
+    force: bool
+    on_error: str  # "stop" | "skip"
+    progress: bool
+
+
+@dataclass
+class Summary:
+    """What a run did (on rank 0; the counts cover every rank)."""
+
+    out: Path
+    model: str
+    world_size: int
+    items: int  # data lines in the prompt file
+    generated: list[int] = field(default_factory=list)  # indices sampled in this run
+    already_done: int = 0
+    errors: list[LineError] = field(default_factory=list)
+    per_rank: dict[int, int] = field(default_factory=dict)
+    seconds: float = 0.0
+    nfe: int = 0
+
+    @property
+    def images_per_second(self) -> float:
+        return len(self.generated) / self.seconds if self.seconds > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "out": str(self.out), "manifest": str(self.out / mf.MANIFEST), "model": self.model,
+            "world_size": self.world_size, "items": self.items, "generated": self.generated,
+            "images": len(self.generated), "already_done": self.already_done,
+            "errors": [{"line": e.line, "index": e.index, "message": e.message} for e in self.errors],
+            "per_rank": {str(k): v for k, v in sorted(self.per_rank.items())}, "seconds": round(self.seconds, 4),
+            "images_per_second": round(self.images_per_second, 4), "nfe": self.nfe,
+        }
+
+
+def _say(text: str) -> None:
+    print(f"flowkit batch: {text}", file=sys.stderr, flush=True)
+
+
+def _line_errors(errors: list[LineError], parsed: PromptFile, on_error: str, procs: Processes) -> None:
+    """Stop at the first bad line, or warn (rank 0) about each one skipped."""
+    if not errors:
+        return
+    if on_error == "stop":
+        e = errors[0]
+        more = f" ({len(errors) - 1} more bad lines)" if len(errors) > 1 else ""
+        raise InputError(f"{e.describe(parsed.name)}{more}: fix the line, or pass --on-error skip")
+    if procs.main:
+        for e in errors:
+            _say(f"warning: {e.describe(parsed.name)} (line skipped)")
+
+
+def _load(cfg: BatchConfig, procs: Processes) -> tuple[Any, str]:
+    from flowkit.cli import _load_model
+
+    pipe, model = _load_model(SimpleNamespace(model=cfg.model, model_given=cfg.model_given))
+    if procs.device.type != "cpu":
+        pipe.to(procs.device)
+    return pipe, model
+
+
+def _jobs(cfg: BatchConfig, parsed: PromptFile, pipe: Any, model: str) -> tuple[list[Job], list[LineError]]:
+    """The jobs of the valid items, and the items whose size the model refuses."""
+    from flowkit.adapters.base import adapt
+
+    adapter = adapt(pipe)
+    h, w = (cfg.height, cfg.width) if cfg.height is not None else adapter.default_size()
+    try:
+        adapter.latent_shape(h, w)
+    except FlowkitError as e:
+        raise InputError(f"--height/--width: {e}") from None
+    d = Defaults(model, cfg.sampler, cfg.guidance, cfg.steps, cfg.seed, cfg.negative_prompt, h, w, cfg.grid)
+    jobs, errors, checked = [], [], {}
+    for item in parsed.items:
+        job = resolve(item, d)
+        size = (job.height, job.width)
+        if size not in checked:
+            try:
+                adapter.latent_shape(*size)
+                checked[size] = None
+            except FlowkitError as e:
+                checked[size] = f"size: {e}"
+        if checked[size] is None:
+            jobs.append(job)
+        else:
+            errors.append(LineError(item.index, item.line, checked[size]))
+    return jobs, errors
+
+
+def _fingerprint(cfg: BatchConfig, parsed: PromptFile, model: str) -> dict[str, Any]:
+    """What the images depend on, besides the per-line columns (covered by the file's hash)."""
+    h, w = (cfg.height, cfg.width)
+    return {
+        "version": 1, "model": model, "prompts": {"file": cfg.prompts.name, "sha256": parsed.sha256},
+        "settings": {"sampler": cfg.sampler, "guidance": cfg.guidance, "steps": cfg.steps, "seed": cfg.seed,
+                     "negative_prompt": cfg.negative_prompt, "height": h, "width": w, "grid": cfg.grid},
+    }
+
+
+def _prepare(out: Path, jobs: list[Job], resume: bool) -> None:
+    """Rank 0: clean up after a killed run and keep only the verified, unchanged records."""
+    remove_stale_temporaries(out)
+    by_index = {j.index: j for j in jobs}
+    records = mf.merged_records(out) if resume else {}
+    keep = {i: r for i, r in records.items() if i in by_index and by_index[i].matches(r) and mf.verify(out, r)}
+    for i, r in records.items():
+        if i not in keep and isinstance(r.get("file"), str) and mf._IMAGE.match(r["file"]):
+            (out / r["file"]).unlink(missing_ok=True)  # a damaged or stale image
+    mf.write_manifest(out, keep)
+    for p in mf.part_paths(out):
+        p.unlink(missing_ok=True)
+
+
+def _per_line(error: FlowkitError) -> bool:
+    """Errors that belong to a micro-batch's lines (skippable), not to the whole run (a full disk)."""
+    from flowkit.errors import NonFiniteError, SpecError, UnsupportedError
+
+    return isinstance(error, (SpecError, UnsupportedError, NonFiniteError)) or "out of memory" in str(error)
+
+
+def _write(sampled: Sampled, out: Path, writer: mf.PartWriter, procs: Processes) -> None:
+    records = []
+    per_image = sampled.seconds / len(sampled.jobs)
+    for job, image, nfe in zip(sampled.jobs, sampled.images, sampled.nfe):
+        name = job.file_name()
+        sha, size = write_png(image, out / name)
+        records.append({**job.record(), "file": name, "sha256": sha, "bytes": size, "seconds": round(per_image, 6),
+                        "nfe": nfe, "rank": procs.rank, "world_size": procs.world_size,
+                        "batch_size": len(sampled.jobs)})
+    writer.append(records)
+
+
+def _progress(total: int, procs: Processes, enabled: bool) -> Any:
+    from tqdm.auto import tqdm
+
+    desc = f"rank 0 of {procs.world_size}" if procs.world_size > 1 else "batch"
+    return tqdm(total=total, unit="img", desc=desc, disable=not (enabled and procs.main), file=sys.stderr,
+                dynamic_ncols=True, smoothing=0.1)
+
+
+def run_batch(cfg: BatchConfig, *, pipe: Any = None, say: Callable[[str], None] = _say) -> Summary | None:
+    """Run this process's part of the batch job; the summary on rank 0, None on the others.
+
+    pipe: an already loaded pipeline to use, recorded as model `cfg.model` (default: load it).
+    """
+    procs = processes()
+    parsed = read_prompt_file(cfg.prompts)
+    _line_errors(parsed.errors, parsed, cfg.on_error, procs)
+    check_writable(cfg.out)
+    pipe, model = _load(cfg, procs) if pipe is None else (pipe, cfg.model)
+    jobs, size_errors = _jobs(cfg, parsed, pipe, model)
+    _line_errors(size_errors, parsed, cfg.on_error, procs)
+    fingerprint = _fingerprint(cfg, parsed, model)
+    if cfg.resume:
+        mf.check_fingerprint(cfg.out, fingerprint, cfg.force)
+
+    lock = lock_folder(cfg.out) if procs.main else None  # one run per folder at a time
+    try:
+        return _run(cfg, procs, parsed, pipe, model, jobs, size_errors, fingerprint, say)
+    finally:
+        if lock is not None:
+            lock.close()
+
+
+def _sample_shard(cfg: BatchConfig, procs: Processes, parsed: PromptFile, pipe: Any, mine: list[list[Job]],
+                  say: Callable[[str], None]) -> list[LineError]:
+    """Sample this rank's micro-batches, recording each in its manifest part; the lines skipped."""
+    writer = mf.PartWriter(mf.part_path(cfg.out, procs.rank))
+    batcher = MicroBatcher(pipe, warn=lambda text: say(f"rank {procs.rank}: {text}"))
+    failed: list[LineError] = []
+    with _progress(sum(len(c) for c in mine), procs, cfg.progress) as bar:
+        for chunk in mine:
+            try:
+                for sampled in batcher.run(chunk):
+                    _write(sampled, cfg.out, writer, procs)
+                    bar.update(len(sampled.jobs))
+            except FlowkitError as e:  # a line's settings refused at run time, non-finite values, ...
+                if cfg.on_error == "stop" or not _per_line(e):
+                    raise
+                lines = ", ".join(str(j.line) for j in chunk)
+                say(f"rank {procs.rank}: warning: {parsed.name}: lines {lines}: {e} (skipped)")
+                failed += [LineError(j.index, j.line, str(e)) for j in chunk if j.index not in writer.indices]
+    return failed
+
+
+def _run(cfg: BatchConfig, procs: Processes, parsed: PromptFile, pipe: Any, model: str, jobs: list[Job],
+         size_errors: list[LineError], fingerprint: dict[str, Any], say: Callable[[str], None]) -> Summary | None:
+    if procs.main:
+        _prepare(cfg.out, jobs, cfg.resume)
+        mf.write_fingerprint(cfg.out, fingerprint)
+    procs.barrier()
+
+    done = {r["index"] for r in mf.read_records(cfg.out / mf.MANIFEST)}
+    pending = [j for j in jobs if j.index not in done]
+    chunks = plan(pending, cfg.batch_size)
+    mine = shard(chunks, procs.rank, procs.world_size)
+    count = sum(len(c) for c in mine)
+    say(f"rank {procs.rank} of world size {procs.world_size} on {procs.device}: {count} images in {len(mine)} "
+        f"micro-batches ({len(pending)} pending of {len(jobs)}, {len(done)} already done)")
+
+    t0 = time.perf_counter()
+    failed = _sample_shard(cfg, procs, parsed, pipe, mine, say)
+    procs.barrier()
+    seconds = time.perf_counter() - t0
+    if not procs.main:
+        return None
+    this_run = [r for p in mf.part_paths(cfg.out) for r in mf.read_records(p)]
+    mf.merge_parts(cfg.out)
+    return Summary(
+        out=cfg.out, model=model, world_size=procs.world_size, items=parsed.count,
+        generated=sorted(r["index"] for r in this_run), already_done=len(done),
+        errors=sorted(parsed.errors + size_errors + failed, key=lambda e: e.line),
+        per_rank=dict(Counter(r["rank"] for r in this_run)), seconds=seconds,
+        nfe=sum(int(r.get("nfe", 0)) for r in this_run),
+    )

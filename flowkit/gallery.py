@@ -1,0 +1,294 @@
+"""`flowkit gallery`: each bench method's pictures beside its baseline's, with an index page.
+
+An experiment records what to draw, not the pictures (results JSON stays small, and the
+pictures can be redrawn at any size of the gallery):
+
+    from flowkit.gallery import show
+    show(bench, "APG", {"guidance": "apg:scale=7"}, baseline="CFG",
+         baseline_settings={"guidance": "cfg:scale=7"}, prompts=["three red circles"], model="shapes")
+
+appends an entry to ``bench.info["gallery"]``, written with the experiment's results to
+docs/results/NAME.json. `build_gallery` reads every results file, loads each entry's model
+and samples a grid per arm: for prompt p and column j, image ``p * columns + j`` of one
+`flowkit.sample` call with the entry's seed, so the method and its baseline start from the
+same noise and differ only by the method. It writes one strip per prompt and arm under
+``gallery/EXPERIMENT/METHOD/`` and the index pages ``gallery/index.md`` and
+``gallery/index.html`` (static, relative links: open it from disk).
+"""
+
+from __future__ import annotations
+
+import argparse
+import html
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+from flowkit.errors import FlowkitError, InputError, WeightsError
+
+__all__ = ["show", "SETTINGS", "GalleryEntry", "read_entries", "build_gallery", "add_parser", "cmd_gallery"]
+
+SETTINGS = ("sampler", "guidance", "steps", "height", "width", "grid", "negative_prompt")
+DISPLAY_PX = 96  # strips are upscaled (nearest) so that small images are at least this wide
+
+
+def _check_settings(settings: Mapping[str, Any], what: str) -> dict[str, Any]:
+    if not isinstance(settings, Mapping):
+        raise InputError(f"{what} must be a dict of flowkit.sample options, got {type(settings).__name__}")
+    unknown = sorted(set(settings) - set(SETTINGS))
+    if unknown:
+        raise InputError(f"{what}: unknown option(s) {', '.join(unknown)}; use {', '.join(SETTINGS)}")
+    return dict(settings)
+
+
+def show(bench: Any, method: str, settings: Mapping[str, Any], *, baseline: str,
+         baseline_settings: Mapping[str, Any], prompts: Sequence[str], model: str = "shapes", columns: int = 4,
+         seed: int | None = None) -> dict[str, Any]:
+    """Record a gallery entry in `bench.info["gallery"]`: `method` beside `baseline`.
+
+    settings / baseline_settings: `flowkit.sample` options (spec strings, steps, size, ...).
+    prompts: one strip of `columns` images per prompt and arm; seed: default the bench's.
+    """
+    if not prompts or not all(isinstance(p, str) for p in prompts):
+        raise InputError("show() needs a list of prompt strings")
+    if not isinstance(columns, int) or not 1 <= columns <= 16:
+        raise InputError(f"columns must be an integer from 1 to 16, got {columns!r}")
+    entry = {
+        "method": str(method), "baseline": str(baseline), "model": str(model), "prompts": list(prompts),
+        "columns": columns, "seed": int(bench.seed if seed is None else seed),
+        "settings": _check_settings(settings, "settings"),
+        "baseline_settings": _check_settings(baseline_settings, "baseline_settings"),
+    }
+    bench.info.setdefault("gallery", []).append(entry)
+    return entry
+
+
+@dataclass(frozen=True)
+class GalleryEntry:
+    experiment: str
+    description: str
+    source: str  # the results file name
+    entry: dict[str, Any]
+    verdicts: tuple[str, ...]  # "metric: verdict (estimate [low, high])" of the method's rows
+
+    @property
+    def folder(self) -> str:
+        return f"{_slug(self.experiment)}/{_slug(self.entry['method'])}"
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "x"
+
+
+def _verdicts(rows: Sequence[Mapping[str, Any]], method: str) -> tuple[str, ...]:
+    out = []
+    for r in rows:
+        if r.get("method") == method:
+            units = r.get("units") or ""
+            out.append(f"{r.get('metric')}: {r.get('verdict')} ({r.get('estimate', 0):.4g}{units} "
+                       f"[{r.get('low', 0):.4g}, {r.get('high', 0):.4g}] vs {r.get('baseline') or 'target'})")
+    return tuple(out)
+
+
+def read_entries(results: Path, *, quick: bool = False) -> list[GalleryEntry]:
+    """Gallery entries of every NAME.json in `results` (and NAME.quick.json where no NAME.json
+    exists, if `quick`), in experiment order."""
+    if not results.is_dir():
+        raise InputError(f"--results: no folder {str(results)!r}; run `flowkit bench NAME` first")
+    chosen: dict[str, Path] = {}
+    for path in sorted(results.glob("*.json")):
+        is_quick = path.name.endswith(".quick.json")
+        name = path.name[: -len(".quick.json")] if is_quick else path.stem
+        if is_quick and (not quick or (results / f"{name}.json").exists()):
+            continue
+        chosen[name] = path
+    entries = []
+    for name, path in sorted(chosen.items()):
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise InputError(f"cannot read bench results {str(path)!r}: {e}") from None
+        for k, entry in enumerate((data.get("info") or {}).get("gallery") or []):
+            try:
+                _check_entry(entry)
+            except InputError as e:
+                raise InputError(f"{path}: gallery entry {k}: {e}") from None
+            entries.append(GalleryEntry(data.get("experiment", name), data.get("description", ""), path.name,
+                                        entry, _verdicts(data.get("rows") or [], entry["method"])))
+    return entries
+
+
+def _check_entry(entry: Any) -> None:
+    need = ("method", "baseline", "model", "prompts", "columns", "seed", "settings", "baseline_settings")
+    if not isinstance(entry, dict) or any(k not in entry for k in need):
+        raise InputError(f"expected an object with {', '.join(need)} (written by flowkit.gallery.show)")
+    _check_settings(entry["settings"], "settings")
+    _check_settings(entry["baseline_settings"], "baseline_settings")
+
+
+# --------------------------------------------------------------------------- drawing
+
+
+def _strip(images: Sequence[Any]) -> Any:
+    """Images side by side, upscaled (nearest) to at least DISPLAY_PX wide, 2 px apart."""
+    from PIL import Image
+
+    w, h = images[0].size
+    scale = max(1, -(-DISPLAY_PX // w))
+    pad = 2
+    strip = Image.new("RGB", (len(images) * (w * scale + pad) - pad, h * scale), (255, 255, 255))
+    for k, im in enumerate(images):
+        strip.paste(im.convert("RGB").resize((w * scale, h * scale), Image.NEAREST), (k * (w * scale + pad), 0))
+    return strip
+
+
+def _arm_images(pipe: Any, entry: Mapping[str, Any], settings: Mapping[str, Any]) -> list[list[Any]]:
+    """[prompt][column] images of one arm; image p * columns + j is seeded seed_for(seed, p * columns + j)."""
+    from flowkit.api import sample
+
+    cols = entry["columns"]
+    out = sample(pipe, entry["prompts"], seed=entry["seed"], num_images_per_prompt=cols, **settings)
+    return [out.images[p * cols:(p + 1) * cols] for p in range(len(entry["prompts"]))]
+
+
+def _draw(entry: GalleryEntry, pipe: Any, out: Path) -> list[dict[str, Any]]:
+    """Write the entry's strips; one row per prompt: {prompt, baseline, method} (relative paths)."""
+    from flowkit.batch.files import write_png
+
+    folder = out / entry.folder
+    folder.mkdir(parents=True, exist_ok=True)
+    e = entry.entry
+    try:
+        arms = {"baseline": _arm_images(pipe, e, e["baseline_settings"]), "method": _arm_images(pipe, e, e["settings"])}
+    except FlowkitError as err:
+        raise type(err)(f"{entry.source}: {e['method']}: {err}") from None
+    rows = []
+    for p, prompt in enumerate(e["prompts"]):
+        row = {"prompt": prompt}
+        for arm, grid in arms.items():
+            name = f"{arm}-{p:02d}.png"
+            write_png(_strip(grid[p]), folder / name)
+            row[arm] = f"{entry.folder}/{name}"
+        rows.append(row)
+    return rows
+
+
+def _settings_text(settings: Mapping[str, Any]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in settings.items()) or "defaults"
+
+
+def _markdown(sections: list[tuple[GalleryEntry, str, list[dict[str, Any]]]], source: str) -> str:
+    lines = ["# flowkit gallery", "",
+             f"Built by `flowkit gallery` from the bench results in `{source}`. Each row is one prompt; "
+             "the baseline's images and the method's start from the same noise (same seeds), so they "
+             "differ only by the method.", ""]
+    experiment = None
+    for entry, model, rows in sections:
+        e = entry.entry
+        if entry.experiment != experiment:
+            experiment = entry.experiment
+            lines += [f"## {experiment}", "", entry.description, "", f"Results: `{entry.source}`.", ""]
+        lines += [f"### {e['method']} vs {e['baseline']}", "",
+                  f"Model `{model}`, seed {e['seed']}, {e['columns']} seeds per prompt. "
+                  f"{e['method']}: `{_settings_text(e['settings'])}`; "
+                  f"{e['baseline']}: `{_settings_text(e['baseline_settings'])}`.", ""]
+        lines += [f"- {v}" for v in entry.verdicts] + ([""] if entry.verdicts else [])
+        lines += [f"| prompt | {_md(e['baseline'])} | {_md(e['method'])} |", "|---|---|---|"]
+        for r in rows:
+            lines.append(f"| {_md(r['prompt'])} | ![{_md(e['baseline'])}]({r['baseline']}) | "
+                         f"![{_md(e['method'])}]({r['method']}) |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _md(text: str) -> str:
+    return html.escape(str(text), quote=False).replace("|", "\\|").replace("\n", " ")
+
+
+def _html(sections: list[tuple[GalleryEntry, str, list[dict[str, Any]]]], source: str) -> str:
+    esc = html.escape
+    parts = ["<!doctype html>", "<html lang=\"en\"><head><meta charset=\"utf-8\"><title>flowkit gallery</title>",
+             "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
+             "td,th{border:1px solid #ccc;padding:4px;vertical-align:middle}img{image-rendering:pixelated}"
+             "</style></head><body>", "<h1>flowkit gallery</h1>",
+             f"<p>Built by <code>flowkit gallery</code> from the bench results in <code>{esc(source)}</code>. "
+             "Each row is one prompt; the baseline's images and the method's start from the same noise.</p>"]
+    experiment = None
+    for entry, model, rows in sections:
+        e = entry.entry
+        if entry.experiment != experiment:
+            experiment = entry.experiment
+            parts.append(f"<h2>{esc(experiment)}</h2><p>{esc(entry.description)}</p>")
+        parts.append(f"<h3>{esc(e['method'])} vs {esc(e['baseline'])}</h3>")
+        parts.append(f"<p>Model <code>{esc(model)}</code>, seed {int(e['seed'])}, {int(e['columns'])} seeds per "
+                     f"prompt. {esc(e['method'])}: <code>{esc(_settings_text(e['settings']))}</code>; "
+                     f"{esc(e['baseline'])}: <code>{esc(_settings_text(e['baseline_settings']))}</code>.</p>")
+        if entry.verdicts:
+            parts.append("<ul>" + "".join(f"<li>{esc(v)}</li>" for v in entry.verdicts) + "</ul>")
+        parts.append(f"<table><tr><th>prompt</th><th>{esc(e['baseline'])}</th><th>{esc(e['method'])}</th></tr>")
+        for r in rows:
+            parts.append(f"<tr><td>{esc(r['prompt'])}</td>"
+                         f"<td><img src=\"{esc(r['baseline'])}\" alt=\"{esc(e['baseline'])}\"></td>"
+                         f"<td><img src=\"{esc(r['method'])}\" alt=\"{esc(e['method'])}\"></td></tr>")
+        parts.append("</table>")
+    parts.append("</body></html>")
+    return "\n".join(parts) + "\n"
+
+
+def build_gallery(results: str | Path = "docs/results", out: str | Path = "gallery", *, model: str | None = None,
+                  quick: bool = False, load: Callable[[str], Any] | None = None) -> Path:
+    """Draw every gallery entry of the results in `results` into `out`; returns index.md's path.
+
+    model: use this model for every entry instead of the one it names (e.g. "tiny").
+    """
+    from flowkit.batch.files import check_writable, write_atomic
+
+    results, out = Path(results), Path(out)
+    entries = read_entries(results, quick=quick)
+    if not entries:
+        raise InputError(f"no gallery entries in {results}/*.json: an experiment records them with "
+                         "flowkit.gallery.show(bench, ...)" + ("" if quick else "; --quick reads quick results too"))
+    check_writable(out)
+    if load is None:
+        from flowkit.loading import load
+    pipes: dict[str, Any] = {}
+    sections = []
+    for entry in entries:
+        name = model or entry.entry["model"]
+        if name not in pipes:
+            try:
+                pipes[name] = load(name)
+            except WeightsError as e:
+                raise WeightsError(f"{e} (to try the gallery with the untrained model, pass --model tiny)") from None
+        sections.append((entry, name, _draw(entry, pipes[name], out)))
+    write_atomic(out / "index.md", _markdown(sections, str(results)).encode("utf-8"))
+    write_atomic(out / "index.html", _html(sections, str(results)).encode("utf-8"))
+    return out / "index.md"
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add `gallery` to the `flowkit` subcommands."""
+    g = sub.add_parser("gallery", help="draw the bench methods beside their baselines into gallery/",
+                       description="Redraw each bench method's pictures beside its baseline's (entries recorded "
+                                   "by the experiments in their results JSON) and write index.md and index.html.")
+    g.add_argument("--results", default="docs/results", metavar="DIR", help="bench results (default docs/results)")
+    g.add_argument("--out", default="gallery", metavar="DIR", help="output folder (default gallery)")
+    g.add_argument("--model", default=None, help="draw every entry with this model instead of the one it names")
+    g.add_argument("--quick", action="store_true", help="also read NAME.quick.json where no NAME.json exists")
+    g.set_defaults(func=cmd_gallery)
+    return g
+
+
+def cmd_gallery(args: argparse.Namespace) -> int:
+    if args.model is not None:
+        from flowkit.cli import _check_model
+
+        _check_model(args.model)
+    index = build_gallery(args.results, args.out, model=args.model, quick=args.quick)
+    print(f"wrote {index} and {index.with_suffix('.html')}")
+    return 0

@@ -1,0 +1,117 @@
+"""`flowkit gallery` from bench results, drawn with the tiny model."""
+
+from __future__ import annotations
+
+import html.parser
+import re
+from pathlib import Path
+from unittest import mock
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import flowkit
+import flowkit.loading
+from flowkit.bench import BenchResult, BenchRun, Claim, ResultCache
+from flowkit.bench.cache import write_json_atomic
+from flowkit.cli import main
+from flowkit.errors import InputError
+from flowkit.gallery import build_gallery, show
+
+_real_load = flowkit.loading.load
+PROMPTS = ["two blue squares", "a <b>red</b> circle | left"]
+BASE = {"guidance": "none", "steps": 2, "height": 16, "width": 16}
+METHOD = {"guidance": "cfg:scale=6", "steps": 2, "height": 16, "width": 16}
+
+
+@pytest.fixture(scope="module")
+def loads():
+    cache: dict[str, object] = {}
+
+    def load(name, **kwargs):
+        if name not in cache:
+            cache[name] = _real_load(name, **kwargs)
+        return cache[name]
+
+    with mock.patch("flowkit.loading.load", side_effect=load) as patched:
+        yield patched
+
+
+def write_results(folder: Path, name: str = "demo", quick: bool = False) -> None:
+    """A bench result as an experiment writes it: one compared row and one gallery entry."""
+    bench = BenchRun(name, quick=quick, seed=11, cache=ResultCache(folder / "cache"), n_boot=200)
+    show(bench, "CFG x6", METHOD, baseline="no guidance", baseline_settings=BASE, prompts=PROMPTS, columns=2)
+    bench.compare("CFG x6", "accuracy", claim=Claim("higher"), treatment=[1.0, 0.9, 1.0, 0.8],
+                  baseline=[0.5, 0.6, 0.4, 0.5], baseline_name="no guidance")
+    result = BenchResult(name, "a demo experiment", quick, bench.seed, bench.rows, bench.info, bench.samples, {},
+                         "2026-01-01", 1.0)
+    write_json_atomic(folder / (f"{name}.quick.json" if quick else f"{name}.json"), result.to_dict(), indent=1)
+
+
+def tile(strip: Path, k: int, size: int = 16) -> np.ndarray:
+    """Image k of a strip, scaled back down (the strip upscales by nearest neighbour)."""
+    arr = np.asarray(Image.open(strip).convert("RGB"))
+    scale = arr.shape[0] // size
+    x0 = k * (size * scale + 2)
+    return arr[::scale, x0:x0 + size * scale:scale]
+
+
+class _Links(html.parser.HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.images: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "img":
+            self.images.append(dict(attrs)["src"])
+
+
+def test_gallery_draws_each_method_beside_its_baseline_with_shared_seeds(loads, tmp_path):
+    results, out = tmp_path / "results", tmp_path / "gallery"
+    results.mkdir()
+    write_results(results)
+    index = build_gallery(results, out, model="tiny")
+    md = index.read_text()
+    links = re.findall(r"\]\(([^)]+\.png)\)", md)
+    assert len(links) == 4 and all((out / link).is_file() for link in links)
+    assert "## demo" in md and "### CFG x6 vs no guidance" in md and "accuracy: met" in md
+    assert "a &lt;b&gt;red&lt;/b&gt; circle \\| left" in md  # escaped: no HTML, no broken table
+    page = _Links()
+    page.feed((out / "index.html").read_text())
+    assert sorted(page.images) == sorted(links)
+
+    pipe = loads("tiny")
+    for arm, settings in (("baseline", BASE), ("method", METHOD)):
+        ref = flowkit.sample(pipe, PROMPTS, seed=11, num_images_per_prompt=2, **settings).images
+        for p in range(2):
+            strip = out / "demo" / "cfg-x6" / f"{arm}-{p:02d}.png"
+            for k in range(2):
+                assert np.array_equal(tile(strip, k), np.asarray(ref[p * 2 + k])), (arm, p, k)
+    base, method = (tile(out / "demo" / "cfg-x6" / f"{a}-00.png", 0).astype(int) for a in ("baseline", "method"))
+    assert np.abs(base - method).max() > 0  # the method changes the picture
+
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    build_gallery(results, out, model="tiny")
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before  # deterministic
+
+
+def test_gallery_command_reads_quick_results_only_when_asked(loads, tmp_path, capsys):
+    results, out = tmp_path / "results", tmp_path / "gallery"
+    results.mkdir()
+    write_results(results, "quickdemo", quick=True)
+    assert main(["gallery", "--results", str(results), "--out", str(out), "--model", "tiny"]) == 2
+    assert "no gallery entries" in capsys.readouterr().err
+    assert main(["gallery", "--results", str(results), "--out", str(out), "--model", "tiny", "--quick"]) == 0
+    assert "wrote" in capsys.readouterr().out and (out / "quickdemo" / "cfg-x6" / "method-01.png").is_file()
+    assert main(["gallery", "--results", str(tmp_path / "nothing"), "--model", "tiny"]) == 2
+    assert "run `flowkit bench NAME` first" in capsys.readouterr().err
+
+
+def test_show_checks_its_settings():
+    bench = BenchRun("x", cache=ResultCache("/nonexistent"))
+    with pytest.raises(InputError, match="unknown option.*guidence"):
+        show(bench, "m", {"guidence": "cfg"}, baseline="b", baseline_settings={}, prompts=["a"])
+    with pytest.raises(InputError, match="prompt strings"):
+        show(bench, "m", {}, baseline="b", baseline_settings={}, prompts=[])
+    assert "gallery" not in bench.info
