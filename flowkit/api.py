@@ -68,13 +68,14 @@ def sample(
     pipe: Any,
     prompts: str | Sequence[str],
     *,
-    sampler: str | Sampler = "euler",
+    sampler: str | Sampler | None = None,
     steps: int = 30,
     guidance: Any = None,
     seed: int = 0,
     negative_prompt: str | Sequence[str] | None = None,
     height: int | None = None,
     width: int | None = None,
+    length: int | None = None,
     grid: str | TimeGrid | None = None,
     num_images_per_prompt: int = 1,
     generators: Sequence[torch.Generator] | None = None,
@@ -84,13 +85,21 @@ def sample(
     progress: bool = False,
     grad: bool = False,
     check_every: int = 4,
+    attention: str | None = None,
 ) -> SampleOutput:
     """Sample images for `prompts` with a registered sampler and a guidance stack.
 
     Image i (prompt-major, then images per prompt) is seeded with `seed_for(seed,
     start_index + i)` on its own CPU generator unless `generators` (one per image) is given.
+    `sampler=None` takes the model's default (euler for image models); `length` is the
+    sequence length of a sequence model (the same as height=1, width=length).
+    `attention`: the attention kernel of this run (see flowkit.attention; None: the active one).
     """
     adapter = adapt(pipe)
+    if attention is not None:
+        from flowkit.attention import check_kernel
+
+        check_kernel(attention)
     prompt_list = [prompts] if isinstance(prompts, str) else list(prompts)
     if not prompt_list or not all(isinstance(p, str) for p in prompt_list):
         raise InputError("give at least one prompt, as a string or a list of strings")
@@ -119,11 +128,15 @@ def sample(
         seeds = [seed_for(seed, start_index + i) for i in range(n)]
         generators = generators_for(seed, range(start_index, start_index + n))
 
+    if length is not None:
+        if height is not None or width is not None:
+            raise InputError("give length (sequence models) or height and width, not both")
+        height, width = 1, length
     h, w = adapter.default_size() if height is None and width is None else (height, width)
     if h is None or w is None:
         raise InputError("give both height and width, or neither")
     shape = adapter.latent_shape(h, w)
-    smp = build_sampler(sampler)
+    smp = build_sampler(sampler if sampler is not None else getattr(adapter, "default_sampler", "euler"))
     stack = build_guidance(guidance, adapter.default_guidance_scale)
     need_uncond = any(_wants_uncond(m) for m in stack)
     grad_ctx = contextlib.nullcontext() if grad else torch.no_grad()
@@ -133,7 +146,7 @@ def sample(
         x, stats, _ = run_adapter(adapter, conds, noise, sampler=smp, stack=stack, steps=steps,
                                grid=TimeGrid.parse(grid) if grid is not None else None, height=h, width=w,
                                generators=generators, callback=callback, check_every=check_every,
-                               progress=progress)
+                               progress=progress, attention=attention)
         images = adapter.decode(x, output_type)
     return SampleOutput(images=images, latents=x, stats=stats, seeds=seeds, prompts=prompt_list)
 
@@ -147,7 +160,7 @@ def run_adapter(adapter: Any, conds: dict, noise: Tensor, *, sampler: Sampler, s
                 grid: TimeGrid | None, height: int, width: int, generators: Sequence[torch.Generator],
                 callback: Callable | None = None, check_every: int = 4, progress: bool = False,
                 sigmas: Sequence[float] | None = None, mu: float | None = None,
-                step_generator: Any = None) -> tuple[Tensor, Stats, Context]:
+                step_generator: Any = None, attention: str | None = None) -> tuple[Tensor, Stats, Context]:
     """Sample from unit `noise` [B, *latent] with an adapter's denoiser; the loop both surfaces share.
 
     The grid is the sampler's own, else `grid`, else the adapter's default. On the pipeline
@@ -155,7 +168,8 @@ def run_adapter(adapter: Any, conds: dict, noise: Tensor, *, sampler: Sampler, s
     network the scheduler's own timesteps, and carries the scheduler for sampler='pipeline'
     (which needs that grid). `sigmas` / `mu`: a pipeline call's own, passed to its scheduler;
     `step_generator`: what sampler='pipeline' hands a stochastic scheduler's step (a call's
-    generator or list of them; default: the first sample's generator).
+    generator or list of them; default: the first sample's generator); `attention`: the run's
+    attention kernel (None: the active one). The run's attention-map store is `ctx.attention`.
     Returns (final flow-frame state, stats, context).
     """
     from flowkit.errors import UnsupportedError
@@ -186,8 +200,13 @@ def run_adapter(adapter: Any, conds: dict, noise: Tensor, *, sampler: Sampler, s
     if reason:
         raise UnsupportedError(reason)
     den.pin_timesteps(plan.ts[:-1] if plan.timesteps is not None else None, plan.timesteps)
+    from flowkit.attention import session
+
     try:
-        x, stats = run(sampler, ctx, noise, plan.ts, callback=callback, check_every=check_every, progress=progress)
+        with session(getattr(den, "network", None), attention) as ctx.attention:
+            x, stats = run(sampler, ctx, noise, plan.ts, callback=callback, check_every=check_every,
+                           progress=progress)
+        stats.attention = dict(ctx.attention.counts)
     finally:
         den.pin_timesteps(None, None)
     return x, stats, ctx

@@ -1,4 +1,5 @@
-"""`flowkit`: the command line (`generate`, `list`, `bench`, `train`).
+"""`flowkit`: the command line (`generate`, `list`, `bench`, `train`; `batch` and `gallery` from
+flowkit.batch.command and flowkit.gallery; `tune` from flowkit.tune).
 
 One function per subcommand (`cmd_generate`, ...), all parsers built in `build_parser`.
 `generate` checks every option (specs, grid, numbers, model name, output path) in
@@ -45,11 +46,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="generate images from prompts",
                        description="Generate images from prompts and write them as PNG files.")
-    g.add_argument("prompts", nargs="+", metavar="PROMPT")
+    g.add_argument("prompts", nargs="*", metavar="PROMPT",
+                   help="prompts (image models), or classes (sequence models; '' is unconditional)")
+    g.add_argument("--class", dest="classes", action="append", default=[], metavar="CLASS",
+                   help="a class of a sequence model, by name or 0-based index (repeatable); e.g. --class promoter")
+    g.add_argument("--length", type=int, default=None, help="sequence length (sequence models)")
     g.add_argument("--model", default=None,
                    help=f"a built-in model (see `flowkit list models`) or a local diffusers folder "
                         f"(default {DEFAULT_MODEL}; '{FALLBACK_MODEL}' if its weights are not installed)")
-    g.add_argument("--sampler", default="euler", metavar="SPEC", help="sampler spec, e.g. heun or sde:c=0.5")
+    g.add_argument("--sampler", default=None, metavar="SPEC",
+                   help="sampler spec, e.g. heun or sde:c=0.5 (default: the model's, euler for image models)")
     g.add_argument("--guidance", default=None, metavar="SPEC",
                    help="guidance stack, e.g. cfg:scale=7, or none (default: CFG at the model's scale)")
     g.add_argument("--steps", type=int, default=30)
@@ -71,6 +77,16 @@ def build_parser() -> argparse.ArgumentParser:
     li.add_argument("--json", action="store_true")
     li.set_defaults(func=cmd_list)
 
+    from flowkit.batch.command import add_parser as add_batch_parser  # both cheap: no torch at import
+    from flowkit.gallery import add_parser as add_gallery_parser
+
+    add_batch_parser(sub)
+    add_gallery_parser(sub)
+
+    from flowkit.tune import add_parser as add_tune_parser  # cheap: no torch at import
+
+    add_tune_parser(sub)
+
     # Parsed by flowkit.bench.cli (main hands it the rest of the line); here for --help only.
     sub.add_parser("bench", help="run a bench experiment (flowkit bench --help)", add_help=False)
 
@@ -83,6 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--lr", type=float, default=None)
     t.add_argument("--threads", type=int, default=None, help="torch threads (0: torch's default)")
     t.add_argument("--no-resume", dest="resume", action="store_false", help="start again from step 0")
+    t.add_argument("--export-only", action="store_true",
+                   help="export the EMA weights of OUT/latest.pt to OUT/export without training")
     t.set_defaults(func=cmd_train)
     return p
 
@@ -139,6 +157,9 @@ class GenerateOptions:
     out_is_file: bool
     json: bool
     progress: bool
+    sequence: bool = False  # a sequence model: classes for prompts, FASTA out
+    length: int | None = None
+    out_given: bool = False
 
     @property
     def total(self) -> int:
@@ -172,25 +193,58 @@ def generate_options(args: argparse.Namespace) -> GenerateOptions:
         _check_int("--width", args.width, 1)
     model = args.model if args.model is not None else DEFAULT_MODEL
     _check_model(model)
-    sampler = _with_flag("--sampler", build_sampler, args.sampler)
+    sampler = None if args.sampler is None else _with_flag("--sampler", build_sampler, args.sampler)
     guidance = None if args.guidance is None else _with_flag("--guidance", build_guidance, args.guidance, 0.0)
     grid = None if args.grid is None else _with_flag("--grid", TimeGrid.parse, args.grid)
+    prompts, sequence = _sequence_prompts(args, model)
 
-    total = len(args.prompts) * args.num_images
+    total = len(prompts) * args.num_images
     out = Path(args.out if args.out is not None else DEFAULT_OUT)
-    out_is_file = out.suffix.lower() == ".png" and not out.is_dir()
-    if out_is_file and total != 1:
+    out_is_file = out.suffix.lower() in ((".fa", ".fasta", ".txt") if sequence else (".png",)) and not out.is_dir()
+    if sequence and args.out is not None and not out_is_file:
+        raise InputError(f"--out {str(out)!r}: sequence models write one FASTA file (.fa, .fasta or .txt); "
+                         "leave --out out to print to stdout")
+    if out_is_file and total != 1 and not sequence:
         raise InputError(f"--out {str(out)!r} names one file, but this command makes {total} images: "
                          "give a directory")
     if not out_is_file and out.exists() and not out.is_dir():
         raise InputError(f"--out {str(out)!r} is a file: give a directory, or a .png name for one image")
     progress = sys.stderr.isatty() if args.progress is None else args.progress
     return GenerateOptions(
-        prompts=list(args.prompts), model=model, model_given=args.model is not None, sampler=sampler,
+        prompts=prompts, model=model, model_given=args.model is not None, sampler=sampler,
         guidance=guidance, grid=grid, steps=args.steps, seed=args.seed, num_images=args.num_images,
         negative_prompt=args.negative_prompt, height=args.height, width=args.width, out=out,
-        out_is_file=out_is_file, json=args.json, progress=progress,
+        out_is_file=out_is_file, json=args.json, progress=progress, sequence=sequence, length=args.length,
+        out_given=args.out is not None,
     )
+
+
+def _sequence_prompts(args: argparse.Namespace, model: str) -> tuple[list[str], bool]:
+    """(prompts, whether the model makes sequences): --class values join the prompts, checked
+    against the dna world's classes; a sequence model with none samples unconditionally."""
+    from flowkit.loading import SEQUENCE_MODELS
+
+    sequence = model in SEQUENCE_MODELS
+    if not sequence:
+        for flag, given in (("--class", args.classes), ("--length", args.length is not None)):
+            if given:
+                raise InputError(f"{flag} is for sequence models ({', '.join(SEQUENCE_MODELS)}), not {model!r}")
+        if not args.prompts:
+            raise InputError("give at least one prompt")
+        return list(args.prompts), False
+    if args.height is not None:
+        raise InputError("sequence models take --length, not --height/--width")
+    prompts = list(args.prompts) + list(args.classes)
+    if model.startswith("dna"):
+        from flowkit.worlds.dna import CLASSES, check_length, parse_class
+
+        for p in prompts:
+            if p.strip():
+                _with_flag("--class", parse_class, p)
+        if args.length is not None:
+            _with_flag("--length", check_length, args.length)
+        prompts = [CLASSES[parse_class(p)] if p.strip() else "" for p in prompts]
+    return prompts or [""], True
 
 
 def _check_int(flag: str, value: int, minimum: int) -> None:
@@ -227,6 +281,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     import flowkit
 
     opts = generate_options(args)
+    if opts.sequence:
+        return _generate_sequences(opts)
     out_dir = opts.out.parent if opts.out_is_file else opts.out
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -259,6 +315,35 @@ def cmd_generate(args: argparse.Namespace) -> int:
     plural = "s" if len(files) != 1 else ""
     print(f"{len(files)} image{plural} in {stats.seconds:.2f} s, {per_image} NFE per image, "
           f"sampler {stats.sampler}, guidance {stats.guidance}")
+    return 0
+
+
+def _generate_sequences(opts: GenerateOptions) -> int:
+    """Sample a sequence model and print FASTA (or write it to --out): one record per sequence,
+    its header the index, class and seed."""
+    import flowkit
+    from flowkit.worlds.dna import format_fasta
+
+    pipe, model = _load_model(opts)
+    result = flowkit.sample(pipe, opts.prompts, sampler=opts.sampler, steps=opts.steps, guidance=opts.guidance,
+                            seed=opts.seed, negative_prompt=opts.negative_prompt, length=opts.length,
+                            grid=opts.grid, num_images_per_prompt=opts.num_images, progress=opts.progress)
+    seqs = [s if isinstance(s, str) else " ".join(map(str, s)) for s in result.images]
+    if opts.json:
+        print(json.dumps({"model": model, "sequences": seqs, "classes": result.prompts, "seeds": result.seeds,
+                          "steps": opts.steps, "sampler": result.stats.sampler, "guidance": result.stats.guidance,
+                          "stats": {"nfe": result.stats.nfe, "seconds": result.stats.seconds}}, indent=2))
+        return 0
+    text = format_fasta((f"{i} class={p or 'none'} seed={seed}", s)
+                        for i, (s, p, seed) in enumerate(zip(seqs, result.prompts, result.seeds)))
+    if opts.out_given:
+        try:
+            opts.out.write_text(text)
+        except OSError as e:
+            raise InputError(f"cannot write {str(opts.out)!r}: {e.strerror or e}") from None
+        print(f"{opts.out}  ({len(seqs)} sequences)")
+    else:
+        sys.stdout.write(text)
     return 0
 
 
@@ -358,6 +443,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     if "steps" in overrides and hasattr(task, "total_steps"):
         task.total_steps = cfg.steps  # the target's curriculum is laid out over the whole run
     out = Path(args.out if args.out is not None else Path("checkpoints") / args.target)
+    if args.export_only:
+        from flowkit.train.loop import export_checkpoint
+
+        export_checkpoint(task, out)
+        print(f"exported weights: {out / 'export'}")
+        return 0
     try:
         losses = train(task, cfg, out, resume=args.resume, progress=sys.stderr.isatty())
     except KeyboardInterrupt:

@@ -5,14 +5,20 @@
 
 from flowkit.registry import SAMPLERS
 from flowkit.sampler import Sampler
+from flowkit.samplers.boss import Boss
+from flowkit.samplers.bottleneck import Bottleneck
 from flowkit.samplers.ddim import DDIM
+from flowkit.samplers.dirichlet import DirichletEuler, DirichletOneStep
+from flowkit.samplers.discrete import DiscreteEuler
 from flowkit.samplers.euler import Euler
 from flowkit.samplers.heun import Heun
 from flowkit.samplers.midpoint import Midpoint
 from flowkit.samplers.pipeline import PipelineSampler
 from flowkit.samplers.sde import FlowSDE
+from flowkit.samplers.simplex_linear import SimplexLinear
 
-__all__ = ["Sampler", "Euler", "Heun", "Midpoint", "FlowSDE", "DDIM", "PipelineSampler", "available", "get"]
+__all__ = ["Sampler", "Boss", "Bottleneck", "Euler", "Heun", "Midpoint", "FlowSDE", "DDIM", "PipelineSampler", "DirichletEuler", "DirichletOneStep",
+           "DiscreteEuler", "SimplexLinear", "available", "get"]
 
 
 def available() -> dict[str, str]:

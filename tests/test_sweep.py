@@ -24,8 +24,22 @@ MODELS = {
     "sdxl-tiny": lambda: tiny_pipes.cached("sdxl"),
     "sd3-tiny": lambda: tiny_pipes.cached("sd3"),
     "flux-tiny": lambda: tiny_pipes.cached("flux"),
+    # tiny random sequence models (flowkit.seqmodels): the dna world on the Dirichlet path (with a
+    # noisy classifier), its distilled one-step form, and the toy simplex task on the other paths
+    "dna-tiny": lambda: tiny_seq("dna", None, classifier=True),
+    "dna-distilled-tiny": lambda: tiny_seq("dna", None, one_step=True),
+    "simplex-linear-tiny": lambda: tiny_seq("simplex", {"name": "simplex-linear", "num_categories": 8}),
+    "simplex-mask-tiny": lambda: tiny_seq("simplex", {"name": "mixture", "num_categories": 8, "source": "mask"}),
 }
+PROMPTS = {"dna-tiny": ["promoter", "enhancer"], "dna-distilled-tiny": ["silencer", "0"],
+           "simplex-linear-tiny": ["", ""], "simplex-mask-tiny": ["", ""]}
 _cache: dict = {}
+
+
+def tiny_seq(world, path, **kw):
+    from flowkit.seqmodels import tiny_pipeline
+
+    return tiny_pipeline(world, path, **kw)
 
 
 def _model(name):
@@ -52,7 +66,7 @@ def test_combination_runs_or_is_refused_as_listed(sampler, guidance, model):
     stack = _stack(guidance)
     smp = SAMPLERS.create(sampler)
     try:
-        out = flowkit.sample(pipe, ["a red circle", "two blue squares"], sampler=smp, guidance=stack,
+        out = flowkit.sample(pipe, PROMPTS.get(model, ["a red circle", "two blue squares"]), sampler=smp, guidance=stack,
                              steps=STEPS, seed=1, output_type="latent")
     except UnsupportedError as e:
         assert key in TABLE, f"{key} was refused but is not in the table: {e}"

@@ -30,11 +30,49 @@ def _counter() -> tuple[TrainTask, TrainConfig]:
                                       ckpt_every=250)
 
 
-# name -> factory of (task, default config); later issues add dna, simplex.
+def _dna() -> tuple[TrainTask, TrainConfig]:
+    from flowkit.train.dna import DnaTask
+
+    return DnaTask(), TrainConfig(steps=2500, batch_size=32, lr=2e-3, warmup=100, ema_decay=0.995, ckpt_every=250)
+
+
+def _dna_classifier() -> tuple[TrainTask, TrainConfig]:
+    from flowkit.train.dna import DnaClassifierTask
+
+    return DnaClassifierTask(), TrainConfig(steps=1500, batch_size=32, lr=2e-3, warmup=100, ema_decay=0.995,
+                                            ckpt_every=250)
+
+
+def _dna_distilled() -> tuple[TrainTask, TrainConfig]:
+    from flowkit.train.dna import DnaDistillTask
+
+    return DnaDistillTask(), TrainConfig(steps=2000, batch_size=32, lr=2e-3, warmup=100, ema_decay=0.995,
+                                         ckpt_every=250)
+
+
+def _simplex() -> tuple[TrainTask, TrainConfig]:
+    from flowkit.train.simplex import SimplexTask
+
+    return SimplexTask(num_categories=20, path="dirichlet"), TrainConfig(steps=2000, batch_size=128, lr=2e-3,
+                                                                          warmup=100, ema_decay=0.995, ckpt_every=250)
+
+
+def _boss() -> tuple[TrainTask, TrainConfig]:
+    from flowkit.train.boss import BossTask
+
+    return BossTask(), TrainConfig(steps=2000, batch_size=32, lr=2e-5, warmup=100, ema_decay=0.99, ckpt_every=250)
+
+
+# name -> factory of (task, default config)
 TARGETS: dict[str, Callable[[], tuple[TrainTask, TrainConfig]]] = {
     "shapes": _shapes,
     "classifier": _classifier,
     "counter": _counter,
+    "boss": _boss,
+    "dna": _dna,
+    "dna-classifier": _dna_classifier,
+    "dna-distilled": _dna_distilled,
+    "simplex": _simplex,
 }
 
 

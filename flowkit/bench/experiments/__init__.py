@@ -9,4 +9,5 @@ from __future__ import annotations
 
 __all__ = ["MODULES"]
 
-MODULES: tuple[str, ...] = ("selftest",)
+MODULES: tuple[str, ...] = ("selftest", "batch", "shapes", "overhead", "apg", "adaptive", "gfcg", "simplex", "dna",
+                            "boss", "bottleneck")
