@@ -98,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--batch-size", type=int, default=None)
     t.add_argument("--lr", type=float, default=None)
     t.add_argument("--threads", type=int, default=None, help="torch threads (0: torch's default)")
+    t.add_argument("--device", default=None, help="cpu (default) or cuda[:N]; a checkpoint resumes on either")
     t.add_argument("--no-resume", dest="resume", action="store_false", help="start again from step 0")
     t.add_argument("--export-only", action="store_true",
                    help="export the EMA weights of OUT/latest.pt to OUT/export without training")
@@ -421,12 +422,29 @@ def _describe(kind: str) -> dict[str, str]:
 # --------------------------------------------------------------------------- train
 
 
+def _train_device(name: str | None) -> str | None:
+    if name is None:
+        return None
+    import torch
+
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise InputError(f"--device must be cpu or cuda[:N], got {name!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"--device {name}: no CUDA device here; use --device cpu")
+    if device.type not in ("cpu", "cuda"):
+        raise InputError(f"--device must be cpu or cuda[:N], got {name!r}")
+    return str(device)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     import dataclasses
 
     from flowkit.train import target, train
 
-    overrides = {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "threads": args.threads}
+    overrides = {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "threads": args.threads,
+                 "device": _train_device(args.device)}
     overrides = {k: v for k, v in overrides.items() if v is not None}
     for key, minimum in (("steps", 1), ("batch_size", 1), ("threads", 0)):
         if key in overrides:

@@ -141,3 +141,36 @@ def test_random_weights_do_not_pass_the_smoke_test():
     out = flowkit.sample(flowkit.load("tiny"), ["a red circle"] * 16, steps=4, seed=0, output_type="latent")
     assert sum(evaluate(x, "a red circle")["presence"] for x in out.latents) < 12
     assert np.isfinite(out.latents.numpy()).all()
+
+
+# ----------------------------------------------------------------------------- training inputs
+
+
+def test_caption_embeddings_are_cached_and_equal_the_encoder(tmp_path, monkeypatch):
+    from flowkit.text import encode_texts, load_minilm
+    from flowkit.train import shapes as T
+
+    monkeypatch.setenv("FLOWKIT_CACHE", str(tmp_path))
+    path = T.caption_embeddings_file()
+    assert path.parent == tmp_path / "shapes" and not path.exists()
+    first = T.caption_embeddings()
+    assert path.is_file() and len(first) == 481 and "" in first
+    tok, enc = load_minilm()
+    texts = ["three red circles", "a blue square and two yellow triangles", ""]
+    direct = encode_texts(tok, enc, texts)
+    assert all(torch.equal(first[t], d) for t, d in zip(texts, direct))
+    assert not torch.equal(first[texts[0]], first[texts[1]])  # the negative control: captions differ
+    # the second call reads the file, without the text encoder
+    monkeypatch.setattr(T, "load_minilm", lambda: (_ for _ in ()).throw(AssertionError("encoder loaded")))
+    again = T.caption_embeddings()
+    assert all(torch.equal(first[t], again[t]) for t in texts)
+
+
+def test_train_device_is_validated(capsys):
+    from flowkit.cli import main
+
+    for device, message in (("gpu", "--device must be cpu or cuda[:N]"), ("cuda", "no CUDA device here")):
+        if device == "cuda" and torch.cuda.is_available():
+            continue
+        assert main(["train", "shapes", "--device", device, "--steps", "1"]) == 2
+        assert message in capsys.readouterr().err

@@ -46,7 +46,9 @@ def check_name(name: str) -> str:
 
 def default_cache_root() -> Path:
     """`$FLOWKIT_CACHE/bench`, with FLOWKIT_CACHE defaulting to `~/.cache/flowkit`."""
-    return Path(os.environ.get("FLOWKIT_CACHE", "~/.cache/flowkit")).expanduser() / "bench"
+    from flowkit.storage import cache_root
+
+    return cache_root("bench")
 
 
 def to_jsonable(obj: Any, where: str = "value") -> Any:

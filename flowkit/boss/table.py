@@ -33,7 +33,9 @@ VERSION = 1
 
 def cache_root() -> Path:
     """`$FLOWKIT_CACHE/boss` (FLOWKIT_CACHE defaulting to ~/.cache/flowkit)."""
-    return Path(os.environ.get("FLOWKIT_CACHE", "~/.cache/flowkit")).expanduser() / "boss"
+    from flowkit.storage import cache_root as root
+
+    return root("boss")
 
 
 def shipped_root() -> Path:

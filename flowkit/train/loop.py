@@ -40,6 +40,7 @@ class TrainConfig:
     ckpt_every: int = 250
     seed: int = 0
     threads: int = 0  # 0: leave torch's default
+    device: str = "cpu"  # where the model trains; data and noise are drawn on the CPU either way
 
 
 class TrainTask(Protocol):
@@ -79,6 +80,10 @@ def export_checkpoint(task: TrainTask, out_dir: str | os.PathLike) -> list[Path]
     return task.export(ema.eval(), out)
 
 
+def _cpu(state: dict) -> dict:
+    return {k: v.detach().cpu() for k, v in state.items()}
+
+
 def _atomic_save(obj: dict, path: Path) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     torch.save(obj, tmp)
@@ -95,7 +100,7 @@ def train(task: TrainTask, cfg: TrainConfig, out_dir: str | os.PathLike, *, resu
     out.mkdir(parents=True, exist_ok=True)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    model = task.build()
+    model = task.build().to(cfg.device)
     model.train()
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -146,13 +151,13 @@ def train(task: TrainTask, cfg: TrainConfig, out_dir: str | os.PathLike, *, resu
                 bar.update(1)
                 bar.set_postfix(loss=f"{value:.4f}")
             if (step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.steps:
-                _atomic_save({"model": model.state_dict(), "ema": ema.state_dict(),
+                _atomic_save({"model": _cpu(model.state_dict()), "ema": _cpu(ema.state_dict()),
                               "opt": opt.state_dict(), "step": step + 1}, ckpt_path)
     finally:
         logf.close()
         if bar is not None:
             bar.close()
     if start < cfg.steps or not (out / "exported").exists():
-        task.export(ema, out)
+        task.export(ema.cpu(), out)
         (out / "exported").write_text(str(cfg.steps))
     return losses

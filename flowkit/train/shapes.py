@@ -7,6 +7,8 @@ mostly 16 px early with 32 px mixed in, and 32 px only for the final `finish` fr
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,10 +16,41 @@ import numpy as np
 import torch
 from torch import nn
 
-from flowkit.text import encode_texts, load_minilm
+from flowkit.storage import cache_root
+from flowkit.text import MAX_LENGTH, encode_texts, load_minilm
 from flowkit.worlds import shapes as world
 
-__all__ = ["ShapesTask"]
+__all__ = ["ShapesTask", "caption_embeddings", "caption_embeddings_file"]
+
+
+def _caption_texts() -> list[str]:
+    return [world.caption_text(c) for c in world.all_captions()] + [""]
+
+
+def caption_embeddings_file() -> Path:
+    """The cache file of the captions' MiniLM embeddings, named by a hash of the caption list
+    (so a change of the world's captions cannot reuse a stale file). Copy it to a machine
+    without the text encoder (a GPU box) to train there."""
+    digest = hashlib.sha256(json.dumps([MAX_LENGTH, _caption_texts()]).encode()).hexdigest()[:16]
+    return cache_root("shapes") / f"caption-embeddings-{digest}.safetensors"
+
+
+def caption_embeddings() -> dict[str, torch.Tensor]:
+    """{caption text: MiniLM token embeddings [MAX_LENGTH, 384]} for every caption of the
+    world and the empty caption; computed once, then read from `caption_embeddings_file()`."""
+    from safetensors.torch import load_file, save_file
+
+    texts, path = _caption_texts(), caption_embeddings_file()
+    if path.is_file():
+        emb = load_file(str(path))["embeddings"]
+    else:
+        tok, enc = load_minilm()
+        emb = torch.cat([encode_texts(tok, enc, texts[i:i + 128]) for i in range(0, len(texts), 128)]).contiguous()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        save_file({"embeddings": emb}, str(tmp))
+        tmp.replace(path)
+    return dict(zip(texts, emb))
 
 
 @dataclass
@@ -36,10 +69,7 @@ class ShapesTask:
     def embeddings(self) -> dict[str, torch.Tensor]:
         """MiniLM token embeddings of every caption of the world, and of the empty caption."""
         if self._embeddings is None:
-            tok, enc = load_minilm()
-            texts = [world.caption_text(c) for c in world.all_captions()] + [""]
-            emb = torch.cat([encode_texts(tok, enc, texts[i:i + 128]) for i in range(0, len(texts), 128)])
-            self._embeddings = dict(zip(texts, emb))
+            self._embeddings = caption_embeddings()
         return self._embeddings
 
     def build(self) -> nn.Module:
@@ -73,6 +103,8 @@ class ShapesTask:
         x0, cond = self.batch(step, batch_size, rng)
         noise = torch.randn(x0.shape, generator=gen)
         t = torch.sigmoid(torch.randn(batch_size, generator=gen))  # logit-normal(0, 1)
+        device = next(model.parameters()).device  # data and noise are drawn on the CPU, then moved
+        x0, cond, noise, t = (v.to(device) for v in (x0, cond, noise, t))
         tb = t.view(-1, 1, 1, 1)
         xt = (1 - tb) * x0 + tb * noise
         v = model(xt, t * 1000, encoder_hidden_states=cond).sample
