@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import re
 import sys
 from dataclasses import dataclass
@@ -187,13 +186,7 @@ def generate_options(args: argparse.Namespace) -> GenerateOptions:
     _check_int("--steps", args.steps, 1)
     _check_int("--seed", args.seed, 0)
     _check_int("-n/--num-images", args.num_images, 1)
-    if (args.height is None) != (args.width is None):
-        raise InputError("give both --height and --width, or neither")
-    if args.height is not None:
-        _check_int("--height", args.height, 1)
-        _check_int("--width", args.width, 1)
-    model = args.model if args.model is not None else DEFAULT_MODEL
-    _check_model(model)
+    model = check_size_and_model(args)
     sampler = None if args.sampler is None else _with_flag("--sampler", build_sampler, args.sampler)
     guidance = None if args.guidance is None else _with_flag("--guidance", build_guidance, args.guidance, 0.0)
     grid = None if args.grid is None else _with_flag("--grid", TimeGrid.parse, args.grid)
@@ -259,6 +252,19 @@ def _with_flag(flag: str, build: Any, *args: Any) -> Any:
         return build(*args)
     except FlowkitError as e:
         raise type(e)(f"{flag}: {e}") from None
+
+
+def check_size_and_model(args: argparse.Namespace) -> str:
+    """The --height/--width pair (both or neither, each >= 1) and --model (default
+    DEFAULT_MODEL) of a command; returns the model name. Nothing is loaded."""
+    if (args.height is None) != (args.width is None):
+        raise InputError("give both --height and --width, or neither")
+    if args.height is not None:
+        _check_int("--height", args.height, 1)
+        _check_int("--width", args.width, 1)
+    model = args.model if args.model is not None else DEFAULT_MODEL
+    _check_model(model)
+    return model
 
 
 def _check_model(name: str) -> None:
@@ -371,17 +377,13 @@ def _slug(prompt: str, limit: int = 40) -> str:
 
 def _write_png(image: Any, path: Path) -> None:
     """Write `image` to `path` atomically: a temporary file beside it, then os.replace."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            image.save(f, format="PNG")
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise InputError(f"cannot write {str(path)!r}: {e.strerror or e}") from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    import io
+
+    from flowkit.batch.files import write_atomic
+
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    write_atomic(path, buf.getvalue())
 
 
 # --------------------------------------------------------------------------- list

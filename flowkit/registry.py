@@ -15,7 +15,7 @@ import inspect
 import logging
 from dataclasses import dataclass
 from importlib import metadata
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
 from flowkit.errors import UnknownNameError, closest
 

@@ -99,6 +99,20 @@ class SimplexSampler(Sampler):
     def initial_state(self, noise: Tensor, ts: Tensor, ctx: "Context") -> Tensor:
         return ctx.denoiser.path.source(noise).to(noise.dtype)
 
+    def sample(self, model: "GuidedModel", x: Tensor, ts: Tensor) -> Tensor:
+        """One evaluation per step; `update` moves the state, the last step draws the tokens."""
+        n = len(ts) - 1
+        for i in range(n):
+            t, t_next = float(ts[i]), float(ts[i + 1])
+            pred = model(x, t)
+            x = self.finish(model, pred.probs, x) if i == n - 1 else self.update(model, x, pred.probs, t, t_next)
+            x = model.end_step(x, pred)
+        return x
+
+    def update(self, model: "GuidedModel", x: Tensor, probs: Tensor, t: float, t_next: float) -> Tensor:
+        """The state at `t_next` from the state `x` at `t` and the predicted probabilities there."""
+        raise NotImplementedError
+
     def finish(self, model: "GuidedModel", probs: Tensor, x: Tensor) -> Tensor:
         """One-hot tokens [B, L, V] from the final probabilities [B, L, K]."""
         from flowkit.paths.categorical import categorical_from_normal, one_hot

@@ -221,7 +221,6 @@ def _scatter(pred: Prediction, rows: Tensor, batch: int, x: Tensor) -> Predictio
     """Expand a prediction on `rows` to the full batch (absent rows: zero values)."""
     if len(rows) == batch and bool((rows == torch.arange(batch, device=rows.device)).all()):
         return pred
-    from flowkit.paths.base import PathPoint
 
     value = pred.value.new_zeros((batch,) + tuple(pred.value.shape[1:]))
     value[rows] = pred.value

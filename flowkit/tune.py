@@ -92,7 +92,7 @@ def tune_options(args: argparse.Namespace) -> TuneOptions:
     """Check `tune`'s parsed arguments (nothing is loaded); FlowkitError names the option."""
     from flowkit.api import build_guidance
     from flowkit.boss import TUNE_SEED
-    from flowkit.cli import DEFAULT_MODEL, _check_int, _check_model, _with_flag
+    from flowkit.cli import _check_int, _with_flag, check_size_and_model
 
     steps = parse_steps_list(args.steps)
     _check_int("--k-max", args.k_max, 2)
@@ -102,13 +102,7 @@ def tune_options(args: argparse.Namespace) -> TuneOptions:
                          f"(now {args.k_max})")
     if args.seed is not None:
         _check_int("--seed", args.seed, 0)
-    if (args.height is None) != (args.width is None):
-        raise InputError("give both --height and --width, or neither")
-    if args.height is not None:
-        _check_int("--height", args.height, 1)
-        _check_int("--width", args.width, 1)
-    model = args.model if args.model is not None else DEFAULT_MODEL
-    _check_model(model)
+    model = check_size_and_model(args)
     guidance = None if args.guidance is None else _with_flag("--guidance", build_guidance, args.guidance, 0.0)
     if args.prompts is not None:
         load_prompts(args.prompts)  # a missing file or unknown set fails before the model loads

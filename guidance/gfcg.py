@@ -50,7 +50,7 @@ families without a classifier (SD, SDXL, SD3, FLUX) are refused unless those are
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor

@@ -47,7 +47,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
-from flowkit.errors import InputError, UnsupportedError
+from flowkit.errors import InputError
 from flowkit.guidance.base import BranchRequests, Guidance
 from flowkit.prediction import Prediction
 from flowkit.registry import GUIDANCE

@@ -36,7 +36,6 @@ from flowkit.errors import InputError, UnsupportedError, closest
 from flowkit.guidance.base import GuidanceStack
 from flowkit.guidance.cfg import CFG
 from flowkit.sampler import Sampler
-from flowkit.sampling import Stats
 
 __all__ = ["FlowKitPipeline", "REFUSED"]
 

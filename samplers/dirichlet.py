@@ -30,20 +30,11 @@ class DirichletEuler(SimplexSampler):
     description = "Dirichlet flow matching: Euler steps in alpha on the simplex, tokens drawn at the end"
     path_name = "dirichlet"
 
-    def sample(self, model, x, ts):
+    def update(self, model, x, probs, t, t_next):
         path = model.ctx.denoiser.path
-        n = len(ts) - 1
-        for i in range(n):
-            t, t_next = float(ts[i]), float(ts[i + 1])
-            pred = model(x, t)
-            if i == n - 1:
-                x = self.finish(model, pred.probs, x)
-            else:
-                alpha, alpha_next = float(path.alpha(t)), float(path.alpha(t_next))
-                v = path.velocity(pred.probs, x, alpha)  # eq. 14, marginalised
-                x = project_simplex(x.double() + (alpha_next - alpha) * v).to(x.dtype)
-            x = model.end_step(x, pred)
-        return x
+        alpha, alpha_next = float(path.alpha(t)), float(path.alpha(t_next))
+        v = path.velocity(probs, x, alpha)  # eq. 14, marginalised
+        return project_simplex(x.double() + (alpha_next - alpha) * v).to(x.dtype)
 
 
 @SAMPLERS.register

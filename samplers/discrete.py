@@ -26,22 +26,20 @@ class DiscreteEuler(SimplexSampler):
     description = "discrete flow matching: Euler jumps on the mixture path (masked or uniform source)"
     path_name = "mixture"
 
-    def sample(self, model, x, ts):
+    def update(self, model, x, probs, t, t_next, last=False):
         path = model.ctx.denoiser.path
-        n = len(ts) - 1
-        for i in range(n):
-            t, t_next = float(ts[i]), float(ts[i + 1])
-            pred = model(x, t)
-            lam = 1.0 if i == n - 1 else path.jump_probability(t, t_next)
-            z = model.ctx.randn((x.shape[1], 2)).to(x.device)  # [B, L, 2]: jump?, which letter
-            current = x.argmax(dim=-1)
-            if self.final == "argmax" and i == n - 1:
-                drawn = pred.probs.argmax(dim=-1)
-            else:
-                drawn = categorical_from_normal(pred.probs, z[..., 1])
-            jump = uniform_from_normal(z[..., 0]) < lam
-            if path.mask_index is not None:
-                jump = jump & (current == path.mask_index)  # unmasked letters stay
-            x = one_hot(torch.where(jump, drawn, current), x.shape[-1], x.dtype)
-            x = model.end_step(x, pred)
-        return x
+        lam = 1.0 if last else path.jump_probability(t, t_next)
+        z = model.ctx.randn((x.shape[1], 2)).to(x.device)  # [B, L, 2]: jump?, which letter
+        current = x.argmax(dim=-1)
+        if self.final == "argmax" and last:
+            drawn = probs.argmax(dim=-1)
+        else:
+            drawn = categorical_from_normal(probs, z[..., 1])
+        jump = uniform_from_normal(z[..., 0]) < lam
+        if path.mask_index is not None:
+            jump = jump & (current == path.mask_index)  # unmasked letters stay
+        return one_hot(torch.where(jump, drawn, current), x.shape[-1], x.dtype)
+
+    def finish(self, model, probs, x):
+        """The last step jumps every letter still to move (probability 1)."""
+        return self.update(model, x, probs, 0.0, 0.0, last=True)

@@ -17,15 +17,6 @@ class SimplexLinear(SimplexSampler):
     description = "linear flow matching on the simplex: Euler steps of (x - p) / t, tokens drawn at the end"
     path_name = "simplex-linear"
 
-    def sample(self, model, x, ts):
+    def update(self, model, x, probs, t, t_next):
         path = model.ctx.denoiser.path
-        n = len(ts) - 1
-        for i in range(n):
-            t, t_next = float(ts[i]), float(ts[i + 1])
-            pred = model(x, t)
-            if i == n - 1:
-                x = self.finish(model, pred.probs, x)
-            else:
-                x = project_simplex(x.double() + (t_next - t) * path.velocity(pred.probs, x, t)).to(x.dtype)
-            x = model.end_step(x, pred)
-        return x
+        return project_simplex(x.double() + (t_next - t) * path.velocity(probs, x, t)).to(x.dtype)

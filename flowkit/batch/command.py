@@ -66,20 +66,14 @@ def batch_options(args: argparse.Namespace) -> "BatchConfig":
     from flowkit.api import build_guidance, build_sampler
     from flowkit.batch.prompts import canonical_spec
     from flowkit.batch.runner import BatchConfig
-    from flowkit.cli import DEFAULT_MODEL, _check_int, _check_model, _with_flag
+    from flowkit.cli import _check_int, _with_flag, check_size_and_model
     from flowkit.errors import InputError
     from flowkit.timegrid import TimeGrid
 
     _check_int("--steps", args.steps, 1)
     _check_int("--seed", args.seed, 0)
     _check_int("--batch-size", args.batch_size, 1)
-    if (args.height is None) != (args.width is None):
-        raise InputError("give both --height and --width, or neither")
-    if args.height is not None:
-        _check_int("--height", args.height, 1)
-        _check_int("--width", args.width, 1)
-    model = args.model if args.model is not None else DEFAULT_MODEL
-    _check_model(model)
+    model = check_size_and_model(args)
     _refuse_sequence_model(model)
     _with_flag("--sampler", build_sampler, args.sampler)
     sampler = _with_flag("--sampler", canonical_spec, args.sampler, "sampler")

@@ -6,7 +6,6 @@ time is flowkit time; the network sees timestep = num_train_timesteps * t.
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from flowkit.paths.base import GaussianPath, PathPoint, as_time
