@@ -34,6 +34,9 @@ def prompt_items(*names: str) -> list[tuple[str, Any]]:
     return [item for name in names for item in prompt_set(name)]
 
 
+GALLERY_PROMPTS = ("a red circle", "three blue squares", "two yellow triangles and a green circle")
+
+
 class ShapesBench:
     """The shapes-world side of a guidance experiment (see the module docstring)."""
 
@@ -64,6 +67,23 @@ class ShapesBench:
         results = self.bench.arm(name, {**self.base, "guidance": label or guidance}, self.run_fn(guidance), n=n)
         self.bench.samples[name] = [{k: v for k, v in r.items() if "features" not in k} for r in results]
         return results
+
+    def show(self, method: str, guidance: str | None, baseline: str, baseline_guidance: str | None,
+             baseline_extra: dict[str, Any] | None = None, **extra: Any) -> None:
+        """Record a `flowkit gallery` entry: `method` beside `baseline` on GALLERY_PROMPTS, with
+        this bench's steps, size and sampler (`extra` / `baseline_extra`: more flowkit.sample
+        options of each arm); a guidance of None is the model's default CFG."""
+        import os
+
+        from flowkit.gallery import show
+
+        common = {"sampler": SAMPLER, "steps": self.steps, "height": self.size, "width": self.size}
+        model = "tiny" if self.bench.quick else os.environ.get("FLOWKIT_SHAPES_MODEL") or "shapes"
+        arm = {**common, **({} if guidance is None else {"guidance": guidance}), **extra}
+        base = {**common, **({} if baseline_guidance is None else {"guidance": baseline_guidance}),
+                **(baseline_extra or {})}
+        show(self.bench, method, arm, baseline=baseline, baseline_settings=base, prompts=list(GALLERY_PROMPTS),
+             model=model)
 
     # -- rows -------------------------------------------------------------------------------
     def fsd_row(self, method: str, treatment: list[dict], baseline: list[dict], claim: Claim,

@@ -111,6 +111,8 @@ def adaptive(bench: BenchRun) -> None:
     shapes.fsd_row("LinearAG", lag, cfg, EQUAL_FSD, base)
 
     cal_nfe = ag_nfe(cosines, gamma, MIN_GUIDED)
+    shapes.show("AG", f"cfg:scale={SCALE}+adaptive:gamma={gamma!r},min_guided_steps={MIN_GUIDED}",
+                base, f"cfg:scale={SCALE}")
     bench.info.update({"n": n, "n_calibration": n_cal, "cfg_scale": SCALE, "gamma": gamma,
                        "calibration_saving": float(1 - cal_nfe.mean() / (2 * S)), "cutoff_steps": k,
                        "linear-ag": f"every=2, first half, history {bench.n(full=2, quick=1)}"})

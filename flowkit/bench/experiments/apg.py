@@ -33,4 +33,5 @@ def apg(bench: BenchRun) -> None:
         shapes.fsd_row(method, treated, cfg, Claim("lower"), base)
         shapes.rate_row(method, "presence", "presence", treated, cfg, NO_WORSE, base)
         shapes.rate_row(method, "caption accuracy", "whole_caption", treated, cfg, NO_WORSE, base)
+    shapes.show("APG w=15", "apg:scale=15,eta=0.0,norm_threshold=15.0,momentum=-0.5", "CFG w=15", "cfg:scale=15")
     bench.info.update({"n": n, "scales": list(SCALES), "apg": "eta 0, norm threshold 15, momentum -0.5, x0 space"})

@@ -106,6 +106,9 @@ def boss(bench: BenchRun) -> None:
             bench.compare(f"BOSS end-point {k} steps", f"distance to {reference_steps}-step image",
                           claim=Claim("lower"), treatment=reference_distance(endpoint, reference),
                           baseline=reference_distance(local, reference), baseline_name=f"BOSS local {k}")
+    k = STEPS[0]
+    shapes.show(f"BOSS {k} steps", None, f"uniform {k}", None, steps=k, grid=f"boss:{tables['local']}",
+                baseline_extra={"steps": k, "grid": "uniform"})
     bench.info.update({"n": n, "steps": list((STEPS[:1] if bench.quick else STEPS)), "reference_steps": reference_steps,
                        "shift": SHIFT,
                        "grids": {cost: {str(k): t.times(k).tolist() for k in STEPS if k <= t.k_max}

@@ -68,6 +68,7 @@ def bottleneck(bench: BenchRun) -> None:
     shapes.fsd_row(method, low, full, Claim("no_worse", margin=0.1, relative=True, better="lower"), base)
     shapes.rate_row(method, "caption accuracy", "whole_caption", low, full, NO_WORSE, base)
     shapes.rate_row(method, "presence", "presence", low, full, NO_WORSE, base)
+    shapes.show(method, None, base, None, sampler=SAMPLER, steps=steps, baseline_extra={"steps": steps})
     bench.info.update({"n": n, "steps": steps, "stages": "default preset: 32 -> 16 -> 32 px",
                        "nfe_equal": bool(np.array_equal(column(low, "nfe"), column(full, "nfe"))),
                        "speed_batch": len(batch), "speed_repeats": repeats, "timed_at": time.strftime("%Y-%m-%d")})

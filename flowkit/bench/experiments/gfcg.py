@@ -32,4 +32,5 @@ def gfcg(bench: BenchRun) -> None:
                     base)
     shapes.fsd_row(name, treated, cfg, Claim("no_worse", margin=0.05, relative=True, better="lower"), base)
     shapes.nfe_row(name, treated, cfg, Claim("at_most", target=1.5, stat="ratio_of_means"), base)
+    shapes.show(name, f"cfg:scale={SCALE}+{GFCG_SPEC}", base, f"cfg:scale={SCALE}")
     bench.info.update({"n": n, "cfg_scale": SCALE, "gfcg": GFCG_SPEC, "prompts": "single-group captions"})

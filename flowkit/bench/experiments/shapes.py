@@ -13,6 +13,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 from flowkit.bench.core import BenchRun, experiment
@@ -83,4 +85,11 @@ def shapes(bench: BenchRun) -> None:
                   baseline=metric_columns(unguided, "whole_caption"), baseline_name="no guidance", units="%")
     bench.compare_set(f"cfg {best:g}", "FSD (single)", claim=Claim("lower"), statistic=fsd_statistic(guided, unguided),
                       n=n, baseline_name="no guidance")
+    from flowkit.gallery import show
+
+    model_name = "tiny" if model.startswith("tiny") else os.environ.get("FLOWKIT_SHAPES_MODEL") or "shapes"
+    common = {"sampler": "euler", "steps": STEPS, "height": 32, "width": 32}
+    show(bench, f"cfg {best:g}", {**common, "guidance": _cfg(best)}, baseline="no guidance",
+         baseline_settings={**common, "guidance": "none"}, model=model_name,
+         prompts=["a red circle", "three blue squares", "two yellow triangles and a green circle"])
     bench.info.update({"steps": STEPS, "sampler": "euler", "size": 32, "n_per_set": n})
