@@ -33,7 +33,7 @@ def _counter() -> tuple[TrainTask, TrainConfig]:
 def _dna() -> tuple[TrainTask, TrainConfig]:
     from flowkit.train.dna import DnaTask
 
-    return DnaTask(), TrainConfig(steps=2500, batch_size=32, lr=2e-3, warmup=100, ema_decay=0.995, ckpt_every=250)
+    return DnaTask(), TrainConfig(steps=5000, batch_size=32, lr=2e-3, warmup=100, ema_decay=0.995, ckpt_every=250)
 
 
 def _dna_classifier() -> tuple[TrainTask, TrainConfig]:
