@@ -7,9 +7,21 @@
 """
 
 import os
+import socket
 import tempfile
 
+import pytest
 import torch
 
 torch.set_num_threads(1)
 os.environ.setdefault("FLOWKIT_CACHE", tempfile.mkdtemp(prefix="flowkit-test-cache-"))
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Sockets refuse to open: what runs under it must not touch the network."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("this must not touch the network")
+
+    monkeypatch.setattr(socket, "socket", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from unittest import mock
 
 import numpy as np
 import pytest
@@ -24,21 +23,14 @@ from flowkit.batch.prompts import COLUMNS, parse_prompt_lines
 from flowkit.cli import main
 from flowkit.errors import FlowkitError
 from flowkit.seeding import seed_for
+import tiny_pipes
 
 SMALL = ["--model", "tiny", "--steps", "2", "--height", "16", "--width", "16"]
-_real_load = flowkit.loading.load
 
 
 @pytest.fixture(scope="module")
 def loads():
-    cache: dict[str, object] = {}
-
-    def load(name, **kwargs):
-        if name not in cache:
-            cache[name] = _real_load(name, **kwargs)
-        return cache[name]
-
-    with mock.patch("flowkit.loading.load", side_effect=load) as patched:
+    with tiny_pipes.memoised_load() as patched:
         yield patched
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import html.parser
 import re
 from pathlib import Path
-from unittest import mock
 
 import numpy as np
 import pytest
@@ -18,8 +17,8 @@ from flowkit.bench.cache import write_json_atomic
 from flowkit.cli import main
 from flowkit.errors import InputError
 from flowkit.gallery import build_gallery, show
+import tiny_pipes
 
-_real_load = flowkit.loading.load
 PROMPTS = ["two blue squares", "a <b>red</b> circle | left"]
 BASE = {"guidance": "none", "steps": 2, "height": 16, "width": 16}
 METHOD = {"guidance": "cfg:scale=6", "steps": 2, "height": 16, "width": 16}
@@ -27,14 +26,7 @@ METHOD = {"guidance": "cfg:scale=6", "steps": 2, "height": 16, "width": 16}
 
 @pytest.fixture(scope="module")
 def loads():
-    cache: dict[str, object] = {}
-
-    def load(name, **kwargs):
-        if name not in cache:
-            cache[name] = _real_load(name, **kwargs)
-        return cache[name]
-
-    with mock.patch("flowkit.loading.load", side_effect=load) as patched:
+    with tiny_pipes.memoised_load() as patched:
         yield patched
 
 

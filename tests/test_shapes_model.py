@@ -3,7 +3,6 @@ the weights are installed) a model that actually draws what it is asked."""
 
 import json
 import shutil
-import socket
 
 import numpy as np
 import pytest
@@ -14,15 +13,6 @@ import flowkit
 from flowkit.errors import WeightsError
 from flowkit.loading import SHAPES_FILES, save_shapes, weights_dir
 from flowkit.manifest import MANIFEST_FILE, sha256_file
-
-
-@pytest.fixture
-def no_network(monkeypatch):
-    def refuse(*args, **kwargs):
-        raise AssertionError("loading must not touch the network")
-
-    monkeypatch.setattr(socket, "socket", refuse)
-    monkeypatch.setattr(socket, "create_connection", refuse)
 
 
 @pytest.fixture(scope="module")

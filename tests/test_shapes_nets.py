@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
-import socket
 
 import numpy as np
 import pytest
@@ -36,15 +35,6 @@ def counter():
 
 
 # ----------------------------------------------------------------------------- shipped weights
-
-
-@pytest.fixture
-def no_network(monkeypatch):
-    def refuse(*args, **kwargs):
-        raise AssertionError("loading must not touch the network")
-
-    monkeypatch.setattr(socket, "socket", refuse)
-    monkeypatch.setattr(socket, "create_connection", refuse)
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -9,8 +9,10 @@ nothing, `cached(name)` shares one pipeline per test session.
 
 from __future__ import annotations
 
+import contextlib
 import string
 from functools import lru_cache
+from unittest import mock
 
 import pytest
 import torch
@@ -234,3 +236,20 @@ def check_dropin_parity(pipe, ref: torch.Tensor, ours, steps: int, scale: float)
     wrong_grid = FlowKitPipeline.from_pipe(pipe, sampler=Euler(grid="shift:2"))
     assert rel_err(ours(wrong_grid), ref) > 10 * TOL
     return fk
+
+
+@contextlib.contextmanager
+def memoised_load():
+    """Patch flowkit.loading.load so that each model name is loaded once (a CLI test loads
+    its model on every call); yields the mock."""
+    import flowkit.loading
+
+    real, cache = flowkit.loading.load, {}
+
+    def load(name, **kwargs):
+        if name not in cache:
+            cache[name] = real(name, **kwargs)
+        return cache[name]
+
+    with mock.patch("flowkit.loading.load", side_effect=load) as patched:
+        yield patched
