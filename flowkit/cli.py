@@ -386,6 +386,18 @@ def _write_png(image: Any, path: Path) -> None:
     write_atomic(path, buf.getvalue())
 
 
+# --------------------------------------------------------------------------- batch
+
+
+def cmd_batch(args: argparse.Namespace) -> int:
+    from flowkit.batch.command import run_command
+
+    report = run_command(args)
+    if report is not None:
+        print(report)
+    return 0
+
+
 # --------------------------------------------------------------------------- list
 
 

@@ -3,7 +3,7 @@
 The options mirror `flowkit generate` (same spec grammar, seeds, size and grid options,
 checked the same way before a model is loaded) plus the batch ones: --batch-size,
 --resume/--no-resume, --force, --on-error. Under ``accelerate launch`` every process runs
-this same command; rank 0 prints the summary.
+this same command; rank 0 reports the summary.
 """
 
 from __future__ import annotations
@@ -17,12 +17,12 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from flowkit.batch.runner import BatchConfig, Summary
 
-__all__ = ["add_parser", "batch_options", "cmd_batch"]
+__all__ = ["add_parser", "batch_options", "run_command"]
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add `batch` to the `flowkit` subcommands."""
-    from flowkit.cli import DEFAULT_MODEL, FALLBACK_MODEL
+    from flowkit.cli import DEFAULT_MODEL, FALLBACK_MODEL, cmd_batch
 
     b = sub.add_parser(
         "batch", help="generate images from a prompt file, resumably, on one or many processes",
@@ -107,17 +107,15 @@ def _refuse_sequence_model(model: str) -> None:
                                "model, or use `flowkit generate` for sequences")
 
 
-def cmd_batch(args: argparse.Namespace) -> int:
+def run_command(args: argparse.Namespace) -> str | None:
+    """Run the batch job of parsed `args`; the summary to print (JSON with --json), or None
+    on ranks other than 0 (rank 0 reports for everyone)."""
     from flowkit.batch.runner import run_batch
 
     summary = run_batch(batch_options(args))
-    if summary is None:  # not rank 0: rank 0 reports for everyone
-        return 0
-    if args.json:
-        print(json.dumps(summary.to_dict(), indent=2))
-    else:
-        print(_text(summary))
-    return 0
+    if summary is None:
+        return None
+    return json.dumps(summary.to_dict(), indent=2) if args.json else _text(summary)
 
 
 def _text(s: "Summary") -> str:
