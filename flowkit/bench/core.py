@@ -188,31 +188,9 @@ class BenchRun:
         interval = paired_bootstrap(treatment, baseline, stat=claim.stat, n_boot=self.n_boot, seed=self.seed)
         t = np.asarray(treatment, dtype=np.float64)
         b = np.asarray(baseline, dtype=np.float64)
-        b_mean = float(b.mean())
-        row = Row(
-            experiment=self.name,
-            method=method,
-            metric=metric,
-            claim=claim.describe(method, metric, baseline_name),
-            baseline=baseline_name,
-            n=interval.n,
-            treatment_mean=float(t.mean()),
-            baseline_mean=b_mean,
-            estimate=interval.estimate,
-            low=interval.low,
-            high=interval.high,
-            verdict=verdict(claim, interval, baseline_mean=b_mean),
-            units=units,
-            stat=interval.stat,
-            ci=interval.ci,
-            notes=notes,
-            claim_spec=claim.to_dict(),
-            treatment_values=t.tolist(),
-            baseline_values=b.tolist(),
-            per_sample=self._per_sample(per_sample, interval.n),
-        )
-        self.rows.append(row)
-        return row
+        return self._add(method, metric, claim, interval, baseline_name=baseline_name, treatment_mean=float(t.mean()),
+                         baseline_mean=float(b.mean()), units=units, notes=notes, treatment_values=t.tolist(),
+                         baseline_values=b.tolist(), per_sample=self._per_sample(per_sample, interval.n))
 
     def compare_set(
         self,
@@ -231,27 +209,9 @@ class BenchRun:
         interval = paired_bootstrap_set(statistic, n, stat=claim.stat, n_boot=min(self.n_boot, 500),
                                         seed=self.seed)
         t, b = (float(v) for v in statistic(np.arange(n)))
-        row = Row(
-            experiment=self.name,
-            method=method,
-            metric=metric,
-            claim=claim.describe(method, metric, baseline_name),
-            baseline=baseline_name,
-            n=interval.n,
-            treatment_mean=t,
-            baseline_mean=b,
-            estimate=interval.estimate,
-            low=interval.low,
-            high=interval.high,
-            verdict=verdict(claim, interval, baseline_mean=b),
-            units=units,
-            stat=interval.stat,
-            ci=interval.ci,
-            notes=(notes + "; " if notes else "") + "set statistic: per-sample values are not defined",
-            claim_spec=claim.to_dict(),
-        )
-        self.rows.append(row)
-        return row
+        return self._add(method, metric, claim, interval, baseline_name=baseline_name, treatment_mean=t,
+                         baseline_mean=b, units=units,
+                         notes=(notes + "; " if notes else "") + "set statistic: per-sample values are not defined")
 
     def measure(
         self,
@@ -270,26 +230,33 @@ class BenchRun:
                 f"measure() takes an at_most / at_least claim; a {claim.kind} claim needs a baseline, use compare()"
             )
         interval = bootstrap_mean(values, n_boot=self.n_boot, seed=self.seed)
+        return self._add(method, metric, claim, interval, baseline_name="", treatment_mean=interval.estimate,
+                         baseline_mean=None, units=units, notes=notes,
+                         treatment_values=np.asarray(values, dtype=np.float64).tolist(),
+                         per_sample=self._per_sample(per_sample, interval.n))
+
+    def _add(self, method: str, metric: str, claim: Claim, interval: Interval, *, baseline_name: str,
+             treatment_mean: float, baseline_mean: float | None, units: str, notes: str, **values: Any) -> Row:
+        """Record the row of `claim` judged on `interval` (values: the per-sample columns)."""
         row = Row(
             experiment=self.name,
             method=method,
             metric=metric,
-            claim=claim.describe(method, metric),
-            baseline="",
+            claim=claim.describe(method, metric, baseline_name),
+            baseline=baseline_name,
             n=interval.n,
-            treatment_mean=interval.estimate,
-            baseline_mean=None,
+            treatment_mean=treatment_mean,
+            baseline_mean=baseline_mean,
             estimate=interval.estimate,
             low=interval.low,
             high=interval.high,
-            verdict=verdict(claim, interval),
+            verdict=verdict(claim, interval, baseline_mean=baseline_mean),
             units=units,
             stat=interval.stat,
             ci=interval.ci,
             notes=notes,
             claim_spec=claim.to_dict(),
-            treatment_values=np.asarray(values, dtype=np.float64).tolist(),
-            per_sample=self._per_sample(per_sample, interval.n),
+            **values,
         )
         self.rows.append(row)
         return row
