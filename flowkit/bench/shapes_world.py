@@ -24,10 +24,16 @@ import numpy as np
 from flowkit.bench.core import BenchRun
 from flowkit.errors import WeightsError
 
-__all__ = ["bench_model", "shapes_arm", "fsd_statistic", "metric_columns", "METRICS"]
+__all__ = ["bench_model", "model_spec", "shapes_arm", "fsd_statistic", "metric_columns", "METRICS"]
 
 METRICS = ("presence", "exact_count", "binding", "whole_caption")
 _REFERENCE_TAG = 0x2EF  # third key word of the reference renders' generators
+
+
+def model_spec(tiny: bool = False) -> str:
+    """What `flowkit.load` takes for the shapes model under test: FLOWKIT_SHAPES_MODEL, else
+    the shipped `shapes`; `tiny` when a quick run stands in the random model."""
+    return "tiny" if tiny else os.environ.get("FLOWKIT_SHAPES_MODEL") or "shapes"
 
 
 def bench_model(bench: BenchRun) -> tuple[Any, str]:

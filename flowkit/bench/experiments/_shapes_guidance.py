@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from flowkit.bench.core import BenchRun, Row, column
-from flowkit.bench.shapes_world import bench_model, fsd_statistic, metric_columns, shapes_arm
+from flowkit.bench.shapes_world import bench_model, fsd_statistic, metric_columns, model_spec, shapes_arm
 from flowkit.bench.verdict import Claim
 
 __all__ = ["ShapesBench", "prompt_items", "cosine_recorder", "ag_nfe", "calibrate_gamma", "SAMPLER"]
@@ -73,12 +73,10 @@ class ShapesBench:
         """Record a `flowkit gallery` entry: `method` beside `baseline` on GALLERY_PROMPTS, with
         this bench's steps, size and sampler (`extra` / `baseline_extra`: more flowkit.sample
         options of each arm); a guidance of None is the model's default CFG."""
-        import os
-
         from flowkit.gallery import show
 
         common = {"sampler": SAMPLER, "steps": self.steps, "height": self.size, "width": self.size}
-        model = "tiny" if self.bench.quick else os.environ.get("FLOWKIT_SHAPES_MODEL") or "shapes"
+        model = model_spec(tiny=self.bench.quick)
         arm = {**common, **({} if guidance is None else {"guidance": guidance}), **extra}
         base = {**common, **({} if baseline_guidance is None else {"guidance": baseline_guidance}),
                 **(baseline_extra or {})}

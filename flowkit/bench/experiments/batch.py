@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from flowkit.bench.core import BenchRun, column, experiment
+from flowkit.bench.shapes_world import model_spec
 from flowkit.bench.verdict import Claim
 
 BATCH_SIZES = (1, 4, 16)
@@ -45,7 +46,7 @@ def _workload(bench: BenchRun) -> dict[str, Any]:
         return {"model": "tiny", "images": 16, "size": 16, "steps": 4}
     # speed depends on the architecture, not the weights: FLOWKIT_SHAPES_MODEL (a shapes model
     # folder, e.g. a training checkpoint's export) stands in for the shipped model
-    return {"model": os.environ.get("FLOWKIT_SHAPES_MODEL") or "shapes", "images": 32, "size": 32, "steps": 10}
+    return {"model": model_spec(), "images": 32, "size": 32, "steps": 10}
 
 
 def _argv(prompts: Path, out: Path, w: dict[str, Any], seed: int, batch_size: int) -> list[str]:

@@ -13,12 +13,11 @@
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 
 from flowkit.bench.core import BenchRun, experiment
-from flowkit.bench.shapes_world import METRICS, bench_model, fsd_statistic, metric_columns, shapes_arm
+from flowkit.bench.experiments._shapes_guidance import GALLERY_PROMPTS
+from flowkit.bench.shapes_world import METRICS, bench_model, fsd_statistic, metric_columns, model_spec, shapes_arm
 from flowkit.bench.stats import bootstrap_mean, paired_bootstrap_set
 from flowkit.bench.verdict import Claim
 from flowkit.worlds.shapes_eval import prompt_set
@@ -87,9 +86,9 @@ def shapes(bench: BenchRun) -> None:
                       n=n, baseline_name="no guidance")
     from flowkit.gallery import show
 
-    model_name = "tiny" if model.startswith("tiny") else os.environ.get("FLOWKIT_SHAPES_MODEL") or "shapes"
+    model_name = model_spec(tiny=model.startswith("tiny"))
     common = {"sampler": "euler", "steps": STEPS, "height": 32, "width": 32}
     show(bench, f"cfg {best:g}", {**common, "guidance": _cfg(best)}, baseline="no guidance",
          baseline_settings={**common, "guidance": "none"}, model=model_name,
-         prompts=["a red circle", "three blue squares", "two yellow triangles and a green circle"])
+         prompts=list(GALLERY_PROMPTS))
     bench.info.update({"steps": STEPS, "sampler": "euler", "size": 32, "n_per_set": n})
