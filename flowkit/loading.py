@@ -40,9 +40,10 @@ def weights_dir() -> Path:
     return Path(__file__).resolve().parent / "weights"
 
 
-def load_unet_strict(folder: Path, expected_sha256: str | None = None):
+def load_unet_strict(folder: Path):
     """A UNet2DConditionModel from `folder` (config.json + safetensors), strictly: no
-    missing or unexpected keys, no shape mismatch; in eval mode."""
+    missing or unexpected keys, no shape mismatch; in eval mode. Checksums are the
+    manifest's job (`verify_manifest`), checked before this reads anything."""
     from diffusers import UNet2DConditionModel
     from safetensors.torch import load_file
 
@@ -51,8 +52,6 @@ def load_unet_strict(folder: Path, expected_sha256: str | None = None):
     for p in (cfg_path, weights):
         if not p.is_file():
             raise WeightsError(f"missing weights file {p}: reinstall flowkit or retrain with `flowkit train`")
-    if expected_sha256 is not None and sha256_file(weights) != expected_sha256:
-        raise WeightsError(f"weights file {weights} is damaged (sha256 mismatch): reinstall flowkit")
     try:
         config = json.loads(cfg_path.read_text())
     except (ValueError, UnicodeDecodeError) as e:
