@@ -31,6 +31,7 @@ from flowkit.bench import (
 )
 from flowkit.bench import core
 from flowkit.bench.cli import main as bench_main
+from flowkit.bench.report import format_result
 from flowkit.errors import InputError, UnknownNameError
 
 # ------------------------------------------------------------------ stats
@@ -359,7 +360,7 @@ def counting_experiment():
 
     @experiment("_test_counting", "counting test experiment")
     def run(bench: BenchRun) -> None:
-        res = bench.arm("both", {"version": 1}, arm, n=bench.n(full=40, quick=8), chunk=8)
+        res = bench.arm("both", {"version": 1}, arm, n=bench.sample_count(full=40, quick=8), chunk=8)
         bench.compare("T", "loss", claim=Claim("lower"), treatment=column(res, "t"),
                       baseline=column(res, "b"), baseline_name="B", units="s",
                       per_sample={"index": column(res, "i")})
@@ -407,6 +408,25 @@ def test_second_run_computes_nothing_and_matches(tmp_path, counting_experiment):
     assert row.treatment_mean == pytest.approx(1.195) and row.per_sample["index"][:3] == [0.0, 1.0, 2.0]
     assert second.row("T", "wall ratio").verdict == "met" and second.row("T", "wall ratio").baseline_mean is None
     assert second.info == {"note": "hello"}
+
+
+def test_max_samples_caps_the_arms_records_it_and_a_later_run_adds_the_rest(tmp_path, counting_experiment):
+    capped = run_experiment("_test_counting", out_dir=tmp_path / "out", cache_root=tmp_path / "cache", max_samples=16)
+    assert counting_experiment == list(range(16))
+    assert capped.row("T", "loss").n == 16
+    assert capped.info["samples_capped"] == {"max_samples": 16, "full": [40]}
+    assert "samples capped at 16 per arm" in format_result(capped)
+    counting_experiment.clear()
+    full = run_experiment("_test_counting", out_dir=tmp_path / "out", cache_root=tmp_path / "cache")
+    assert counting_experiment == list(range(16, 40))  # the capped run's chunks are reused
+    assert full.row("T", "loss").n == 40 and "samples_capped" not in full.info
+    # a cap above the experiment's size changes nothing and records nothing
+    above = run_experiment("_test_counting", out_dir=None, cache_root=tmp_path / "cache", max_samples=100)
+    assert above.row("T", "loss").n == 40 and "samples_capped" not in above.info
+    with pytest.raises(InputError, match="max_samples"):
+        run_experiment("_test_counting", out_dir=None, cache_root=tmp_path / "cache", max_samples=0)
+    with pytest.raises(SystemExit):
+        bench_main(["_test_counting", "--max-samples", "0", "--out", str(tmp_path / "o")])
 
 
 def test_seed_is_part_of_the_arm_key(tmp_path, counting_experiment):

@@ -24,6 +24,8 @@ def build_parser(prog: str = "flowkit bench") -> argparse.ArgumentParser:
     p.add_argument("--out", default="docs/results", help="folder for the JSON results (default docs/results)")
     p.add_argument("--cache", default=None, help="result cache root (default $FLOWKIT_CACHE/bench)")
     p.add_argument("--seed", type=int, default=None, help="override the experiment's base seed")
+    p.add_argument("--max-samples", type=int, default=None, metavar="N",
+                   help="cap every arm at N samples (recorded in the result; a later run adds the rest from the cache)")
     p.add_argument(
         "--docs", default=None, metavar="FILE",
         help="after the run, regenerate the experiment sections of FILE (e.g. docs/benchmarks.md) from --out",
@@ -39,7 +41,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         for name, description in available().items():
             print(f"{name:24s} {description}")
         return 0 if args.list else 2
-    result = run_experiment(args.name, quick=args.quick, out_dir=args.out, cache_root=args.cache, seed=args.seed)
+    if args.max_samples is not None and args.max_samples < 1:
+        parser.error(f"--max-samples must be a positive integer, got {args.max_samples}")
+    result = run_experiment(args.name, quick=args.quick, out_dir=args.out, cache_root=args.cache, seed=args.seed,
+                            max_samples=args.max_samples)
     print(format_result(result))
     print(f"\nwrote {result.path}")
     if args.docs:

@@ -115,6 +115,9 @@ class BenchRun:
     """The state of one experiment run, handed to the experiment function.
 
     quick: a smoke-sized run (fewer samples); read it through `n(full=, quick=)`.
+    max_samples: a cap on per-arm sample counts read through `sample_count(full=, quick=)`, for a
+        run that must fit a compute budget; the cap is recorded in `info`, and the cache lets
+        a later run without it add the missing samples.
     seed: the experiment's base seed; derive every sample's seed from it and the index.
     cache: where arms' per-sample results are kept between sessions.
     rows / info / samples: what the run has produced so far.
@@ -128,9 +131,13 @@ class BenchRun:
         seed: int = 0,
         cache: ResultCache | None = None,
         n_boot: int = 2000,
+        max_samples: int | None = None,
     ):
+        if max_samples is not None and (not isinstance(max_samples, (int, np.integer)) or max_samples < 1):
+            raise InputError(f"max_samples must be a positive integer, got {max_samples!r}")
         self.name = name
         self.quick = quick
+        self.max_samples = max_samples
         self.seed = seed
         self.cache = cache if cache is not None else ResultCache()
         self.n_boot = n_boot
@@ -141,6 +148,17 @@ class BenchRun:
     def n(self, *, full: int, quick: int) -> int:
         """`quick` in a quick run, `full` otherwise."""
         return quick if self.quick else full
+
+    def sample_count(self, *, full: int, quick: int) -> int:
+        """A per-arm sample count: `n(full=, quick=)`, capped at `max_samples` (the cap and
+        the experiment's own size are recorded in `info["samples_capped"]`)."""
+        n = self.n(full=full, quick=quick)
+        if self.max_samples is None or n <= self.max_samples:
+            return n
+        capped = self.info.setdefault("samples_capped", {"max_samples": int(self.max_samples), "full": []})
+        if n not in capped["full"]:
+            capped["full"].append(int(n))
+        return int(self.max_samples)
 
     def arm(
         self,
@@ -429,12 +447,14 @@ def run_experiment(
     *,
     seed: int | None = None,
     n_boot: int = 2000,
+    max_samples: int | None = None,
 ) -> BenchResult:
     """Run the experiment `name` and write its JSON (unless out_dir is None).
 
     quick: fewer samples, for smoke tests; written to NAME.quick.json.
     cache_root: the result cache's root (default `$FLOWKIT_CACHE/bench`).
     seed: overrides the experiment's registered base seed.
+    max_samples: caps every arm's sample count (see `BenchRun.sample_count`).
     """
     exp = get_experiment(name)
     bench = BenchRun(
@@ -443,6 +463,7 @@ def run_experiment(
         seed=exp.seed if seed is None else seed,
         cache=ResultCache(cache_root),
         n_boot=n_boot,
+        max_samples=max_samples,
     )
     t0 = time.perf_counter()
     exp.fn(bench)

@@ -75,6 +75,9 @@ def markdown_table(rows: Sequence[Row]) -> str:
 def format_result(result: BenchResult, *, heading: str = "###") -> str:
     """A markdown section for one run: heading, description, table, notes and info."""
     quick = " (quick run)" if result.quick else ""
+    capped = (result.info or {}).get("samples_capped")
+    if capped:
+        quick += f" (samples capped at {capped['max_samples']} per arm)"
     parts = [f"{heading} {result.name}{quick}", "", result.description, "", markdown_table(result.rows)]
     notes = [f"- {r.method} / {r.metric}: {r.notes}" for r in result.rows if r.notes]
     if notes:

@@ -81,7 +81,7 @@ def _linear_ag(shapes: ShapesBench, n: int) -> str:
 @experiment("adaptive", "Adaptive Guidance and LinearAG vs CFG and a fixed cutoff on the shapes world: NFE at equal quality")
 def adaptive(bench: BenchRun) -> None:
     shapes = ShapesBench(bench, prompt_items("single", "two"))
-    n, n_cal = bench.n(full=1000, quick=8), bench.n(full=128, quick=4)
+    n, n_cal = bench.sample_count(full=1000, quick=8), bench.n(full=128, quick=4)
     S = shapes.steps
     cosines = _calibration(shapes, n_cal)
     gamma = calibrate_gamma(cosines, SAVING, MIN_GUIDED)

@@ -23,7 +23,7 @@ NO_WORSE = Claim("no_worse", margin=2.0, better="higher")
 @experiment("apg", "APG vs CFG at scales 7.5, 10, 15 on the shapes world: saturation, FSD, presence, caption accuracy")
 def apg(bench: BenchRun) -> None:
     shapes = ShapesBench(bench, prompt_items("single", "two"))
-    n = bench.n(full=256, quick=8)
+    n = bench.sample_count(full=256, quick=8)
     for w in SCALES:
         cfg = shapes.arm(f"cfg-{w:g}", f"cfg:scale={w}", n)
         treated = shapes.arm(f"apg-{w:g}", f"apg:scale={w},eta=0.0,norm_threshold=15.0,momentum=-0.5", n)

@@ -72,7 +72,7 @@ def reference_distance(records: list[dict[str, Any]], reference: list[dict[str, 
 def boss(bench: BenchRun) -> None:
     reference_steps = bench.n(full=REFERENCE_STEPS, quick=16)
     shapes = ShapesBench(bench, prompt_items("single", "two"), steps=reference_steps, quick_steps=reference_steps)
-    n = bench.n(full=256, quick=4)
+    n = bench.sample_count(full=256, quick=4)
     tables = {
         "local": boss_table_file(shapes, "local", bench.n(full=64, quick=8), bench.n(full=32, quick=2)),
         "endpoint": boss_table_file(shapes, "endpoint", bench.n(full=16, quick=4), bench.n(full=16, quick=2)),

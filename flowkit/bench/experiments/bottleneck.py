@@ -40,7 +40,7 @@ def loop_seconds(pipe, prompts: list[str], sampler: str, steps: int, seed: int) 
 def bottleneck(bench: BenchRun) -> None:
     steps = bench.n(full=16, quick=4)
     shapes = ShapesBench(bench, prompt_items("single", "two"), steps=steps, quick_steps=steps)
-    n = bench.n(full=256, quick=4)
+    n = bench.sample_count(full=256, quick=4)
 
     def arm(name: str, sampler: str):
         from flowkit.bench.shapes_world import shapes_arm

@@ -22,7 +22,7 @@ GFCG_SPEC = "gfcg:scale=1.0,threshold=0.1"
 @experiment("gfcg", "GFCG + CFG vs CFG on single-group shapes captions: presence and caption accuracy")
 def gfcg(bench: BenchRun) -> None:
     shapes = ShapesBench(bench, prompt_items("single"))
-    n = bench.n(full=512, quick=8)
+    n = bench.sample_count(full=512, quick=8)
     base, name = f"CFG w={SCALE:g}", "GFCG + CFG"
     cfg = shapes.arm("cfg", f"cfg:scale={SCALE}", n)
     treated = shapes.arm("gfcg", f"cfg:scale={SCALE}+{GFCG_SPEC}", n)
