@@ -386,7 +386,24 @@ def _write_png(image: Any, path: Path) -> None:
     write_atomic(path, buf.getvalue())
 
 
-# --------------------------------------------------------------------------- batch
+# --------------------------------------------------------------------------- batch, tune, gallery
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from flowkit.tune import run_tune
+
+    print(run_tune(args))
+    return 0
+
+
+def cmd_gallery(args: argparse.Namespace) -> int:
+    from flowkit.gallery import build_gallery
+
+    if args.model is not None:
+        _check_model(args.model)
+    index = build_gallery(args.results, args.out, model=args.model, quick=args.quick)
+    print(f"wrote {index} and {index.with_suffix('.html')}")
+    return 0
 
 
 def cmd_batch(args: argparse.Namespace) -> int:

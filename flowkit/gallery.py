@@ -28,7 +28,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 from flowkit.errors import FlowkitError, InputError, WeightsError
 
-__all__ = ["show", "SETTINGS", "GalleryEntry", "read_entries", "build_gallery", "add_parser", "cmd_gallery"]
+__all__ = ["show", "SETTINGS", "GalleryEntry", "read_entries", "build_gallery", "add_parser"]
 
 SETTINGS = ("sampler", "guidance", "steps", "height", "width", "grid", "negative_prompt")
 DISPLAY_PX = 96  # strips are upscaled (nearest) so that small images are at least this wide
@@ -273,6 +273,7 @@ def build_gallery(results: str | Path = "docs/results", out: str | Path = "galle
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add `gallery` to the `flowkit` subcommands."""
+    from flowkit.cli import cmd_gallery
     g = sub.add_parser("gallery", help="draw the bench methods beside their baselines into gallery/",
                        description="Redraw each bench method's pictures beside its baseline's (entries recorded "
                                    "by the experiments in their results JSON) and write index.md and index.html.")
@@ -282,13 +283,3 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     g.add_argument("--quick", action="store_true", help="also read NAME.quick.json where no NAME.json exists")
     g.set_defaults(func=cmd_gallery)
     return g
-
-
-def cmd_gallery(args: argparse.Namespace) -> int:
-    if args.model is not None:
-        from flowkit.cli import _check_model
-
-        _check_model(args.model)
-    index = build_gallery(args.results, args.out, model=args.model, quick=args.quick)
-    print(f"wrote {index} and {index.with_suffix('.html')}")
-    return 0

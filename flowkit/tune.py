@@ -23,13 +23,14 @@ from typing import Any
 
 from flowkit.errors import InputError
 
-__all__ = ["add_parser", "cmd_tune", "parse_steps_list", "TuneOptions", "tune_options", "load_prompts"]
+__all__ = ["add_parser", "run_tune", "parse_steps_list", "TuneOptions", "tune_options", "load_prompts"]
 
 METHODS = ("boss",)
 
 
 def add_parser(sub: Any) -> argparse.ArgumentParser:
     """Add `tune` to the `flowkit` subcommands."""
+    from flowkit.cli import cmd_tune
     t = sub.add_parser("tune", help="compute sampler data (BOSS step sizes) for a model",
                        description="Compute precomputed sampler data for a model: `boss` step sizes.")
     t.add_argument("method", choices=METHODS)
@@ -134,7 +135,7 @@ def load_prompts(spec: str | None) -> list[str]:
     return prompts
 
 
-def cmd_tune(args: argparse.Namespace) -> int:
+def run_tune(args: argparse.Namespace) -> str:
     import torch
 
     from flowkit.adapters.base import adapt
@@ -170,19 +171,16 @@ def cmd_tune(args: argparse.Namespace) -> int:
         report.append({"steps": k, "times": [round(float(v), 6) for v in table.times(k).tolist()], "cost": total,
                        "uniform_cost": uniform})
     if opts.json:
-        print(json.dumps({"model": model, "fingerprint": table.fingerprint, "shape": list(shape), "cost": opts.cost,
-                          "nfe": table.nfe, "files": [str(p) for p in written], "grids": report}, indent=2))
-        return 0
-    print(f"BOSS ({opts.cost} cost) for {model} [{table.fingerprint}], latent {list(shape)}: "
-          f"{opts.samples} trajectories x {opts.k_max} steps, {table.nfe} NFE")
+        return json.dumps({"model": model, "fingerprint": table.fingerprint, "shape": list(shape), "cost": opts.cost,
+                           "nfe": table.nfe, "files": [str(p) for p in written], "grids": report}, indent=2)
+    lines = [f"BOSS ({opts.cost} cost) for {model} [{table.fingerprint}], latent {list(shape)}: "
+             f"{opts.samples} trajectories x {opts.k_max} steps, {table.nfe} NFE"]
     for r in report:
         uni = "" if r["uniform_cost"] is None else f" (uniform: {r['uniform_cost']:.4g})"
         times = ", ".join(f"{v:.4f}" for v in r["times"])
-        print(f"  {r['steps']} steps: [{times}]  cost {r['cost']:.4g}{uni}")
-    for p in written:
-        print(f"wrote {p}")
-    return 0
-
+        lines.append(f"  {r['steps']} steps: [{times}]  cost {r['cost']:.4g}{uni}")
+    lines += [f"wrote {p}" for p in written]
+    return "\n".join(lines)
 
 if __name__ == "__main__":  # pragma: no cover
     from flowkit.cli import main

@@ -73,4 +73,6 @@ def simplex(bench: BenchRun) -> None:
                           notes=f"{groups} groups of {m} samples; bias about {(K - 1) / (2 * m):.4f}")
     bench.info.update({"K": list(Ks), "train_steps": steps, "batch": batch, "groups": groups, "m": m,
                        "sample_steps": sample_steps,
-                       "mean_kl": {f"{p}/K={K}": float(kl[p, K].mean()) for p in PATHS for K in Ks}})
+                       "mean_kl": {f"{p}/K={K}": float(kl[p, K].mean()) for p in PATHS for K in Ks},
+                       "mean_kl_minus_bias": {f"{p}/K={K}": round(float(kl[p, K].mean()) - (K - 1) / (2 * m), 5)
+                                              for p in PATHS for K in Ks}})
