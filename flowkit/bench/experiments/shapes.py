@@ -36,7 +36,7 @@ def _cfg(scale: float) -> str:
 def shapes(bench: BenchRun) -> None:
     pipe, model = bench_model(bench)
     scales = SCALES if not bench.quick else (2.0, 4.0)
-    n_pick, n = bench.sample_count(full=64, quick=4), bench.sample_count(full=256, quick=8)
+    n_pick, n = bench.sample_count(full=32, quick=4), bench.sample_count(full=256, quick=8)
     sets = {name: prompt_set(name) for name in ("single", "two", "counting")}
 
     def arm(name: str, set_name: str, scale: float, count: int, seed: int) -> list[dict]:
