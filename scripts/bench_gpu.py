@@ -9,7 +9,10 @@ paired runs of alternating order (wall-time ratio, per-step overhead, the share 
 time inside the network's forward, latent parity), peak GPU memory of each variant in its
 own process, and the attention kernels side by side (each kernel alone at the model's
 joint-attention size, and the whole network's forward under each kernel). xformers is
-measured when it imports with CUDA, else recorded as not measurable.
+measured when it imports with CUDA, else recorded as not measurable. With flux among the
+models it also times bottleneck sampling (issue 7; preset `flux`, 1024 -> 512 -> 1024 px)
+against full-resolution Euler with the same steps, in paired runs of alternating order:
+the speed-up alone (random weights say nothing of quality).
 
     python scripts/bench_gpu.py                       # all three models, writes docs/results/gpu.json
     python scripts/bench_gpu.py --models sd3 --pairs 3 --docs docs/benchmarks.md
@@ -266,6 +269,49 @@ def bench_model(bench: BenchRun, name: str, s: Setup, steps: int, n_pairs: int, 
                   baseline_name="diffusers", units="MiB", notes="peak rise during one call, each variant in its own process")
 
 
+def bottleneck_pairs(pipe: Any, s: Setup, steps: int, indices: list[int]) -> list[dict[str, Any]]:
+    """Seconds of one FLUX call with full-resolution Euler and with bottleneck sampling, and
+    the forwards' token counts of the bottleneck call, per pair (alternating order)."""
+    from flowkit.pipelines import FlowKitPipeline
+
+    kw = call_kwargs("flux", s)
+    timer = ForwardTimer(network(pipe), sync=s.device.type == "cuda")
+    variants = {"full": FlowKitPipeline.from_pipe(pipe, sampler="euler"),
+                "bottleneck": FlowKitPipeline.from_pipe(pipe, sampler="bottleneck:preset=flux")}
+    out = []
+    for i in indices:
+        rec: dict[str, Any] = {"index": i, "seed": i}
+        for v in (("full", "bottleneck") if i % 2 == 0 else ("bottleneck", "full")):
+            gen = torch.Generator(s.device).manual_seed(i)
+            _, wall, fwd = timed_call(lambda: variants[v](**kw, num_inference_steps=steps, generator=gen), timer)
+            rec.update({f"{v}_seconds": wall, f"{v}_forward_seconds": fwd, f"{v}_nfe": variants[v].stats.nfe[0]})
+        out.append(rec)
+    timer.remove()
+    return out
+
+
+def bench_bottleneck(bench: BenchRun, s: Setup, steps: int, n: int) -> None:
+    steps = max(steps, 3)  # the flux preset's three stages need a step each
+    pipe = build("flux", s)
+    kw = call_kwargs("flux", s)
+    from flowkit.pipelines import FlowKitPipeline
+
+    for sampler in ("euler", "bottleneck:preset=flux"):  # warm-up of both resolutions
+        FlowKitPipeline.from_pipe(pipe, sampler=sampler)(**kw, num_inference_steps=steps, generator=None)
+    base = {"model": "flux", "config": s.configs["flux"], "size": s.size, "dtype": str(s.dtype), "steps": steps,
+            "device": torch.cuda.get_device_name() if s.device.type == "cuda" else "cpu", "version": 1}
+    res = bench.arm("flux-bottleneck", base, lambda idx: bottleneck_pairs(pipe, s, steps, idx), n=n, chunk=n)
+    full, low = column(res, "full_seconds"), column(res, "bottleneck_seconds")
+    bench.measure("bottleneck (flux preset)", "speed-up over full resolution", full / low,
+                  Claim("at_least", target=1.5), units="x",
+                  notes=f"FLUX-shaped random transformer, {s.size}px, {steps} steps; the paper reports up to 3x")
+    bench.info["bottleneck_nfe"] = {"full": int(res[0]["full_nfe"]), "bottleneck": int(res[0]["bottleneck_nfe"])}
+    del pipe
+    gc.collect()
+    if s.device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
 def bench_kernels(bench: BenchRun, s: Setup, n: int) -> None:
     names = [k for k in KERNELS if not unavailable(k, s.device)]
     bench.info["kernels_not_measurable"] = {k: unavailable(k, s.device) for k in KERNELS if unavailable(k, s.device)}
@@ -306,6 +352,8 @@ def gpu(bench: BenchRun) -> None:
     s = Setup(bench.quick)
     for name in o["models"]:
         bench_model(bench, name, s, o["steps"], o["pairs"], o["memory_runs"])
+    if "flux" in o["models"] and o["bottleneck_pairs"] > 0:
+        bench_bottleneck(bench, s, o["steps"], o["bottleneck_pairs"])
     bench_kernels(bench, s, o["kernel_samples"])
     bench.info.update({"device": torch.cuda.get_device_name() if s.device.type == "cuda" else "cpu (dry run)",
                        "size_px": s.size, "dtype": str(s.dtype), "steps": o["steps"], "models": o["models"]})
@@ -338,6 +386,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default 20; dry run 2)")
     p.add_argument("--pairs", type=int, default=None, help="paired runs per model (default 5; dry run 1)")
     p.add_argument("--memory-runs", type=int, default=1, help="subprocess pairs for peak memory per model (0: skip)")
+    p.add_argument("--bottleneck-pairs", type=int, default=None,
+                   help="paired FLUX runs, Euler vs bottleneck sampling (default 3; dry run 1; 0: skip)")
     p.add_argument("--kernel-samples", type=int, default=None, help="kernel timing samples (default 5; dry run 1)")
     p.add_argument("--out", default="docs/results", help="folder for gpu.json (dry run: gpu.quick.json)")
     p.add_argument("--cache", default=None, help="bench cache root (default $FLOWKIT_CACHE/bench)")
@@ -356,6 +406,7 @@ def main(argv: list[str] | None = None) -> int:
     if not a.dry_run and not torch.cuda.is_available():
         p.error("no CUDA device: run with --dry-run to check the script on CPU")
     OPTIONS.update(models=models, steps=steps, pairs=a.pairs or (1 if a.dry_run else 5), memory_runs=a.memory_runs,
+                   bottleneck_pairs=(1 if a.dry_run else 3) if a.bottleneck_pairs is None else a.bottleneck_pairs,
                    kernel_samples=a.kernel_samples or (1 if a.dry_run else 5))
     result = run(quick=a.dry_run, out_dir=a.out, cache_root=a.cache)
     print(format_result(result))

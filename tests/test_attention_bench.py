@@ -55,6 +55,14 @@ def test_bench_gpu_dry_run(tmp_path, capsys):
     assert ("reference kernel", "time at flux's attention size") in rows
     assert set(result["info"]["sd3_forward_seconds_by_kernel"]) >= {"sdpa", "sdpa-math", "reference"}
     assert "xformers" in result["info"]["kernels_not_measurable"] or torch.cuda.is_available()
+    assert "bottleneck (flux preset)" not in {m for m, _ in rows}  # flux not asked for
+    flux = ["--dry-run", "--models", "flux", "--memory-runs", "0", "--pairs", "1", "--out", str(tmp_path / "f"),
+            "--cache", str(tmp_path / "c")]
+    assert mod.main(flux) == 0
+    result = json.loads((tmp_path / "f" / "gpu.quick.json").read_text())
+    row = next(r for r in result["rows"] if r["method"] == "bottleneck (flux preset)")
+    assert row["n"] == 1 and row["treatment_mean"] > 0
+    assert result["info"]["bottleneck_nfe"] == {"full": 3, "bottleneck": 3}  # the same steps, split over 3 stages
     mod.memory_child("flux", "flowkit", 1, True)  # what each memory subprocess runs
     line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert line["variant"] == "flowkit" and line["peak_mib"] >= 0
