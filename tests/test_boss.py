@@ -249,6 +249,21 @@ def test_boss_sampler_refuses_a_table_of_another_model(tmp_path):
                        output_type="latent")
 
 
+def test_shipped_table_belongs_to_the_shipped_shapes_model(cache):
+    """flowkit/weights/boss/shapes.json was tuned on the shipped weights: with an empty cache
+    and no on-the-fly tuning, `boss` on the shapes model samples on that table's grid."""
+    pipe = flowkit.load("shapes")
+    shipped = resolve_table("shapes")
+    assert shipped.fingerprint == smp_fp(pipe) and tuple(shipped.shape) == (3, 32, 32)
+    for k in (4, 6, 8):
+        times = shipped.times(k)
+        assert times[0] == 1.0 and times[-1] == 0.0 and bool((times[1:] < times[:-1]).all())
+    with mock.patch("flowkit.boss.tuning.tune_table", side_effect=AssertionError("must use the shipped table")):
+        out = flowkit.sample(pipe, "a red circle", sampler="boss:auto=false", steps=4, output_type="latent")
+    assert out.stats.grid == shipped.times(4).tolist()
+    assert out.stats.grid != TimeGrid.uniform().build(4, LinearPath()).tolist()  # not the uniform grid
+
+
 # -- the straightening fine-tune ------------------------------------------------------------------
 
 @pytest.mark.parametrize("lora_rank", [0, 2])
