@@ -409,7 +409,7 @@ def cmd_gallery(args: argparse.Namespace) -> int:
 def cmd_batch(args: argparse.Namespace) -> int:
     from flowkit.batch.command import run_command
 
-    report = run_command(args)
+    report = run_command(args, say=lambda text: print(f"flowkit batch: {text}", file=sys.stderr, flush=True))
     if report is not None:
         print(report)
     return 0

@@ -259,6 +259,29 @@ def test_malformed_lines_stop_before_work_or_are_skipped(loads, tmp_path, capsys
     assert f"{prompts}:5: size: " in err and "multiples of" in err  # the model's own size check, per line
 
 
+def test_run_batch_sends_every_message_to_its_say_or_the_log(loads, tmp_path, capsys, caplog):
+    """From Python, run_batch prints nothing: progress and line warnings go to `say`, or by
+    default to the `flowkit.batch` logger (warnings at WARNING)."""
+    from flowkit.batch.command import batch_options
+    from flowkit.batch.runner import run_batch
+    from flowkit.cli import build_parser
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "a"}\n{"prompt": "b", "steps": "many"}\n')
+    said: list[str] = []
+    argv = ["batch", str(prompts), *SMALL, "--on-error", "skip", "--no-progress"]
+    summary = run_batch(batch_options(build_parser().parse_args([*argv, "--out", str(tmp_path / "a")])),
+                        say=said.append)
+    assert summary.generated == [0]
+    assert any(f"{prompts}:2: steps must be an integer" in t and t.startswith("warning:") for t in said)
+    assert any("rank 0 of world size 1" in t for t in said)
+    with caplog.at_level("INFO", logger="flowkit.batch"):
+        run_batch(batch_options(build_parser().parse_args([*argv, "--out", str(tmp_path / "b")])))
+    levels = {r.getMessage().split(":")[0]: r.levelname for r in caplog.records if r.name == "flowkit.batch"}
+    assert levels.get("warning") == "WARNING" and "INFO" in levels.values()
+    assert capsys.readouterr() == ("", "")
+
+
 def test_unwritable_out_fails_before_the_model_is_loaded(loads, tmp_path, capsys):
     prompts = tmp_path / "p.txt"
     prompts.write_text("a\n")

@@ -12,7 +12,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 if TYPE_CHECKING:
     from flowkit.batch.runner import BatchConfig, Summary
@@ -107,12 +107,12 @@ def _refuse_sequence_model(model: str) -> None:
                                "model, or use `flowkit generate` for sequences")
 
 
-def run_command(args: argparse.Namespace) -> str | None:
-    """Run the batch job of parsed `args`; the summary to print (JSON with --json), or None
-    on ranks other than 0 (rank 0 reports for everyone)."""
+def run_command(args: argparse.Namespace, say: Callable[[str], None]) -> str | None:
+    """Run the batch job of parsed `args`, progress lines and warnings to `say`; the summary
+    to print (JSON with --json), or None on ranks other than 0 (rank 0 reports for everyone)."""
     from flowkit.batch.runner import run_batch
 
-    summary = run_batch(batch_options(args))
+    summary = run_batch(batch_options(args), say=say)
     if summary is None:
         return None
     return json.dumps(summary.to_dict(), indent=2) if args.json else _text(summary)

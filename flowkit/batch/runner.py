@@ -16,6 +16,7 @@ Order of work (every rank runs the same code; rank 0 alone touches shared files)
 
 from __future__ import annotations
 
+import logging
 import sys
 import time
 from collections import Counter
@@ -88,11 +89,16 @@ class Summary:
         }
 
 
-def _say(text: str) -> None:
-    print(f"flowkit batch: {text}", file=sys.stderr, flush=True)
+log = logging.getLogger("flowkit.batch")
 
 
-def _line_errors(errors: list[LineError], parsed: PromptFile, on_error: str, procs: Processes) -> None:
+def _log(text: str) -> None:
+    """run_batch's default `say`: a log record, at WARNING for the messages that are warnings."""
+    log.log(logging.WARNING if "warning:" in text else logging.INFO, text)
+
+
+def _line_errors(errors: list[LineError], parsed: PromptFile, on_error: str, procs: Processes,
+                 say: Callable[[str], None]) -> None:
     """Stop at the first bad line, or warn (rank 0) about each one skipped."""
     if not errors:
         return
@@ -102,7 +108,7 @@ def _line_errors(errors: list[LineError], parsed: PromptFile, on_error: str, pro
         raise InputError(f"{e.describe(parsed.name)}{more}: fix the line, or pass --on-error skip")
     if procs.main:
         for e in errors:
-            _say(f"warning: {e.describe(parsed.name)} (line skipped)")
+            say(f"warning: {e.describe(parsed.name)} (line skipped)")
 
 
 def _load(cfg: BatchConfig, procs: Processes) -> tuple[Any, str]:
@@ -193,18 +199,20 @@ def _progress(total: int, procs: Processes, enabled: bool) -> Any:
                 dynamic_ncols=True, smoothing=0.1)
 
 
-def run_batch(cfg: BatchConfig, *, pipe: Any = None, say: Callable[[str], None] = _say) -> Summary | None:
+def run_batch(cfg: BatchConfig, *, pipe: Any = None, say: Callable[[str], None] = _log) -> Summary | None:
     """Run this process's part of the batch job; the summary on rank 0, None on the others.
 
     pipe: an already loaded pipeline to use, recorded as model `cfg.model` (default: load it).
+    say: where progress lines and warnings go (default: the `flowkit.batch` logger; the
+        command line prints them on stderr).
     """
     procs = processes()
     parsed = read_prompt_file(cfg.prompts)
-    _line_errors(parsed.errors, parsed, cfg.on_error, procs)
+    _line_errors(parsed.errors, parsed, cfg.on_error, procs, say)
     check_writable(cfg.out)
     pipe, model = _load(cfg, procs) if pipe is None else (pipe, cfg.model)
     jobs, size_errors = _jobs(cfg, parsed, pipe, model)
-    _line_errors(size_errors, parsed, cfg.on_error, procs)
+    _line_errors(size_errors, parsed, cfg.on_error, procs, say)
     fingerprint = _fingerprint(cfg, parsed, model)
     if cfg.resume:
         mf.check_fingerprint(cfg.out, fingerprint, cfg.force)
