@@ -525,3 +525,110 @@ def test_cli_runs_and_lists(tmp_path, capsys):
     assert "<!-- bench:selftest:start -->" in (tmp_path / "bench.md").read_text()
     assert bench_main(["--list"]) == 0
     assert "selftest" in capsys.readouterr().out
+
+
+_WORKER = r"""
+import json, os, sys, time
+from flowkit.bench.cache import ResultCache
+root, log = sys.argv[1], sys.argv[2]
+open(log + f".started-{os.getpid()}", "w").close()
+def fn(indices):
+    deadline = time.time() + 60
+    while len(__import__("glob").glob(log + ".started-*")) < 2 and time.time() < deadline:
+        time.sleep(0.01)  # both workers are up before any chunk finishes
+    with open(log, "a") as f:
+        f.write(json.dumps({"pid": os.getpid(), "indices": indices}) + "\n")
+    time.sleep(0.2)
+    return [{"index": i, "value": i * i} for i in indices]
+out = ResultCache(root, poll=0.05).run_cached_chunks("exp", {"arm": "shared"}, 40, fn, chunk=4)
+print(json.dumps(out))
+"""
+
+
+def test_two_processes_share_the_chunks_of_one_arm(tmp_path):
+    import subprocess
+    import sys
+
+    log_path = tmp_path / "computed.jsonl"
+    cmd = [sys.executable, "-c", _WORKER, str(tmp_path / "cache"), str(log_path)]
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [json.loads(p.communicate(timeout=120)[0]) for p in procs]
+    assert all(p.returncode == 0 for p in procs)
+    expected = [{"index": i, "value": i * i} for i in range(40)]
+    assert outs[0] == expected and outs[1] == expected
+    calls = [json.loads(line) for line in log_path.read_text().splitlines()]
+    chunks = sorted(c["indices"][0] for c in calls)
+    assert chunks == list(range(0, 40, 4))  # every chunk computed exactly once
+    assert len({c["pid"] for c in calls}) == 2  # and both processes did some of them
+    assert not list((tmp_path / "cache").rglob("*.claim"))  # claims are released
+
+
+def test_a_chunk_claimed_by_a_live_process_is_left_to_it_and_awaited(tmp_path):
+    import socket
+    import subprocess
+    import sys
+    import threading
+
+    from flowkit.bench.cache import CacheClaim
+
+    cache = ResultCache(tmp_path, poll=0.02)
+    config = {"arm": "x"}
+    path = cache.chunk_dir("exp", config) / "000002-000004.json"
+    path.parent.mkdir(parents=True)
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        CacheClaim(path).path.write_text(json.dumps({"host": socket.gethostname(), "pid": other.pid, "time": 0}))
+        computed: list[int] = []
+
+        def fn(indices):
+            computed.extend(indices)
+            return [{"index": i, "by": "us"} for i in indices]
+
+        def other_finishes():  # the other process writes its chunk, then drops its claim
+            import time
+
+            time.sleep(0.3)
+            from flowkit.bench.cache import write_json_atomic
+
+            write_json_atomic(path, {"config": config, "results": [{"index": 2, "by": "them"}, {"index": 3, "by": "them"}]})
+            CacheClaim(path).path.unlink()
+
+        t = threading.Thread(target=other_finishes)
+        t.start()
+        out = cache.run_cached_chunks("exp", config, 6, fn, chunk=2)
+        t.join()
+    finally:
+        other.kill()
+        other.wait()
+    assert computed == [0, 1, 4, 5]  # the claimed chunk was skipped, then read back
+    assert [r["by"] for r in out] == ["us", "us", "them", "them", "us", "us"]
+
+
+def test_a_claim_left_by_a_dead_process_is_taken_over(tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    from flowkit.bench.cache import CacheClaim, hold_claim
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    cache = ResultCache(tmp_path, poll=0.02)
+    path = cache.chunk_dir("exp", {}) / "000000-000002.json"
+    path.parent.mkdir(parents=True)
+    claim_file = CacheClaim(path).path
+    claim_file.write_text(json.dumps({"host": socket.gethostname(), "pid": dead.pid, "time": 0}))
+    out = cache.run_cached_chunks("exp", {}, 2, lambda idx: [{"i": i} for i in idx], chunk=2)
+    assert out == [{"i": 0}, {"i": 1}] and not claim_file.exists()
+    # an old claim from another host is stale after the timeout, a fresh one is not
+    claim_file.write_text(json.dumps({"host": "elsewhere", "pid": 1, "time": 0}))
+    assert not CacheClaim(path, timeout=3600).stale() and CacheClaim(path, timeout=0).stale()
+    claim_file.unlink()
+    # a failing computation releases its claim; hold_claim releases on exit
+    with pytest.raises(RuntimeError):
+        ResultCache(tmp_path).run_cached_chunks("exp", {"b": 1}, 2, lambda idx: (_ for _ in ()).throw(RuntimeError()), chunk=2)
+    assert not list(tmp_path.rglob("*.claim"))
+    with hold_claim(tmp_path / "fit.json") as held:
+        assert held.held and (tmp_path / "fit.json.claim").exists()
+        assert not CacheClaim(tmp_path / "fit.json").try_acquire()  # the same process, another claimant
+    assert not (tmp_path / "fit.json.claim").exists()

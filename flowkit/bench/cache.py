@@ -8,7 +8,13 @@ Layout under the root (default `$FLOWKIT_CACHE/bench`, FLOWKIT_CACHE defaulting 
 
 Every file is written to a temporary name and moved into place with `os.replace`, so an
 interrupted run never leaves a half-written entry; a chunked arm resumes from the chunks
-that finished. Results are lists of JSON-serialisable dicts (numpy scalars and arrays are
+that finished.
+
+Several processes may share one cache (e.g. two `flowkit bench NAME` runs on a 2-core
+machine, one thread each): before computing a chunk a process claims it with a
+`CHUNK.json.claim` file created exclusively; the others skip claimed chunks, compute the
+rest, and then wait for the claimed ones. A claim whose process is gone (same host, pid no
+longer alive) or that is older than `claim_timeout` seconds is stale and taken over. Results are lists of JSON-serialisable dicts (numpy scalars and arrays are
 converted); what comes back from the cache equals what the first run returned.
 
 The configuration must hold everything the results depend on (method, options, model,
@@ -23,15 +29,18 @@ import logging
 import os
 import re
 import shutil
+import socket
 import tempfile
+import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 
 from flowkit.errors import InputError
 
-__all__ = ["ResultCache", "config_hash", "canonical_json", "check_name", "default_cache_root", "write_json_atomic", "to_jsonable"]
+__all__ = ["ResultCache", "config_hash", "canonical_json", "check_name", "default_cache_root", "write_json_atomic", "to_jsonable", "CacheClaim", "hold_claim"]
 
 log = logging.getLogger(__name__)
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
@@ -148,12 +157,108 @@ def _normalise_results(results: Any, where: str) -> list[dict[str, Any]]:
         raise InputError(f"{where} must return a list of dicts, one per sample")
     return to_jsonable(list(results), where)
 
+_HELD: set[str] = set()  # claim files this process holds
+
+
+class CacheClaim:
+    """An exclusive, cross-process claim on a cache target (`TARGET.claim`, created with O_EXCL).
+
+    The claim file records the host and pid of its holder. A claim is stale when its holder
+    is a dead process on this host, or when it is older than `timeout` seconds (a holder on
+    another host sharing the folder); a stale claim is removed and can be taken.
+    """
+
+    def __init__(self, target: str | os.PathLike[str], *, timeout: float = 6 * 3600.0):
+        self.target = Path(target)
+        self.path = self.target.with_name(self.target.name + ".claim")
+        self.timeout = float(timeout)
+        self.held = False
+
+    def try_acquire(self) -> bool:
+        """Take the claim if it is free or stale; False while another live holder has it."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+            except FileExistsError:
+                if not self.stale():
+                    return False
+                log.warning("taking over the stale bench claim %s", self.path)
+                try:
+                    os.unlink(self.path)
+                except FileNotFoundError:
+                    pass
+                continue
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump({"host": socket.gethostname(), "pid": os.getpid(), "time": time.time()}, f)
+            self.held = True
+            _HELD.add(str(self.path))
+            return True
+        return False
+
+    def stale(self) -> bool:
+        """Whether an existing claim file belongs to nobody alive (False if it vanished)."""
+        try:
+            age = time.time() - self.path.stat().st_mtime
+        except FileNotFoundError:
+            return False
+        try:
+            holder = json.loads(self.path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return False
+        except (OSError, ValueError):
+            return age > 60.0  # a claim file is written within moments of its creation
+        if age > self.timeout:
+            return True
+        if not isinstance(holder, dict) or holder.get("host") != socket.gethostname():
+            return False
+        pid = holder.get("pid")
+        if not isinstance(pid, int):
+            return True
+        if pid == os.getpid():  # ours: live if this process holds it, else left by a dead one with our pid
+            return str(self.path) not in _HELD
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:  # alive, owned by another user
+            return False
+        return False
+
+    def release(self) -> None:
+        if self.held:
+            self.held = False
+            _HELD.discard(str(self.path))
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+
+
+@contextmanager
+def hold_claim(target: str | os.PathLike[str], *, poll: float = 2.0, timeout: float = 6 * 3600.0) -> Iterator["CacheClaim"]:
+    """Hold the claim on `target`, waiting while another live process holds it.
+
+    Use it around work whose result is written to `target` and read back when present:
+    the second process waits for the first and then finds the result.
+    """
+    claim = CacheClaim(target, timeout=timeout)
+    while not claim.try_acquire():
+        time.sleep(poll)
+    try:
+        yield claim
+    finally:
+        claim.release()
+
 
 class ResultCache:
     """Per-sample results of bench arms on disk, keyed by (experiment, config hash)."""
 
-    def __init__(self, root: str | os.PathLike[str] | None = None):
+    def __init__(self, root: str | os.PathLike[str] | None = None, *, poll: float = 2.0,
+                 claim_timeout: float = 6 * 3600.0):
         self.root = Path(root).expanduser() if root is not None else default_cache_root()
+        self.poll = float(poll)  # seconds between looks at a chunk another process holds
+        self.claim_timeout = float(claim_timeout)
 
     def __repr__(self) -> str:
         return f"ResultCache({str(self.root)!r})"
@@ -213,7 +318,8 @@ class ResultCache:
             depend only on `config` and the indices (seed each sample from its index), so a
             chunk computed in another session is interchangeable.
         Chunks that finished in an earlier, interrupted run are read back, and only the
-        missing ones are computed. The sample count is not part of the key: raising `n`
+        missing ones are computed; chunks that another process has claimed are left to it
+        and waited for at the end. The sample count is not part of the key: raising `n`
         reuses the chunks whose bounds stay the same.
         """
         if not isinstance(n, (int, np.integer)) or n < 0:
@@ -221,22 +327,48 @@ class ResultCache:
         if not isinstance(chunk, (int, np.integer)) or chunk < 1:
             raise InputError(f"chunk must be a positive integer, got {chunk!r}")
         folder = self.chunk_dir(experiment, config)
-        results: list[dict[str, Any]] = []
-        for start in range(0, n, chunk):
-            stop = min(start + chunk, n)
-            path = folder / f"{start:06d}-{stop:06d}.json"
-            part = self._load(path, config)
-            if part is None or len(part) != stop - start:
-                indices = list(range(start, stop))
-                part = _normalise_results(fn(indices), "the chunk function")
-                if len(part) != len(indices):
-                    raise InputError(
-                        f"the chunk function returned {len(part)} results for {len(indices)} indices; "
-                        "return one dict per index"
-                    )
-                write_json_atomic(path, {"config": to_jsonable(config, "config"), "results": part})
-            results.extend(part)
-        return results
+        bounds = [(start, min(start + chunk, n)) for start in range(0, n, chunk)]
+        parts: dict[int, list[dict[str, Any]]] = {}
+        waiting: list[tuple[int, int]] = []
+        for start, stop in bounds:  # compute what is missing and unclaimed; defer the rest
+            part = self._chunk(folder, config, fn, start, stop, wait=False)
+            if part is None:
+                waiting.append((start, stop))
+            else:
+                parts[start] = part
+        for start, stop in waiting:  # chunks another process was computing
+            log.info("bench cache: waiting for chunk %d-%d of %s, claimed by another process", start, stop, folder.name)
+            parts[start] = self._chunk(folder, config, fn, start, stop, wait=True)
+        return [r for start, _ in bounds for r in parts[start]]
+
+    def _chunk(self, folder: Path, config: Mapping[str, Any], fn: Callable[[list[int]], list[dict[str, Any]]],
+               start: int, stop: int, *, wait: bool) -> list[dict[str, Any]] | None:
+        """Chunk [start, stop): read back, or computed under its claim; None if another
+        process holds the claim and `wait` is False."""
+        path = folder / f"{start:06d}-{stop:06d}.json"
+        part = self._load(path, config)
+        if part is not None and len(part) == stop - start:
+            return part
+        claim = CacheClaim(path, timeout=self.claim_timeout)
+        while not claim.try_acquire():
+            if not wait:
+                return None
+            time.sleep(self.poll)
+        try:
+            part = self._load(path, config)  # it may have landed while we waited
+            if part is not None and len(part) == stop - start:
+                return part
+            indices = list(range(start, stop))
+            part = _normalise_results(fn(indices), "the chunk function")
+            if len(part) != len(indices):
+                raise InputError(
+                    f"the chunk function returned {len(part)} results for {len(indices)} indices; "
+                    "return one dict per index"
+                )
+            write_json_atomic(path, {"config": to_jsonable(config, "config"), "results": part})
+            return part
+        finally:
+            claim.release()
 
     def clear(self, experiment: str | None = None) -> None:
         """Delete the cached results of one experiment, or of all."""

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from flowkit.bench.cache import config_hash
+from flowkit.bench.cache import config_hash, hold_claim
 from flowkit.bench.core import BenchRun, column, experiment
 from flowkit.bench.experiments._shapes_guidance import (
     ShapesBench,
@@ -73,8 +73,9 @@ def _linear_ag(shapes: ShapesBench, n: int) -> str:
     history = bench.n(full=2, quick=1)  # quick runs are short: one step of history
     settings = {**shapes.base, "scale": SCALE, "n": n, "history": history, "seed": bench.seed + CAL_SEED_OFFSET}
     path = bench.cache.root / bench.name / f"linear_ag-{config_hash(settings)}.json"
-    fit_linear_ag(shapes.pipe, texts, steps=shapes.steps, scale=SCALE, sampler="euler",
-                  seed=bench.seed + CAL_SEED_OFFSET, history=history, cache=path, model_id=shapes.base["model"])
+    with hold_claim(path):  # a second bench process waits for this fit and reads it back
+        fit_linear_ag(shapes.pipe, texts, steps=shapes.steps, scale=SCALE, sampler="euler",
+                      seed=bench.seed + CAL_SEED_OFFSET, history=history, cache=path, model_id=shapes.base["model"])
     return str(path)
 
 
