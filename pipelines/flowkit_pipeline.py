@@ -19,7 +19,12 @@ Keywords of the wrapped pipeline that flowkit does not take are refused, unless 
 their default value, with the flowkit way to get the same (see `REFUSED`). Differences
 from diffusers: FLUX sizes must be multiples of the packing factor (diffusers rounds
 down); callbacks see `prompt_embeds` / `negative_prompt_embeds` per branch (diffusers
-passes the concatenated CFG batch) and may replace `latents` only.
+passes the concatenated CFG batch) and may replace `latents`; as in diffusers, a callback
+may also change `pipe._guidance_scale` (diffusers' `SDCFGCutoffCallback`,
+`SDXLCFGCutoffCallback` and `SD3CFGCutoffCallback` set it to 0 to stop CFG): at 1 or below
+guidance is off from the next step (conditional only), above 1 the combiner takes the new
+scale. Conditioning tensors a callback returns unchanged, or cut to their last rows (the
+cut-off callbacks keep the conditional rows), are accepted; other changes are refused.
 """
 
 from __future__ import annotations
@@ -249,13 +254,56 @@ class FlowKitPipeline:
                 found = [cond.get(f) for f in fields if cond is not None and cond.get(f) is not None]
                 tensors[name] = found[0] if found else None
             timestep = ctx.denoiser.point(ctx.t.cpu()).timestep[0].to(torch.float32)
-            outputs = user(self.pipe, step, timestep, tensors) or {}
+            pipe = self.pipe
+            pipe._num_timesteps = ctx.num_steps  # read by callbacks (pipeline.num_timesteps), as diffusers sets it
+            scale = None
+            if adapter.family != "flux":  # FLUX's _guidance_scale is its distilled-guidance embedding, not CFG
+                scale = _stack_scale(ctx.stack)
+                pipe._guidance_scale = scale
+            outputs = user(pipe, step, timestep, tensors) or {}
+            for name, value in outputs.items():
+                if name != "latents" and not _unchanged(value, tensors.get(name)):
+                    raise UnsupportedError(f"the callback changed {name!r}; FlowKitPipeline takes new latents and "
+                                           "pipe._guidance_scale from callbacks, not new conditioning")
+            if scale is not None and getattr(pipe, "_guidance_scale", scale) != scale:
+                ctx.stack = _with_scale(ctx.stack, float(pipe._guidance_scale))
             new = outputs.get("latents", latents)
             if new is latents:
                 return None
             return adapter.from_pipeline_latents(new.to(device=x.device, dtype=x.dtype), x, t_next, frame)
 
         return fn
+
+
+def _stack_scale(stack: GuidanceStack) -> float:
+    """The CFG scale a diffusers pipeline would hold for this stack (1.0: no guidance)."""
+    if stack.combiner is None:
+        return 1.0
+    return float(getattr(stack.combiner, "scale", 1.0))
+
+
+def _with_scale(stack: GuidanceStack, scale: float) -> GuidanceStack:
+    """The stack after a callback set the pipeline's guidance scale: none at <= 1 (as
+    diffusers' `do_classifier_free_guidance`), else its combiner at the new scale."""
+    if scale <= 1.0:
+        return GuidanceStack([])
+    if stack.combiner is None or not hasattr(stack.combiner, "scale"):
+        raise UnsupportedError(f"the callback set the guidance scale to {scale:g}, but this run's guidance "
+                               "stack has no combiner with a scale")
+    combiner = copy.copy(stack.combiner)
+    combiner.scale = scale
+    return GuidanceStack([combiner if m is stack.combiner else m for m in stack])
+
+
+def _unchanged(new: Any, passed: Any) -> bool:
+    """Whether a tensor a callback returned is the one it was given, or its last rows."""
+    if new is passed:
+        return True
+    if not isinstance(new, torch.Tensor) or not isinstance(passed, torch.Tensor):
+        return False
+    if new.dim() != passed.dim() or new.shape[1:] != passed.shape[1:] or not 0 < len(new) <= len(passed):
+        return False
+    return bool(torch.equal(new.to(passed.device, passed.dtype), passed[len(passed) - len(new):]))
 
 
 def _is_default(value: Any, default: Any) -> bool:

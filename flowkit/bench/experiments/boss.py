@@ -107,7 +107,8 @@ def boss(bench: BenchRun) -> None:
                           claim=Claim("lower"), treatment=reference_distance(endpoint, reference),
                           baseline=reference_distance(local, reference), baseline_name=f"BOSS local {k}")
     k = STEPS[0]
-    shapes.show(f"BOSS {k} steps", None, f"uniform {k}", None, steps=k, grid=f"boss:{tables['local']}",
+    times = ";".join(repr(v) for v in loaded["local"].times(k).tolist())  # portable: no cache path
+    shapes.show(f"BOSS {k} steps", None, f"uniform {k}", None, steps=k, grid=f"sigmas:{times}",
                 baseline_extra={"steps": k, "grid": "uniform"})
     bench.info.update({"n": n, "steps": list((STEPS[:1] if bench.quick else STEPS)), "reference_steps": reference_steps,
                        "shift": SHIFT,
