@@ -13,9 +13,10 @@ Design (paired: same prompts and seeds, CFG w = 4, 30 Euler steps):
   same kind of run (`fit_linear_ag`, cached);
 - AG vs CFG: NFE at least 20% lower (the ratio's interval below 0.8), caption accuracy
   (whole caption) and presence within 2 points, FSD within 5% (n >= 1,000 in the full run);
-- AG vs a fixed cutoff (CFG for the first k steps, conditional after, as diffusers' CFG
-  cutoff callbacks do) with k chosen so that it spends AG's mean NFE: caption accuracy
-  higher and FSD lower;
+- AG vs a fixed cutoff (CFG for the first k steps, conditional after: `cfg:stop=k/S`, the
+  run diffusers' `SDCFGCutoffCallback(cutoff_step_index=k-1)` gives, tested in
+  test_dropin_cfg_cutoff.py) with k chosen so that it spends AG's mean NFE: caption
+  accuracy higher and FSD lower;
 - LinearAG (every other unconditional evaluation of the first half predicted) vs CFG:
   NFE lower, caption accuracy within 2 points and FSD within 5%.
 """
