@@ -176,9 +176,7 @@ class FlowKitPipeline:
             raise UnsupportedError("guidance_rescale goes on the combiner of your stack: CFG(scale=..., guidance_rescale=...)")
         stack = build_guidance(self.guidance, 1.0)
         if scale_name in given and stack.combiner is not None and hasattr(stack.combiner, "scale"):
-            combiner = copy.copy(stack.combiner)
-            combiner.scale = float(kw[scale_name])
-            stack = GuidanceStack([combiner if m is stack.combiner else m for m in stack])
+            stack = _combiner_at(stack, float(kw[scale_name]))
         return stack
 
     @torch.no_grad()
@@ -290,6 +288,11 @@ def _with_scale(stack: GuidanceStack, scale: float) -> GuidanceStack:
     if stack.combiner is None or not hasattr(stack.combiner, "scale"):
         raise UnsupportedError(f"the callback set the guidance scale to {scale:g}, but this run's guidance "
                                "stack has no combiner with a scale")
+    return _combiner_at(stack, scale)
+
+
+def _combiner_at(stack: GuidanceStack, scale: float) -> GuidanceStack:
+    """The stack with a copy of its combiner at `scale` (the caller's modules are not changed)."""
     combiner = copy.copy(stack.combiner)
     combiner.scale = scale
     return GuidanceStack([combiner if m is stack.combiner else m for m in stack])

@@ -14,8 +14,10 @@ Several processes may share one cache (e.g. two `flowkit bench NAME` runs on a 2
 machine, one thread each): before computing a chunk a process claims it with a
 `CHUNK.json.claim` file created exclusively; the others skip claimed chunks, compute the
 rest, and then wait for the claimed ones. A claim whose process is gone (same host, pid no
-longer alive) or that is older than `claim_timeout` seconds is stale and taken over. Results are lists of JSON-serialisable dicts (numpy scalars and arrays are
-converted); what comes back from the cache equals what the first run returned.
+longer alive) or that is older than `claim_timeout` seconds is stale and taken over.
+
+Results are lists of JSON-serialisable dicts (numpy scalars and arrays are converted);
+what comes back from the cache equals what the first run returned.
 
 The configuration must hold everything the results depend on (method, options, model,
 sample count per seed, ...). Bump a "version" key in it when the code behind an arm changes.
@@ -196,6 +198,11 @@ class CacheClaim:
             return True
         return False
 
+    def acquire(self, poll: float) -> None:
+        """Take the claim, waiting (`poll` seconds between looks) while a live holder has it."""
+        while not self.try_acquire():
+            time.sleep(poll)
+
     def stale(self) -> bool:
         """Whether an existing claim file belongs to nobody alive (False if it vanished)."""
         try:
@@ -243,8 +250,7 @@ def hold_claim(target: str | os.PathLike[str], *, poll: float = 2.0, timeout: fl
     the second process waits for the first and then finds the result.
     """
     claim = CacheClaim(target, timeout=timeout)
-    while not claim.try_acquire():
-        time.sleep(poll)
+    claim.acquire(poll)
     try:
         yield claim
     finally:
@@ -350,10 +356,10 @@ class ResultCache:
         if part is not None and len(part) == stop - start:
             return part
         claim = CacheClaim(path, timeout=self.claim_timeout)
-        while not claim.try_acquire():
+        if not claim.try_acquire():
             if not wait:
                 return None
-            time.sleep(self.poll)
+            claim.acquire(self.poll)
         try:
             part = self._load(path, config)  # it may have landed while we waited
             if part is not None and len(part) == stop - start:
