@@ -12,14 +12,14 @@ from torch import Tensor
 from flowkit.adapters.base import adapt
 from flowkit.context import Context
 from flowkit.errors import InputError, SpecError
-from flowkit.guidance.base import Guidance, GuidanceStack
+from flowkit.guidance_base import Guidance, GuidanceStack
 from flowkit.registry import GUIDANCE, SAMPLERS
-from flowkit.sampler import Sampler
-from flowkit.sampling import Stats, run
+from flowkit.sampler_base import Sampler
+from flowkit.sampling_loop import Stats, integrate
 from flowkit.seeding import generators_for, randn_per_sample, seed_for
 from flowkit.timegrid import TimeGrid
 
-__all__ = ["sample", "SampleOutput", "build_sampler", "build_guidance", "run_adapter"]
+__all__ = ["sample", "SampleOutput", "build_sampler", "build_guidance", "sample_from_noise"]
 
 
 @dataclass
@@ -143,7 +143,7 @@ def sample(
     with grad_ctx:
         conds = adapter.encode_sized(prompt_list, negatives, need_uncond, h, w)
         noise = randn_per_sample(shape, generators, adapter.device, torch.float32)
-        x, stats, _ = run_adapter(adapter, conds, noise, sampler=smp, stack=stack, steps=steps,
+        x, stats, _ = sample_from_noise(adapter, conds, noise, sampler=smp, stack=stack, steps=steps,
                                grid=TimeGrid.parse(grid) if grid is not None else None, height=h, width=w,
                                generators=generators, callback=callback, check_every=check_every,
                                progress=progress, attention=attention)
@@ -156,7 +156,7 @@ def _wants_uncond(module: Guidance) -> bool:
     return module.role in ("combiner",) or getattr(module, "needs_uncond", False)
 
 
-def run_adapter(adapter: Any, conds: dict, noise: Tensor, *, sampler: Sampler, stack: GuidanceStack, steps: int,
+def sample_from_noise(adapter: Any, conds: dict, noise: Tensor, *, sampler: Sampler, stack: GuidanceStack, steps: int,
                 grid: TimeGrid | None, height: int, width: int, generators: Sequence[torch.Generator],
                 callback: Callable | None = None, check_every: int = 4, progress: bool = False,
                 sigmas: Sequence[float] | None = None, mu: float | None = None,
@@ -204,7 +204,7 @@ def run_adapter(adapter: Any, conds: dict, noise: Tensor, *, sampler: Sampler, s
 
     try:
         with session(getattr(den, "network", None), attention) as ctx.attention:
-            x, stats = run(sampler, ctx, noise, plan.ts, callback=callback, check_every=check_every,
+            x, stats = integrate(sampler, ctx, noise, plan.ts, callback=callback, check_every=check_every,
                            progress=progress)
         stats.attention = dict(ctx.attention.counts)
     finally:

@@ -144,7 +144,7 @@ class GenerateOptions:
     prompts: list[str]
     model: str
     model_given: bool  # --model was given: no fallback to the tiny model
-    sampler: Any  # flowkit.sampler.Sampler
+    sampler: Any  # flowkit.sampler_base.Sampler
     guidance: Any  # flowkit.guidance.GuidanceStack, or None: CFG at the model's default scale
     grid: Any  # flowkit.TimeGrid, or None: the model's default grid
     steps: int

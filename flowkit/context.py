@@ -13,7 +13,7 @@ from flowkit.seeding import randn_per_sample
 if TYPE_CHECKING:
     from flowkit.conditioning import Conditioning
     from flowkit.denoiser import Denoiser
-    from flowkit.guidance.base import GuidanceStack
+    from flowkit.guidance_base import GuidanceStack
 
 __all__ = ["Context"]
 

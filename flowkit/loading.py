@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from flowkit.errors import UnknownNameError, WeightsError, closest
-from flowkit.manifest import MANIFEST_FILE, sha256_file, verify_manifest, write_manifest
+from flowkit.checksums import MANIFEST_FILE, sha256_file, verify_manifest, write_manifest
 
 __all__ = ["load", "BUILTIN_MODELS", "weights_dir", "sha256_file", "load_unet_strict", "save_shapes",
            "load_shapes", "SHAPES_FILES"]
@@ -70,7 +70,7 @@ def load_unet_strict(folder: Path):
 
 
 def _shapes_pipeline(unet):
-    from flowkit.pipelines.shapes import ShapesPipeline, shapes_scheduler
+    from flowkit.worlds.shapes_pipeline import ShapesPipeline, shapes_scheduler
     from flowkit.text import load_minilm
 
     tokenizer, text_encoder = load_minilm()
@@ -109,7 +109,7 @@ def load_shapes(folder: str | os.PathLike | None = None):
 def _load_tiny(seed: int = 0):
     from diffusers import UNet2DConditionModel
 
-    from flowkit.pipelines.shapes import shapes_unet_config
+    from flowkit.worlds.shapes_pipeline import shapes_unet_config
 
     g = torch.random.fork_rng()
     with g:

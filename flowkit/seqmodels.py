@@ -315,7 +315,7 @@ def export_model(net: nn.Module, folder: str | Path, meta: dict) -> list[Path]:
     manifest to `folder`."""
     from safetensors.torch import save_file
 
-    from flowkit.manifest import write_manifest
+    from flowkit.checksums import write_manifest
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -331,7 +331,7 @@ def load_model(folder: str | Path, kind: str, hint: str = "reinstall flowkit") -
     """(net, config) from an `export_model` folder: manifest verified first, strict state dict."""
     from safetensors.torch import load_file
 
-    from flowkit.manifest import verify_manifest
+    from flowkit.checksums import verify_manifest
 
     folder = Path(folder)
     verify_manifest(folder, (WEIGHTS_FILE, CONFIG_FILE), hint=hint)

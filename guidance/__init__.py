@@ -5,7 +5,7 @@
 
 from flowkit.guidance.adaptive import AdaptiveGuidance
 from flowkit.guidance.apg import APG
-from flowkit.guidance.base import BranchPredictions, BranchRequests, Guidance, GuidanceStack
+from flowkit.guidance_base import BranchPredictions, BranchRequests, Guidance, GuidanceStack
 from flowkit.guidance.cfg import CFG
 from flowkit.guidance.dirichlet_classifier import DirichletClassifierGuidance
 from flowkit.guidance.gfcg import GFCG

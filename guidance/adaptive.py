@@ -21,7 +21,7 @@ from typing import Literal
 
 import torch
 
-from flowkit.guidance.base import BranchRequests, Guidance
+from flowkit.guidance_base import BranchRequests, Guidance
 from flowkit.registry import GUIDANCE
 
 __all__ = ["AdaptiveGuidance", "cosine"]

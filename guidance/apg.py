@@ -25,7 +25,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from flowkit.guidance.base import BranchPredictions, BranchRequests, Guidance
+from flowkit.guidance_base import BranchPredictions, BranchRequests, Guidance
 from flowkit.prediction import Prediction
 from flowkit.registry import GUIDANCE
 

@@ -30,7 +30,7 @@ from flowkit.paths.categorical import project_simplex
 from flowkit.prediction import Prediction
 from flowkit.registry import GUIDANCE
 
-from flowkit.guidance.base import BranchPredictions, BranchRequests, Guidance
+from flowkit.guidance_base import BranchPredictions, BranchRequests, Guidance
 
 __all__ = ["CFG", "rescale_noise_cfg", "combine_probs"]
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from flowkit.errors import InputError
-from flowkit.guidance.base import Guidance
+from flowkit.guidance_base import Guidance
 from flowkit.paths.categorical import project_simplex
 from flowkit.registry import GUIDANCE
 

@@ -57,7 +57,7 @@ from torch import Tensor
 
 from flowkit.conditioning import Conditioning
 from flowkit.errors import InputError
-from flowkit.guidance.base import BranchRequests, Guidance
+from flowkit.guidance_base import BranchRequests, Guidance
 from flowkit.prediction import Prediction
 from flowkit.registry import GUIDANCE
 

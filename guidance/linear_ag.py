@@ -48,7 +48,7 @@ import torch
 from torch import Tensor
 
 from flowkit.errors import InputError
-from flowkit.guidance.base import BranchRequests, Guidance
+from flowkit.guidance_base import BranchRequests, Guidance
 from flowkit.prediction import Prediction
 from flowkit.registry import GUIDANCE
 

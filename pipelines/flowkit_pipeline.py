@@ -36,11 +36,11 @@ from typing import Any
 import torch
 
 from flowkit.adapters.base import adapt
-from flowkit.api import _wants_uncond, build_guidance, build_sampler, run_adapter
+from flowkit.api import _wants_uncond, build_guidance, build_sampler, sample_from_noise
 from flowkit.errors import InputError, UnsupportedError, closest
-from flowkit.guidance.base import GuidanceStack
+from flowkit.guidance_base import GuidanceStack
 from flowkit.guidance.cfg import CFG
-from flowkit.sampler import Sampler
+from flowkit.sampler_base import Sampler
 
 __all__ = ["FlowKitPipeline", "REFUSED"]
 
@@ -212,7 +212,7 @@ class FlowKitPipeline:
         callback = None
         if kw.get("callback_on_step_end") is not None:
             callback = self._callback(kw, adapter)
-        x, stats, ctx = run_adapter(
+        x, stats, ctx = sample_from_noise(
             adapter, conds, noise, sampler=self.sampler, stack=stack, steps=int(kw.get("num_inference_steps") or 1),
             grid=None, height=h, width=w, generators=_per_sample_generators(generator, batch),
             callback=callback, sigmas=kw.get("sigmas"), mu=kw.get("mu"),

@@ -4,7 +4,7 @@
 """
 
 from flowkit.registry import SAMPLERS
-from flowkit.sampler import Sampler
+from flowkit.sampler_base import Sampler
 from flowkit.samplers.boss import Boss
 from flowkit.samplers.bottleneck import Bottleneck
 from flowkit.samplers.ddim import DDIM

@@ -18,7 +18,7 @@ from typing import Literal
 
 from flowkit.errors import InputError
 from flowkit.registry import SAMPLERS
-from flowkit.sampler import Sampler
+from flowkit.sampler_base import Sampler
 
 __all__ = ["Boss"]
 

@@ -30,7 +30,7 @@ from torch import Tensor
 from flowkit.errors import InputError, UnsupportedError
 from flowkit.paths.shift import static_shift
 from flowkit.registry import SAMPLERS
-from flowkit.sampler import Sampler
+from flowkit.sampler_base import Sampler
 
 __all__ = ["Bottleneck", "Stage", "PRESETS", "split_steps", "stage_times", "stage_shapes"]
 

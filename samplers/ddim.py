@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 
 from flowkit.registry import SAMPLERS
-from flowkit.sampler import Sampler
+from flowkit.sampler_base import Sampler
 
 __all__ = ["DDIM"]
 

@@ -19,7 +19,7 @@ from typing import Literal
 
 from flowkit.paths.categorical import project_simplex
 from flowkit.registry import SAMPLERS
-from flowkit.sampler import SimplexSampler
+from flowkit.sampler_base import SimplexSampler
 
 __all__ = ["DirichletEuler", "DirichletOneStep"]
 

@@ -15,7 +15,7 @@ import torch
 
 from flowkit.paths.categorical import categorical_from_normal, one_hot, uniform_from_normal
 from flowkit.registry import SAMPLERS
-from flowkit.sampler import SimplexSampler
+from flowkit.sampler_base import SimplexSampler
 
 __all__ = ["DiscreteEuler"]
 

@@ -8,7 +8,7 @@ Gaussian path (x0 and noise predictions held constant over the step).
 from __future__ import annotations
 
 from flowkit.registry import SAMPLERS
-from flowkit.sampler import Sampler
+from flowkit.sampler_base import Sampler
 
 __all__ = ["Euler"]
 

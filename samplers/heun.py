@@ -7,7 +7,7 @@ velocity there (lines 5-8); the last step into t = 0 is a plain Euler step (line
 from __future__ import annotations
 
 from flowkit.registry import SAMPLERS
-from flowkit.sampler import Sampler
+from flowkit.sampler_base import Sampler
 
 __all__ = ["Heun"]
 

@@ -6,7 +6,7 @@ x_{i+1} = x_i + h v(x_i + h/2 v(x_i, t_i), t_i + h/2): two evaluations per step.
 from __future__ import annotations
 
 from flowkit.registry import SAMPLERS
-from flowkit.sampler import Sampler
+from flowkit.sampler_base import Sampler
 
 __all__ = ["Midpoint"]
 

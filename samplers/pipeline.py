@@ -16,7 +16,7 @@ from __future__ import annotations
 import inspect
 
 from flowkit.registry import SAMPLERS
-from flowkit.sampler import Sampler
+from flowkit.sampler_base import Sampler
 from flowkit.schedulers import frame_scale, scheduler_frame
 
 __all__ = ["PipelineSampler"]

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from flowkit.paths.categorical import project_simplex
 from flowkit.registry import SAMPLERS
-from flowkit.sampler import SimplexSampler
+from flowkit.sampler_base import SimplexSampler
 
 __all__ = ["SimplexLinear"]
 

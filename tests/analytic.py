@@ -12,7 +12,7 @@ import torch
 from flowkit.conditioning import Conditioning
 from flowkit.context import Context
 from flowkit.denoiser import FunctionDenoiser
-from flowkit.guidance.base import GuidanceStack
+from flowkit.guidance_base import GuidanceStack
 from flowkit.paths import LinearPath
 from flowkit.seeding import generators_for
 

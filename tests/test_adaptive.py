@@ -8,7 +8,7 @@ from flowkit.guidance import CFG, AdaptiveGuidance, GuidanceStack
 from flowkit.errors import GuidanceStackError
 from flowkit.paths import LinearPath
 from flowkit.samplers import Euler
-from flowkit.sampling import run
+from flowkit.sampling_loop import integrate
 from flowkit.timegrid import TimeGrid
 
 PATH = LinearPath()
@@ -18,7 +18,7 @@ STEPS = 8
 def _sample(modules, steps=STEPS, **kw):
     ctx = context(3, steps, modules, **kw)
     noise = ctx.randn((5,)).double()
-    x, stats = run(Euler(), ctx, noise, TimeGrid.uniform().build(steps, PATH))
+    x, stats = integrate(Euler(), ctx, noise, TimeGrid.uniform().build(steps, PATH))
     return x, stats, ctx
 
 
@@ -44,7 +44,7 @@ def test_first_k_steps_equal_cfg_then_conditional():
     def spy(ctx, step, x, pred):
         seen.setdefault(ctx.extras.get("tag"), []).append(x.clone())
 
-    from flowkit.sampling import run as run_
+    from flowkit.sampling_loop import integrate as run_
 
     def go(modules, tag):
         ctx = context(3, STEPS, modules)
@@ -77,7 +77,7 @@ def test_decisions_are_per_sample():
     ctx = context(3, STEPS, [CFG(scale=3.0), ag], cond_shift=0.3, uncond_shift=-1.7)
     ctx.conds["uncond"].tensors["shift"][0] = 0.3  # sample 0: uncond == cond
     noise = ctx.randn((5,)).double()
-    _, stats = run(Euler(), ctx, noise, TimeGrid.uniform().build(STEPS, PATH))
+    _, stats = integrate(Euler(), ctx, noise, TimeGrid.uniform().build(STEPS, PATH))
     assert stats.nfe[0] == STEPS + 1 and stats.nfe[1] == stats.nfe[2] == 2 * STEPS
 
 

@@ -5,11 +5,11 @@ import torch
 
 from analytic import context
 from flowkit.guidance import APG, CFG
-from flowkit.guidance.base import BranchPredictions
+from flowkit.guidance_base import BranchPredictions
 from flowkit.paths import LinearPath
 from flowkit.prediction import Prediction
 from flowkit.samplers import Euler
-from flowkit.sampling import run
+from flowkit.sampling_loop import integrate
 from flowkit.timegrid import TimeGrid
 
 PATH = LinearPath()
@@ -63,7 +63,7 @@ def test_eta_one_without_rescale_or_momentum_is_cfg():
     def sample(modules):
         ctx = context(3, steps, modules)
         noise = ctx.randn((5,)).double()
-        return run(Euler(), ctx, noise, TimeGrid.uniform().build(steps, PATH))[0]
+        return integrate(Euler(), ctx, noise, TimeGrid.uniform().build(steps, PATH))[0]
 
     for space in ("x0", "model_output"):
         apg = APG(scale=4.0, eta=1.0, momentum=0.0, norm_threshold=None, space=space)

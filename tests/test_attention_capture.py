@@ -14,7 +14,7 @@ import flowkit.attention as A
 from flowkit.attention.store import AttentionStore, resolve_layers
 from flowkit.errors import InputError
 from flowkit.guidance import CFG
-from flowkit.guidance.base import Guidance
+from flowkit.guidance_base import Guidance
 
 from test_attention import forward, net_of
 from tiny_pipes import PROMPTS, SIZE, build, cached, gens, one_thread  # noqa: F401

@@ -21,7 +21,7 @@ import pytest
 import flowkit.api
 import flowkit.loading
 from flowkit.batch.files import TEMP_PATTERN
-from flowkit.batch.manifest import merged_records, verify
+from flowkit.batch.records import merged_records, verify
 from flowkit.cli import main
 
 SMALL = ["--model", "tiny", "--steps", "2", "--height", "16", "--width", "16"]

@@ -20,10 +20,10 @@ from flowkit.boss import (BossTable, Problem, best_path, endpoint_cost, find_tab
                           local_cost, path_cost, resolve_table, tune_table)
 from flowkit.denoiser import FunctionDenoiser
 from flowkit.errors import InputError, SpecError
-from flowkit.guidance.base import GuidanceStack
+from flowkit.guidance_base import GuidanceStack
 from flowkit.paths import LinearPath
 from flowkit.samplers import Boss, Euler
-from flowkit.sampling import run
+from flowkit.sampling_loop import integrate
 from flowkit.seeding import generators_for, randn_per_sample
 from flowkit.timegrid import TimeGrid
 from flowkit.tune import parse_steps_list
@@ -122,7 +122,7 @@ def test_boss_grid_beats_uniform_on_the_gaussian_world():
     noise = randn_per_sample((6,), generators_for(9, range(16))).double()
 
     def err(ts):
-        x, _ = run(Euler(), analytic.context(16, len(ts) - 1, den=den), noise, ts)
+        x, _ = integrate(Euler(), analytic.context(16, len(ts) - 1, den=den), noise, ts)
         return float((x - (analytic.MU + s * noise)).pow(2).mean())
 
     for k in (3, 4):
@@ -137,7 +137,7 @@ def test_boss_grid_beats_uniform_on_the_gaussian_world():
 def test_fingerprint_follows_weights_and_config():
     from diffusers import UNet2DConditionModel
 
-    from flowkit.pipelines.shapes import shapes_unet_config
+    from flowkit.worlds.shapes_pipeline import shapes_unet_config
 
     def unet(seed, **over):
         torch.manual_seed(seed)

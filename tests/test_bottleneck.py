@@ -13,12 +13,12 @@ from flowkit.api import build_sampler
 import tiny_pipes
 from flowkit.denoiser import FunctionDenoiser
 from flowkit.errors import InputError, SpecError
-from flowkit.guidance.base import Guidance, GuidanceStack
+from flowkit.guidance_base import Guidance, GuidanceStack
 from flowkit.paths import LinearPath
 from flowkit.paths.shift import static_shift
 from flowkit.samplers import Bottleneck
 from flowkit.samplers.bottleneck import PRESETS, Stage, resize, split_steps, stage_shapes, stage_times
-from flowkit.sampling import run
+from flowkit.sampling_loop import integrate
 from flowkit.seeding import generators_for, randn_per_sample
 
 one_thread = tiny_pipes.one_thread
@@ -123,7 +123,7 @@ def test_transition_resamples_the_clean_image_and_renoises_with_per_sample_noise
     ctx = analytic.context(2, 4, den=den)
     noise = randn_per_sample((3, 32, 32), generators_for(0, range(2)))
     ts = LinearPath().uniform_grid(4)
-    run(smp, ctx, noise, ts)
+    integrate(smp, ctx, noise, ts)
     assert [tuple(x.shape[1:]) for x in inputs] == [(3, 32, 32), (3, 16, 16), (3, 16, 16), (3, 32, 32)]
     replay = generators_for(0, range(2))  # the context's generators (the initial noise came from elsewhere)
     eps = randn_per_sample((3, 16, 16), replay)  # the transition's fresh noise

@@ -13,7 +13,7 @@ from flowkit.guidance import CFG, GuidanceStack
 from flowkit.paths.categorical import dirichlet_from_normal
 from flowkit.paths.dirichlet import DirichletPath, c_factor_row
 from flowkit.samplers import DirichletEuler
-from flowkit.sampling import run
+from flowkit.sampling_loop import integrate
 from flowkit.seeding import generators_for, randn_per_sample
 from flowkit.worlds.simplex import ExactDenoiser, ToyTask
 
@@ -23,7 +23,7 @@ def exact_run(path, den, n, steps, *, stack=None, conds=None, callback=None, sam
     conds = conds or {"cond": Conditioning({"class_labels": torch.zeros(n, dtype=torch.long)})}
     ctx = Context(den, stack or GuidanceStack([]), conds, gens, steps)
     noise = randn_per_sample((4, path.state_size), gens)
-    x, stats_ = run(sampler or DirichletEuler(), ctx, noise, path.uniform_grid(steps), callback=callback)
+    x, stats_ = integrate(sampler or DirichletEuler(), ctx, noise, path.uniform_grid(steps), callback=callback)
     return x, stats_
 
 

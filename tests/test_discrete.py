@@ -11,7 +11,7 @@ from flowkit.paths.categorical import categorical_from_normal, project_simplex
 from flowkit.paths.mixture import MixturePath
 from flowkit.paths.simplex_linear import SimplexLinearPath
 from flowkit.samplers import DirichletEuler, DiscreteEuler, SimplexLinear
-from flowkit.sampling import run
+from flowkit.sampling_loop import integrate
 from flowkit.seeding import generators_for, randn_per_sample
 from flowkit.worlds.simplex import ToyTask
 
@@ -21,7 +21,7 @@ def exact_run(path, sampler, task, n, steps, callback=None):
     conds = {"cond": Conditioning({"class_labels": torch.zeros(n, dtype=torch.long)})}
     ctx = Context(task.exact_denoiser(path), GuidanceStack([]), conds, gens, steps)
     noise = randn_per_sample((task.length, path.state_size), gens)
-    return run(sampler, ctx, noise, path.uniform_grid(steps), callback=callback)
+    return integrate(sampler, ctx, noise, path.uniform_grid(steps), callback=callback)
 
 
 def test_kappa_maps_flowkit_time_and_back():

@@ -14,7 +14,7 @@ from flowkit.guidance.gfcg import choose_reference, reference_caption
 from flowkit.paths import LinearPath
 from flowkit.registry import GUIDANCE
 from flowkit.samplers import Euler
-from flowkit.sampling import run
+from flowkit.sampling_loop import integrate
 from flowkit.timegrid import TimeGrid
 
 one_thread = tiny_pipes.one_thread
@@ -40,7 +40,7 @@ def _sample(modules, steps=STEPS, batch=3, encoder=encode):
     ctx = context(batch, steps, modules)
     ctx.encode = encoder
     noise = ctx.randn((5,)).double()
-    x, stats = run(Euler(), ctx, noise, TimeGrid.uniform().build(steps, PATH))
+    x, stats = integrate(Euler(), ctx, noise, TimeGrid.uniform().build(steps, PATH))
     return x, stats, ctx
 
 

@@ -12,7 +12,7 @@ from flowkit.guidance import CFG, Guidance, GuidanceStack
 from flowkit.guidance.cfg import rescale_noise_cfg
 from flowkit.paths import LinearPath
 from flowkit.samplers import Euler, Heun
-from flowkit.sampling import run
+from flowkit.sampling_loop import integrate
 from flowkit.seeding import generators_for, randn_per_sample
 from flowkit.timegrid import TimeGrid
 
@@ -22,7 +22,7 @@ PATH = LinearPath()
 def _run(modules, steps=6, batch=3, sampler=None, den=None, seed=0):
     noise = randn_per_sample((5,), generators_for(seed, range(batch))).double()
     ctx = context(batch, steps, modules, seed=seed, den=den)
-    return run(sampler or Euler(), ctx, noise, TimeGrid.uniform().build(steps, PATH)) + (noise, ctx)
+    return integrate(sampler or Euler(), ctx, noise, TimeGrid.uniform().build(steps, PATH)) + (noise, ctx)
 
 
 def _manual_cfg_euler(noise, steps, w):

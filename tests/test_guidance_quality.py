@@ -50,7 +50,7 @@ def test_adaptive_bench_calibration_predicts_ag_nfe_exactly():
     from flowkit.guidance import CFG, AdaptiveGuidance
     from flowkit.paths import LinearPath
     from flowkit.samplers import Euler
-    from flowkit.sampling import run
+    from flowkit.sampling_loop import integrate
     from flowkit.timegrid import TimeGrid
 
     steps = 10
@@ -58,7 +58,7 @@ def test_adaptive_bench_calibration_predicts_ag_nfe_exactly():
     def sample(modules):
         ctx = context(4, steps, modules, cond_shift=0.3, uncond_shift=-0.2)
         ctx.conds["uncond"].tensors["shift"][:] = torch.tensor([-0.2, 0.1, 0.25, -1.0], dtype=torch.float64)
-        return run(Euler(), ctx, ctx.randn((5,)).double(), TimeGrid.uniform().build(steps, LinearPath()))[1]
+        return integrate(Euler(), ctx, ctx.randn((5,)).double(), TimeGrid.uniform().build(steps, LinearPath()))[1]
 
     rec = cosine_recorder()
     sample([CFG(scale=3.0), rec])

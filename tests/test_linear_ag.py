@@ -16,7 +16,7 @@ from flowkit.guidance.linear_ag import TrajectoryRecorder, fit_coefficients
 from flowkit.paths import LinearPath
 from flowkit.registry import GUIDANCE
 from flowkit.samplers import Euler, Heun
-from flowkit.sampling import run
+from flowkit.sampling_loop import integrate
 from flowkit.timegrid import TimeGrid
 
 one_thread = tiny_pipes.one_thread
@@ -27,7 +27,7 @@ STEPS = 8
 def _sample(modules, steps=STEPS, batch=3, seed=0, sampler=None):
     ctx = context(batch, steps, modules, seed=seed)
     noise = ctx.randn((5,)).double()
-    x, stats = run(sampler or Euler(), ctx, noise, TimeGrid.uniform().build(steps, PATH))
+    x, stats = integrate(sampler or Euler(), ctx, noise, TimeGrid.uniform().build(steps, PATH))
     return x, stats, ctx
 
 

@@ -249,7 +249,7 @@ from flowkit.guidance import CFG
 from flowkit.paths import LinearPath
 from flowkit.registry import GUIDANCE, SAMPLERS
 from flowkit.samplers import Euler
-from flowkit.sampling import run
+from flowkit.sampling_loop import integrate
 from flowkit.seeding import generators_for, randn_per_sample
 from flowkit.timegrid import TimeGrid
 from analytic import context
@@ -258,9 +258,9 @@ import flowkit_dummy_plugin as plugin
 
 noise = randn_per_sample((8,), generators_for(0, range(3))).double()
 ts = TimeGrid.uniform().build(6, LinearPath())
-x_ref, _ = run(Euler(), context(3, 6, [CFG(scale=2.0)]), noise, ts)
+x_ref, _ = integrate(Euler(), context(3, 6, [CFG(scale=2.0)]), noise, ts)
 stack = build_guidance("cfg:scale=2+dummy-guidance", 1.0)
-x_dummy, stats = run(build_sampler("dummy-euler"), context(3, 6, list(stack)), noise, ts)
+x_dummy, stats = integrate(build_sampler("dummy-euler"), context(3, 6, list(stack)), noise, ts)
 print(json.dumps({{
     "samplers": sorted(flowkit.samplers.available()),
     "guidance": sorted(flowkit.guidance.available()),

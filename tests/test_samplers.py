@@ -8,7 +8,7 @@ import torch
 from analytic import MU, S, context
 from flowkit.paths import LinearPath
 from flowkit.samplers import DDIM, Euler, FlowSDE, Heun, Midpoint, available
-from flowkit.sampling import run
+from flowkit.sampling_loop import integrate
 from flowkit.seeding import generators_for, randn_per_sample
 from flowkit.timegrid import TimeGrid
 
@@ -16,7 +16,7 @@ from flowkit.timegrid import TimeGrid
 def _error(sampler, steps, batch=8, dim=16, grid=TimeGrid.uniform()):
     noise = randn_per_sample((dim,), generators_for(0, range(batch))).double()
     ts = grid.build(steps, LinearPath())
-    x, stats = run(sampler, context(batch, steps), noise, ts)
+    x, stats = integrate(sampler, context(batch, steps), noise, ts)
     return (x - (MU + S * noise)).abs().max().item(), stats
 
 
@@ -42,8 +42,8 @@ def test_midpoint_is_at_least_second_order():
 def test_ddim_eta0_equals_euler():
     noise = randn_per_sample((16,), generators_for(1, range(4))).double()
     ts = TimeGrid.shifted(2.0).build(10, LinearPath())
-    xe, _ = run(Euler(), context(4, 10), noise, ts)
-    xd, _ = run(DDIM(eta=0.0), context(4, 10), noise, ts)
+    xe, _ = integrate(Euler(), context(4, 10), noise, ts)
+    xd, _ = integrate(DDIM(eta=0.0), context(4, 10), noise, ts)
     assert torch.allclose(xe, xd, atol=1e-10)
 
 
@@ -61,12 +61,12 @@ def test_stochastic_samplers_keep_the_marginal(sampler):
     ctx = context(n, steps, seed=3)
     noise = ctx.randn((1,)).double()  # drawn from the run's own generators, as flowkit.sample does
     ts = TimeGrid.uniform().build(steps, LinearPath())
-    x, _ = run(sampler, ctx, noise, ts)
+    x, _ = integrate(sampler, ctx, noise, ts)
     mean, std = x.mean().item(), x.std().item()
     assert abs(mean - MU) < 4 * S / math.sqrt(n) + 0.005
     assert abs(std - S) < 0.015, std
     # and the stochastic sampler really is stochastic: it does not reproduce the ODE map
-    xo, _ = run(Euler(), context(n, steps, seed=3), noise, ts)
+    xo, _ = integrate(Euler(), context(n, steps, seed=3), noise, ts)
     assert abs(xo.std().item() - S) < 0.015
     assert (x - xo).abs().mean() > 0.01
 
@@ -77,7 +77,7 @@ def test_sde_intermediate_marginal_variance():
     ctx = context(n, steps // 2, seed=5)
     noise = ctx.randn((1,)).double()
     ts = TimeGrid.uniform().build(steps, LinearPath())[: steps // 2 + 1]  # 1.0 .. 0.5
-    x, _ = run(FlowSDE(c=1.5, power=1.0), ctx, noise, ts)
+    x, _ = integrate(FlowSDE(c=1.5, power=1.0), ctx, noise, ts)
     t = float(ts[-1])
     assert abs(x.var().item() - ((1 - t) ** 2 * S**2 + t**2)) < 0.02
     assert abs(x.mean().item() - (1 - t) * MU) < 0.02
@@ -90,8 +90,8 @@ def test_sampler_noise_is_per_sample():
     c4, c1 = context(4, steps, seed=7), context(1, steps, seed=7)
     noise = c4.randn((6,)).double()
     c1.randn((6,))
-    x4, _ = run(FlowSDE(c=1.0), c4, noise, ts)
-    x1, _ = run(FlowSDE(c=1.0), c1, noise[:1], ts)
+    x4, _ = integrate(FlowSDE(c=1.0), c4, noise, ts)
+    x1, _ = integrate(FlowSDE(c=1.0), c1, noise[:1], ts)
     assert torch.allclose(x4[:1], x1, atol=1e-12)
 
 

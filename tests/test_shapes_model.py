@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 import flowkit
 from flowkit.errors import WeightsError
 from flowkit.loading import SHAPES_FILES, save_shapes, weights_dir
-from flowkit.manifest import MANIFEST_FILE, sha256_file
+from flowkit.checksums import MANIFEST_FILE, sha256_file
 
 
 @pytest.fixture(scope="module")

@@ -126,7 +126,7 @@ class ShapesAdapter(ModelAdapter):
 
 
 def _is_shapes(pipe: Any) -> bool:
-    from flowkit.pipelines.shapes import ShapesPipeline
+    from flowkit.worlds.shapes_pipeline import ShapesPipeline
 
     return isinstance(pipe, ShapesPipeline)
 

@@ -25,7 +25,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Callable
 
-from flowkit.batch import manifest as mf
+from flowkit.batch import records as mf
 from flowkit.batch.dist import Processes, processes
 from flowkit.batch.files import check_writable, lock_folder, remove_stale_temporaries, write_png
 from flowkit.batch.microbatch import MicroBatcher, Sampled

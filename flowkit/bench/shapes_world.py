@@ -40,7 +40,7 @@ def bench_model(bench: BenchRun) -> tuple[Any, str]:
     """(pipeline, fingerprint) of the shapes model under test; the fingerprint goes into
     every arm's cache key, so results of different weights never mix."""
     import flowkit
-    from flowkit.manifest import MANIFEST_FILE, sha256_file
+    from flowkit.checksums import MANIFEST_FILE, sha256_file
 
     folder = os.environ.get("FLOWKIT_SHAPES_MODEL")
     if folder:

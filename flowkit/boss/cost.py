@@ -14,7 +14,7 @@ the trajectories themselves. The local cost ignores how an early error grows lat
     endpoint: e_ij = mean_n || Phi_{t_j -> 0}(x_i + v_i (t_j - t_i)) - x_M ||^2
 
 with Phi the fine Euler flow on t_j..t_M (one rollout per jump: about N M^3 / 6 evaluations,
-so keep M small). Trajectories run through flowkit's own loop (`flowkit.sampling.run`), so
+so keep M small). Trajectories run through flowkit's own loop (`flowkit.sampling_loop.run`), so
 a guidance stack applies exactly as when sampling.
 """
 
@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from flowkit.conditioning import Conditioning
-from flowkit.sampler import Sampler
+from flowkit.sampler_base import Sampler
 
 __all__ = ["Problem", "Trajectories", "local_cost", "endpoint_cost", "fingerprint", "COST_KINDS"]
 
@@ -93,14 +93,14 @@ class Problem:
     def euler(self, x: Tensor, ts: Tensor, repeat: int = 1) -> Trajectories:
         """Fine Euler from state x [repeat*N, ...] at ts[0] along ts, through flowkit's loop."""
         from flowkit.context import Context
-        from flowkit.sampling import run
+        from flowkit.sampling_loop import integrate
 
         conds = {k: (Conditioning.cat([v] * repeat) if repeat > 1 else v) for k, v in self.conds.items()}
         ctx = Context(self.denoiser, self.stack, conds, list(self.generators) * repeat, len(ts) - 1,
                       device=self.device, encode=self.encode)
         ctx.grid = ts
         rec = _Recorder()
-        run(rec, ctx, x.to(self.device), ts)
+        integrate(rec, ctx, x.to(self.device), ts)
         nfe = int(ctx.nfe.sum())
         self.nfe += nfe
         return Trajectories(torch.stack([s.float().cpu() for s in rec.xs]),

@@ -74,7 +74,7 @@ def auto_problem(ctx: Any, samples: int) -> Problem:
     AUTO_PROMPTS (cycled) encoded with the run's encoder, generators from TUNE_SEED.
     Without an encoder (analytic denoisers), the run's first conditional row is repeated."""
     from flowkit.conditioning import Conditioning
-    from flowkit.guidance.base import GuidanceStack
+    from flowkit.guidance_base import GuidanceStack
 
     if ctx.encode is not None:
         prompts = [AUTO_PROMPTS[i % len(AUTO_PROMPTS)] for i in range(samples)]

@@ -65,7 +65,7 @@ class BossTask:
         if self._data is None:
             from flowkit.adapters.base import adapt
             from flowkit.boss import Problem, best_path, fine_grid, local_cost
-            from flowkit.guidance.base import GuidanceStack
+            from flowkit.guidance_base import GuidanceStack
             from flowkit.seeding import generators_for, randn_per_sample
             from flowkit.tune import load_prompts
 

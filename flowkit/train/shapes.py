@@ -75,7 +75,7 @@ class ShapesTask:
     def build(self) -> nn.Module:
         from diffusers import UNet2DConditionModel
 
-        from flowkit.pipelines.shapes import shapes_unet_config
+        from flowkit.worlds.shapes_pipeline import shapes_unet_config
 
         torch.manual_seed(0)
         return UNet2DConditionModel(**shapes_unet_config(self.size))

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from flowkit.errors import InputError, WeightsError
-from flowkit.manifest import MANIFEST_FILE, verify_manifest, write_manifest
+from flowkit.checksums import MANIFEST_FILE, verify_manifest, write_manifest
 from flowkit.worlds import shapes as world
 from flowkit.worlds.shapes import Group
 

@@ -6,8 +6,8 @@ Nothing here registers itself: flowkit's registry loads the classes named by the
 
 from __future__ import annotations
 
-from flowkit.guidance.base import Guidance
-from flowkit.sampler import Sampler
+from flowkit.guidance_base import Guidance
+from flowkit.sampler_base import Sampler
 
 __all__ = ["DummySampler", "DummyGuidance"]
 

@@ -121,7 +121,7 @@ def cosine_recorder():
     """A guidance module that records, per step, the x0-space cosine of cond and uncond
     (Adaptive Guidance's statistic) under plain CFG; `.cosines` [N, S] after a run."""
     from flowkit.guidance.adaptive import cosine
-    from flowkit.guidance.base import Guidance
+    from flowkit.guidance_base import Guidance
 
     class CosineRecorder(Guidance):
         name = "cosine_recorder"

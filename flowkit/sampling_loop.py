@@ -24,15 +24,15 @@ from torch import Tensor
 
 from flowkit.conditioning import Conditioning
 from flowkit.errors import InputError, NonFiniteError
-from flowkit.guidance.base import BranchPredictions
+from flowkit.guidance_base import BranchPredictions
 from flowkit.paths.base import as_time
 from flowkit.prediction import Prediction
 
 if TYPE_CHECKING:
     from flowkit.context import Context
-    from flowkit.sampler import Sampler
+    from flowkit.sampler_base import Sampler
 
-__all__ = ["GuidedModel", "Stats", "StepRecord", "run"]
+__all__ = ["GuidedModel", "Stats", "StepRecord", "integrate"]
 
 StepCallback = Callable[["Context", int, Tensor, Prediction], "Tensor | None"]
 
@@ -232,7 +232,7 @@ def _scatter(pred: Prediction, rows: Tensor, batch: int, x: Tensor) -> Predictio
     return Prediction(value, pred.kind, xn, point, pred.path)
 
 
-def run(sampler: "Sampler", ctx: "Context", noise: Tensor, ts: Tensor, *,
+def integrate(sampler: "Sampler", ctx: "Context", noise: Tensor, ts: Tensor, *,
         callback: StepCallback | None = None, check_every: int = 4, progress: bool = False) -> tuple[Tensor, Stats]:
     """Sample from `noise` (unit Gaussian, flow frame shape) along grid `ts`; returns (x, stats)."""
     bar = None

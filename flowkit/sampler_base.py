@@ -18,7 +18,7 @@ from flowkit.timegrid import TimeGrid
 
 if TYPE_CHECKING:
     from flowkit.context import Context
-    from flowkit.sampling import GuidedModel
+    from flowkit.sampling_loop import GuidedModel
 
 __all__ = ["Sampler", "SimplexSampler"]
 
