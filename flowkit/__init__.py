@@ -23,6 +23,7 @@ _LAZY = {
     "SampleOutput": "flowkit.api",
     "seed_for": "flowkit.seeding",
     "TimeGrid": "flowkit.timegrid",
+    "fit_linear_ag": "flowkit.calibration",
 }
 
 __all__ = ["__version__", *_LAZY]

@@ -19,7 +19,7 @@ from flowkit.sampling_loop import Stats, integrate
 from flowkit.seeding import generators_for, randn_per_sample, seed_for
 from flowkit.timegrid import TimeGrid
 
-__all__ = ["sample", "SampleOutput", "build_sampler", "build_guidance", "sample_from_noise"]
+__all__ = ["sample", "SampleOutput", "build_sampler", "build_guidance", "sample_from_noise", "wants_uncond"]
 
 
 @dataclass
@@ -138,29 +138,30 @@ def sample(
     shape = adapter.latent_shape(h, w)
     smp = build_sampler(sampler if sampler is not None else getattr(adapter, "default_sampler", "euler"))
     stack = build_guidance(guidance, adapter.default_guidance_scale)
-    need_uncond = any(_wants_uncond(m) for m in stack)
+    need_uncond = wants_uncond(stack)
     grad_ctx = contextlib.nullcontext() if grad else torch.no_grad()
     with grad_ctx:
         conds = adapter.encode_sized(prompt_list, negatives, need_uncond, h, w)
         noise = randn_per_sample(shape, generators, adapter.device, torch.float32)
         x, stats, _ = sample_from_noise(adapter, conds, noise, sampler=smp, stack=stack, steps=steps,
-                               grid=TimeGrid.parse(grid) if grid is not None else None, height=h, width=w,
-                               generators=generators, callback=callback, check_every=check_every,
-                               progress=progress, attention=attention)
+                                        grid=TimeGrid.parse(grid) if grid is not None else None, height=h, width=w,
+                                        generators=generators, callback=callback, check_every=check_every,
+                                        progress=progress, attention=attention, prompts=prompt_list)
         images = adapter.decode(x, output_type)
     return SampleOutput(images=images, latents=x, stats=stats, seeds=seeds, prompts=prompt_list)
 
 
-def _wants_uncond(module: Guidance) -> bool:
-    """Whether a module may ask for the 'uncond' branch (so prompts' negatives are encoded)."""
-    return module.role in ("combiner",) or getattr(module, "needs_uncond", False)
+def wants_uncond(stack: GuidanceStack) -> bool:
+    """Whether a stack may ask for the 'uncond' branch (so the prompts' negatives are encoded)."""
+    return any(m.needs_uncond for m in stack)
 
 
 def sample_from_noise(adapter: Any, conds: dict, noise: Tensor, *, sampler: Sampler, stack: GuidanceStack, steps: int,
                 grid: TimeGrid | None, height: int, width: int, generators: Sequence[torch.Generator],
                 callback: Callable | None = None, check_every: int = 4, progress: bool = False,
                 sigmas: Sequence[float] | None = None, mu: float | None = None,
-                step_generator: Any = None, attention: str | None = None) -> tuple[Tensor, Stats, Context]:
+                step_generator: Any = None, attention: str | None = None,
+                prompts: Sequence[str] | None = None) -> tuple[Tensor, Stats, Context]:
     """Sample from unit `noise` [B, *latent] with an adapter's denoiser; the loop both surfaces share.
 
     The grid is the sampler's own, else `grid`, else the adapter's default. On the pipeline
@@ -169,7 +170,9 @@ def sample_from_noise(adapter: Any, conds: dict, noise: Tensor, *, sampler: Samp
     (which needs that grid). `sigmas` / `mu`: a pipeline call's own, passed to its scheduler;
     `step_generator`: what sampler='pipeline' hands a stochastic scheduler's step (a call's
     generator or list of them; default: the first sample's generator); `attention`: the run's
-    attention kernel (None: the active one). The run's attention-map store is `ctx.attention`.
+    attention kernel (None: the active one); `prompts`: each row's prompt text where known
+    (what world-aware methods read, `ctx.prompts`). The run's attention-map store is
+    `ctx.attention`, what the model's world hands methods `ctx.kit`.
     Returns (final flow-frame state, stats, context).
     """
     from flowkit.errors import UnsupportedError
@@ -192,10 +195,10 @@ def sample_from_noise(adapter: Any, conds: dict, noise: Tensor, *, sampler: Samp
     plan = time_grid.schedule(steps, den.path, image_seq_len=adapter.image_seq_len(height, width),
                               strict=not sampler.uses_scheduler)
     ctx = Context(den, stack, conds, list(generators), plan.steps, device=adapter.device, encode=adapter.encoder(),
-                  scheduler=plan.scheduler, noise_scale=plan.noise_scale)
+                  scheduler=plan.scheduler, noise_scale=plan.noise_scale, kit=adapter.kit(),
+                  prompts=None if prompts is None else list(prompts))
     ctx.grid = plan.ts
-    if step_generator is not None:
-        ctx.extras["step_generator"] = step_generator
+    ctx.step_generator = step_generator
     reason = sampler.refuse(ctx)
     if reason:
         raise UnsupportedError(reason)

@@ -24,7 +24,8 @@ from flowkit.conditioning import Conditioning
 from flowkit.paths.base import Path, PathPoint, as_time
 from flowkit.prediction import Prediction
 
-__all__ = ["Denoiser", "NetworkDenoiser", "TransformerDenoiser", "UNetDenoiser", "FunctionDenoiser"]
+__all__ = ["Denoiser", "NetworkDenoiser", "TransformerDenoiser", "UNetDenoiser", "FunctionDenoiser",
+           "latent_multiple"]
 
 
 class Denoiser(ABC):
@@ -157,3 +158,16 @@ class FunctionDenoiser(Denoiser):
 
     def forward(self, x_native: Tensor, timestep: Tensor, cond: Conditioning) -> Tensor:
         return self.fn(x_native, timestep, cond)
+
+
+def latent_multiple(denoiser: Any) -> int:
+    """Latent heights and widths this denoiser's network takes must be multiples of this (a
+    sampler that changes resolution, such as bottleneck, checks its stages with it): the
+    denoiser's own `latent_multiple` (FLUX's 2x2 packing, SD3's patch size), else 2^(levels-1)
+    for a UNet's downsampling, else 1."""
+    own = getattr(denoiser, "latent_multiple", None)
+    if own is not None:
+        return int(own)
+    config = getattr(getattr(denoiser, "network", None), "config", None)
+    levels = getattr(config, "block_out_channels", None)
+    return 2 ** (len(levels) - 1) if levels else 1

@@ -18,17 +18,16 @@ same noise and differ only by the method. It writes one strip per prompt and arm
 
 from __future__ import annotations
 
-import argparse
 import html
 import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from flowkit.errors import FlowkitError, InputError, WeightsError
+from flowkit.storage import slug
 
-__all__ = ["show", "SETTINGS", "GalleryEntry", "read_entries", "build_gallery", "add_parser"]
+__all__ = ["show", "SETTINGS", "GalleryEntry", "read_entries", "build_gallery"]
 
 SETTINGS = ("sampler", "guidance", "steps", "height", "width", "grid", "negative_prompt")
 DISPLAY_PX = 96  # strips are upscaled (nearest) so that small images are at least this wide
@@ -75,11 +74,7 @@ class GalleryEntry:
 
     @property
     def folder(self) -> str:
-        return f"{_slug(self.experiment)}/{_slug(self.entry['method'])}"
-
-
-def _slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "x"
+        return f"{slug(self.experiment, 1000, 'x')}/{slug(self.entry['method'], 1000, 'x')}"
 
 
 def _verdicts(rows: Sequence[Mapping[str, Any]], method: str) -> tuple[str, ...]:
@@ -243,7 +238,8 @@ def build_gallery(results: str | Path = "docs/results", out: str | Path = "galle
 
     model: use this model for every entry instead of the one it names (e.g. "tiny").
     """
-    from flowkit.batch.files import check_writable, write_atomic
+    from flowkit.batch.files import check_writable
+    from flowkit.storage import write_atomic
 
     results, out = Path(results), Path(out)
     entries = read_entries(results, quick=quick)
@@ -266,20 +262,3 @@ def build_gallery(results: str | Path = "docs/results", out: str | Path = "galle
     write_atomic(out / "index.md", _markdown(sections, str(results)).encode("utf-8"))
     write_atomic(out / "index.html", _html(sections, str(results)).encode("utf-8"))
     return out / "index.md"
-
-
-# --------------------------------------------------------------------------- command line
-
-
-def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Add `gallery` to the `flowkit` subcommands."""
-    from flowkit.cli import cmd_gallery
-    g = sub.add_parser("gallery", help="draw the bench methods beside their baselines into gallery/",
-                       description="Redraw each bench method's pictures beside its baseline's (entries recorded "
-                                   "by the experiments in their results JSON) and write index.md and index.html.")
-    g.add_argument("--results", default="docs/results", metavar="DIR", help="bench results (default docs/results)")
-    g.add_argument("--out", default="gallery", metavar="DIR", help="output folder (default gallery)")
-    g.add_argument("--model", default=None, help="draw every entry with this model instead of the one it names")
-    g.add_argument("--quick", action="store_true", help="also read NAME.quick.json where no NAME.json exists")
-    g.set_defaults(func=cmd_gallery)
-    return g

@@ -2,7 +2,7 @@
 
 The sampling loop evaluates the denoiser on named *branches* (`cond`, `uncond`, and any a
 module adds), each with its own conditioning, batching every branch a step needs into one
-forward pass. In a fixed order it calls, for every module whose window covers the step:
+forward pass. It calls, for every module whose window covers the step:
 
 1. `branches(ctx, requests)`: declare the branches needed this step, per sample; a module
    may `supply` a branch itself (a *predicted* branch), `supply_later` it from this
@@ -10,9 +10,16 @@ forward pass. In a fixed order it calls, for every module whose window covers th
 2. `conditioning(ctx, branch, cond)`: change a branch's conditioning;
 3. `combine(ctx, preds)`: map the branch predictions to one prediction (one combiner per
    stack; with none, or outside its window, the conditional prediction is used);
-4. `correct(ctx, x, pred)`: add a term after the combine;
-5. `after_step(ctx, x, pred)`: update state once the step is taken;
+4. `correct(ctx, x, pred, preds)`: add a term after the combine (`preds`: this
+   evaluation's branch predictions);
+5. `after_step(ctx, x, pred, preds)`: update state once the step is taken (`pred` and
+   `preds` are those of the step's evaluation the sampler names, the first by default);
 6. `on_stage_change(ctx, old_shape, new_shape)`: the sampler changed resolution.
+
+Hooks run in the order of the modules' roles, whatever order the stack was written in:
+modifiers, then the combiner, then policies, then correctors (`ROLES`); modules of one role
+keep their written order. A module's window is `int(start * N) <= step < int(stop * N)`
+for a run of N steps, as in diffusers' guiders.
 
 Decisions are per sample (boolean masks over the batch), never per batch. Module state
 lives in the run's context (`ctx.state_for(self)`), so one module object can serve many
@@ -28,6 +35,8 @@ import torch
 from torch import Tensor
 
 from flowkit.errors import GuidanceStackError, SpecError, UnsupportedError
+
+ROLES = ("modifier", "combiner", "policy", "corrector")  # the order in which hooks run
 
 if TYPE_CHECKING:
     from flowkit.conditioning import Conditioning
@@ -86,6 +95,14 @@ class BranchRequests:
         self.drop(name, m)
         self.deferred[name] = (m, fn)
 
+    def restrict(self, mask: Tensor) -> None:
+        """Keep only the rows in `mask` (masked evaluation: other rows are not evaluated,
+        supplied or charged this time)."""
+        m = self._mask(mask)
+        self.masks = {k: v & m for k, v in self.masks.items()}
+        self.supplied = {k: (v & m, p) for k, (v, p) in self.supplied.items()}
+        self.deferred = {k: (v & m, fn) for k, (v, fn) in self.deferred.items()}
+
     def wanted(self, name: str) -> Tensor:
         return self.masks.get(name, torch.zeros(self.batch, dtype=torch.bool, device=self.device))
 
@@ -142,6 +159,17 @@ class Guidance:
     path_kinds: ClassVar[tuple[str, ...]] = ("gaussian",)
     # Whether the module may skip branch evaluations per sample (its NFE is data-dependent).
     saves_nfe: ClassVar[bool] = False
+    # Whether the module may ask for the 'uncond' branch, so the prompts' negatives are encoded
+    # (a combiner does unless it says otherwise; a module of another role that does says so).
+    needs_uncond: ClassVar[bool] = False
+    # Whether the branches of one evaluation may share one forward pass (a combiner that needs
+    # one pass per branch, e.g. for parity with a pipeline that runs them apart, sets it False).
+    batched: bool = True
+
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.role == "combiner" and "needs_uncond" not in cls.__dict__:
+            cls.needs_uncond = True
 
     def __init__(self, *, start: float = 0.0, stop: float = 1.0):
         if not (0.0 <= start <= 1.0 and 0.0 <= stop <= 1.0):
@@ -157,10 +185,16 @@ class Guidance:
         return 0
 
     # -- window and state ---------------------------------------------------------
+    def window(self, num_steps: int) -> tuple[int, int]:
+        """The steps [first, end) this module acts on in a run of `num_steps` steps, as
+        diffusers' guiders count them: int(start * N) <= step < int(stop * N)."""
+        n = max(int(num_steps), 1)
+        return int(self.start * n), int(self.stop * n)
+
     def active(self, ctx: "Context") -> bool:
-        """Whether the current step lies in [start, stop) of the run (by step index)."""
-        frac = ctx.step / max(ctx.num_steps, 1)
-        return self.start <= frac < self.stop
+        """Whether the current step lies in this module's window."""
+        first, end = self.window(ctx.num_steps)
+        return first <= ctx.step < end
 
     def state(self, ctx: "Context") -> dict:
         return ctx.state_for(self)
@@ -182,10 +216,10 @@ class Guidance:
     def combine(self, ctx: "Context", preds: BranchPredictions) -> "Prediction":
         raise NotImplementedError(f"{self.name} is not a combiner")
 
-    def correct(self, ctx: "Context", x: Tensor, pred: "Prediction") -> "Prediction":
+    def correct(self, ctx: "Context", x: Tensor, pred: "Prediction", preds: BranchPredictions) -> "Prediction":
         return pred
 
-    def after_step(self, ctx: "Context", x: Tensor, pred: "Prediction") -> None:
+    def after_step(self, ctx: "Context", x: Tensor, pred: "Prediction", preds: BranchPredictions) -> None:
         return None
 
     def on_stage_change(self, ctx: "Context", old_shape: tuple[int, ...], new_shape: tuple[int, ...]) -> None:
@@ -204,13 +238,17 @@ class Guidance:
 
 
 class GuidanceStack:
-    """An ordered list of guidance modules, validated as a whole."""
+    """A list of guidance modules, validated as a whole; hooks run in role order (`ROLES`)."""
 
     def __init__(self, modules: Sequence[Guidance] = ()):
         self.modules = list(modules)
         for m in self.modules:
             if not isinstance(m, Guidance):
                 raise SpecError(f"{m!r} is not a guidance module; build one from flowkit.guidance")
+            if m.role not in ROLES:
+                raise GuidanceStackError(f"{m.name} has role {m.role!r}; a module's role is one of {', '.join(ROLES)}")
+        # role order, written order within a role (sorted is stable)
+        self.ordered = sorted(self.modules, key=lambda m: ROLES.index(m.role))
         combiners = [m for m in self.modules if m.role == "combiner"]
         if len(combiners) > 1:
             names = ", ".join(m.name for m in combiners)
@@ -219,7 +257,7 @@ class GuidanceStack:
         policies = [m for m in self.modules if m.role == "policy"]
         if policies and self.combiner is None:
             raise GuidanceStackError(
-                f"{policies[0].name} is a policy with no scale of its own; add a combiner before it, "
+                f"{policies[0].name} is a policy with no scale of its own; add a combiner, "
                 f"e.g. 'cfg:scale=7+{policies[0].name}'"
             )
 
@@ -230,22 +268,24 @@ class GuidanceStack:
         return len(self.modules)
 
     def describe(self) -> str:
-        from flowkit.spec import format as format_spec, to_spec
+        """The stack as a spec, in the order its hooks run."""
+        from flowkit.spec import format as format_spec
+        from flowkit.spec import to_spec
 
-        return format_spec([to_spec(m) for m in self.modules]) if self.modules else "none"
+        return format_spec([to_spec(m) for m in self.ordered]) if self.modules else "none"
 
     def check(self, ctx: "Context") -> None:
-        for m in self.modules:
+        for m in self.ordered:
             reason = m.refuse(ctx)
             if reason:
                 raise UnsupportedError(reason)
 
     def _active(self, ctx: "Context") -> list[Guidance]:
-        return [m for m in self.modules if m.active(ctx)]
+        return [m for m in self.ordered if m.active(ctx)]
 
     @property
     def batch_branches(self) -> bool:
-        return bool(getattr(self.combiner, "batched", True))
+        return self.combiner is None or bool(self.combiner.batched)
 
     def requests(self, ctx: "Context") -> BranchRequests:
         req = BranchRequests(ctx.batch_size, ctx.device)
@@ -264,15 +304,15 @@ class GuidanceStack:
             return self.combiner.combine(ctx, preds)
         return preds["cond"]
 
-    def correct(self, ctx: "Context", x: Tensor, pred: "Prediction") -> "Prediction":
+    def correct(self, ctx: "Context", x: Tensor, pred: "Prediction", preds: BranchPredictions) -> "Prediction":
         for m in self._active(ctx):
-            pred = m.correct(ctx, x, pred)
+            pred = m.correct(ctx, x, pred, preds)
         return pred
 
-    def after_step(self, ctx: "Context", x: Tensor, pred: "Prediction") -> None:
+    def after_step(self, ctx: "Context", x: Tensor, pred: "Prediction", preds: BranchPredictions) -> None:
         for m in self._active(ctx):
-            m.after_step(ctx, x, pred)
+            m.after_step(ctx, x, pred, preds)
 
     def on_stage_change(self, ctx: "Context", old_shape: tuple[int, ...], new_shape: tuple[int, ...]) -> None:
-        for m in self.modules:
+        for m in self.ordered:
             m.on_stage_change(ctx, old_shape, new_shape)

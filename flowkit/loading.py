@@ -10,16 +10,21 @@ manifest.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
-import torch
-
+from flowkit.checksums import (
+    MANIFEST_FILE,
+    sha256_file,
+    verify_manifest,
+    write_manifest,
+)
 from flowkit.errors import UnknownNameError, WeightsError, closest
-from flowkit.checksums import MANIFEST_FILE, sha256_file, verify_manifest, write_manifest
+from flowkit.storage import weights_dir
 
-__all__ = ["load", "BUILTIN_MODELS", "weights_dir", "sha256_file", "load_unet_strict", "save_shapes",
+__all__ = ["load", "load_model", "DEFAULT_MODEL", "FALLBACK_MODEL", "BUILTIN_MODELS", "weights_dir", "sha256_file", "load_unet_strict", "save_shapes",
            "load_shapes", "SHAPES_FILES"]
 
 # the files of a shapes model folder (the shipped one, or one written by `save_shapes`)
@@ -34,10 +39,8 @@ BUILTIN_MODELS = {
     "simplex": "the toy simplex task's Dirichlet FM model (K = 20, length 4, unconditional)",
 }
 SEQUENCE_MODELS = ("dna", "dna-distilled", "simplex")
-
-
-def weights_dir() -> Path:
-    return Path(__file__).resolve().parent / "weights"
+DEFAULT_MODEL = "shapes"  # what the command line and batch runs load when no model is named
+FALLBACK_MODEL = "tiny"  # ... and what they load instead when its weights are not installed
 
 
 def load_unet_strict(folder: Path):
@@ -70,8 +73,8 @@ def load_unet_strict(folder: Path):
 
 
 def _shapes_pipeline(unet):
-    from flowkit.worlds.shapes_pipeline import ShapesPipeline, shapes_scheduler
     from flowkit.text import load_minilm
+    from flowkit.worlds.shapes_pipeline import ShapesPipeline, shapes_scheduler
 
     tokenizer, text_encoder = load_minilm()
     pipe = ShapesPipeline(unet=unet.eval(), text_encoder=text_encoder, tokenizer=tokenizer,
@@ -83,6 +86,7 @@ def _shapes_pipeline(unet):
 def save_shapes(unet, folder: str | os.PathLike) -> list[Path]:
     """Write a shapes UNet as a loadable model folder: `unet/` (diffusers config and fp16
     safetensors) and `manifest.json` with their sha256. `flowkit.load(folder)` reads it."""
+    import torch
     from safetensors.torch import save_file
 
     folder = Path(folder)
@@ -107,6 +111,7 @@ def load_shapes(folder: str | os.PathLike | None = None):
 
 
 def _load_tiny(seed: int = 0):
+    import torch
     from diffusers import UNet2DConditionModel
 
     from flowkit.worlds.shapes_pipeline import shapes_unet_config
@@ -140,6 +145,21 @@ def load(name_or_path: str | os.PathLike, **kwargs: Any):
         return _load_folder(path, **kwargs)
     raise UnknownNameError(f"unknown model {name!r}{closest(name, BUILTIN_MODELS)}: give one of "
                            f"{', '.join(BUILTIN_MODELS)} or the path of a local diffusers folder")
+
+
+def load_model(name: str | None = None, *, on_fallback: Callable[[str], None] | None = None) -> tuple[Any, str]:
+    """(pipeline, model name). A named model loads as `load` loads it. With no name, the
+    default model (DEFAULT_MODEL) loads; where its weights are not installed the untrained
+    FALLBACK_MODEL loads instead, and `on_fallback` (default: a logged warning) is told why."""
+    if name is not None:
+        return load(name), name
+    try:
+        return load(DEFAULT_MODEL), DEFAULT_MODEL
+    except WeightsError as e:
+        note = (f"note: the default model {DEFAULT_MODEL!r} is not available ({e}); using the untrained "
+                f"{FALLBACK_MODEL!r} model instead")
+        (on_fallback or logging.getLogger(__name__).warning)(note)
+        return load(FALLBACK_MODEL), FALLBACK_MODEL
 
 
 def _load_folder(path: Path, **kwargs: Any):

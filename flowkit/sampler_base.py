@@ -64,7 +64,8 @@ class Sampler(ABC):
         return {k: getattr(self, k) for k in params_of(type(self)) if hasattr(self, k)}
 
     def describe(self) -> str:
-        from flowkit.spec import format as format_spec, to_spec
+        from flowkit.spec import format as format_spec
+        from flowkit.spec import to_spec
 
         return format_spec([to_spec(self)])
 

@@ -1,13 +1,16 @@
 """The sampling loop: guided evaluation of the denoiser, step bookkeeping, and `run`.
 
 `GuidedModel` is what a sampler calls: `model(x, t) -> Prediction`, the guided prediction
-at flow-frame state x and flowkit time t. Per evaluation it asks the guidance stack which
-branches each sample needs, builds their conditionings, evaluates every needed row in one
-forward pass (or one per branch when the combiner asks for it), lets modules supply
-predicted branches, and applies combine and correct. At the end of each step a sampler
-calls `model.end_step(x, pred)`, which runs `after_step` hooks, records the step, calls
-the user's callback and checks for non-finite values every few steps without
-synchronising every step.
+at flow-frame state x and flowkit time t (`active=`: only some rows, the others neither
+evaluated nor charged). Per evaluation it asks the guidance stack which branches each
+sample needs, builds their conditionings, evaluates every needed row in one forward pass
+(or one per branch when the combiner asks for it), lets modules supply predicted branches,
+and applies combine and correct. A module may evaluate the network once more through
+`ctx.evaluate`, counted like the loop's own calls. Every evaluation is charged to its rows
+and their images in `ctx.ledger`. At the end of each step a sampler calls
+`model.end_step(x, pred)`, which runs `after_step` hooks, records the step, calls the
+user's callback and checks for non-finite values every few steps without synchronising
+every step.
 
 Precision: the state is kept in float32 (at least) whatever the network's dtype; times
 are float64; prediction conversions run in float64 (see flowkit.paths.convert).
@@ -15,6 +18,7 @@ are float64; prediction conversions run in float64 (see flowkit.paths.convert).
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
@@ -73,28 +77,50 @@ class Stats:
 
 
 class GuidedModel:
-    """The guided denoiser a sampler integrates; also the step bookkeeper."""
+    """The guided denoiser a sampler integrates; also the step bookkeeper.
+
+    grad_steps: None follows the ambient autograd mode at every step; K evaluates the last
+    K steps of the run with gradients and every earlier step without (DRaFT-K), so a loss
+    on the result differentiates through those K steps only.
+    """
 
     def __init__(self, ctx: "Context", *, callback: StepCallback | None = None, check_every: int = 4,
-                 progress: Any = None):
+                 progress: Any = None, grad_steps: int | None = None):
         self.ctx = ctx
         self.callback = callback
         self.check_every = max(int(check_every), 1)
         self.progress = progress
+        self.grad_steps = grad_steps
         self.records: list[StepRecord] = []
         self._bad: list[Tensor] = []
         self._step_rows: dict[str, int] = {}
         self._step_start = time.perf_counter()
         self._nfe_at_step = 0
+        self._evaluations: list[tuple[Prediction, BranchPredictions]] = []  # this step's, in order
         self.walked: list[Tensor] = []  # grids a sampler declared with `walk` (its own times)
+        ctx._evaluator = self._extra
+
+    def _grad_mode(self) -> Any:
+        if self.grad_steps is None:
+            return contextlib.nullcontext()
+        return torch.enable_grad() if self.ctx.step >= self.ctx.num_steps - self.grad_steps else torch.no_grad()
 
     # -- evaluation ---------------------------------------------------------------
-    def __call__(self, x: Tensor, t: Tensor | float) -> Prediction:
+    def __call__(self, x: Tensor, t: Tensor | float, *, active: Tensor | None = None) -> Prediction:
+        """The guided prediction at state x [B, ...] and time t. `active` [B] (bool): only these
+        rows are evaluated and charged; the prediction of the other rows is meaningless."""
+        with self._grad_mode():
+            return self._guided(x, t, active)
+
+    def _guided(self, x: Tensor, t: Tensor | float, active: Tensor | None) -> Prediction:
         ctx = self.ctx
         B = x.shape[0]
         t = as_time(t, B).to(torch.float64)
-        ctx.t = t
+        ctx.t, ctx.x = t, x
+        ctx.active = None if active is None else active.to(device=ctx.device, dtype=torch.bool)
         req = ctx.stack.requests(ctx)
+        if ctx.active is not None:
+            req.restrict(ctx.active)
         jobs: list[tuple[str, Tensor, Conditioning]] = []
         for name in req.names():
             rows = req.wanted(name).nonzero().flatten()
@@ -126,51 +152,78 @@ class GuidedModel:
             old = preds.get(name)
             preds[name] = sup if old is None else old.replace(torch.where(_rows(m, sup.value), sup.value, old.value))
             present[name] = present[name] | m if name in present else m
-        if "cond" not in preds or not bool(present["cond"].all()):
+        needed = torch.ones(B, dtype=torch.bool, device=x.device) if ctx.active is None else ctx.active
+        if "cond" not in preds or not bool((present["cond"] | ~needed).all()):
             raise InputError("every sample needs its conditional branch; a module dropped 'cond'")
         branch_preds = BranchPredictions(preds, present)
-        ctx.extras["branch_predictions"] = branch_preds  # this evaluation's branches, for combine and correct
         pred = ctx.stack.combine(ctx, branch_preds)
-        pred = ctx.stack.correct(ctx, x, pred)
+        pred = ctx.stack.correct(ctx, x, pred, branch_preds)
+        self._evaluations.append((pred, branch_preds))
+        return pred
+
+    def _forward(self, xs: Tensor, ts: Tensor, cond: Conditioning, layout: list[tuple[str, Tensor]],
+                 latent_hw: tuple[int, ...]) -> Prediction:
+        """One network call on rows `layout` (branch, batch rows), inside the attention scope."""
+        ctx = self.ctx
+        if ctx.attention is None:
+            pred = ctx.denoiser(xs, ts, cond)
+        else:  # tag attention-map captures with the step and each row's branch and sample
+            with ctx.attention.forward(ctx.step, layout, latent_hw):
+                pred = ctx.denoiser(xs, ts, cond)
+        ctx.forward_calls += 1
+        for name, rows in layout:
+            ctx.ledger.charge(rows)
+            self._step_rows[name] = self._step_rows.get(name, 0) + len(rows)
         return pred
 
     def _evaluate(self, x: Tensor, t: Tensor, jobs: list[tuple[str, Tensor, Conditioning]]):
-        ctx = self.ctx
         out: dict[str, tuple[Tensor, Prediction]] = {}
         if not jobs:
             return out
-        groups = [jobs] if ctx.stack.batch_branches else [[j] for j in jobs]
+        groups = [jobs] if self.ctx.stack.batch_branches else [[j] for j in jobs]
         for group in groups:
             xs = torch.cat([x[rows] for _, rows, _ in group])
             ts = torch.cat([t[rows.cpu()] for _, rows, _ in group])
             cond = Conditioning.cat([c for _, _, c in group]) if len(group) > 1 else group[0][2]
-            if ctx.attention is None:
-                pred = ctx.denoiser(xs, ts, cond)
-            else:  # tag attention-map captures with the step and each row's branch and sample
-                with ctx.attention.forward(ctx.step, [(name, rows) for name, rows, _ in group], tuple(x.shape[2:])):
-                    pred = ctx.denoiser(xs, ts, cond)
-            ctx.forward_calls += 1
+            pred = self._forward(xs, ts, cond, [(name, rows) for name, rows, _ in group], tuple(x.shape[2:]))
             offset = 0
             for name, rows, _ in group:
                 n = len(rows)
                 out[name] = (rows, pred.select(torch.arange(offset, offset + n, device=pred.value.device)))
                 offset += n
-                ctx.nfe[rows.cpu()] += 1
-                self._step_rows[name] = self._step_rows.get(name, 0) + n
         return out
+
+    def _extra(self, x: Tensor, t: Tensor | float, cond: Conditioning, branch: str, grad: bool,
+               rows: Tensor | None = None) -> Prediction:
+        """`ctx.evaluate`: one more network call by a module, counted like the loop's own."""
+        index = torch.arange(x.shape[0]) if rows is None else torch.as_tensor(rows, dtype=torch.long).cpu()
+        if len(cond) != x.shape[0] or len(index) != x.shape[0]:
+            raise InputError(f"ctx.evaluate: {x.shape[0]} states, {len(cond)} conditioning rows and {len(index)} "
+                             "batch rows must agree")
+        mode = torch.enable_grad() if grad else contextlib.nullcontext()
+        with mode:
+            return self._forward(x, as_time(t, x.shape[0]).to(torch.float64), cond, [(branch, index)],
+                                 tuple(x.shape[2:]))
 
     # -- step bookkeeping ---------------------------------------------------------
     def end_step(self, x: Tensor, pred: Prediction) -> Tensor:
-        """Close the current step: hooks, record, callback, periodic non-finite check."""
+        """Close the current step: hooks, record, callback, periodic non-finite check.
+
+        `pred` is the step's evaluation the sampler names (Heun: its first); `after_step`
+        hooks get it with the branch predictions of that same evaluation."""
         ctx = self.ctx
-        ctx.stack.after_step(ctx, x, pred)
+        branches = next((bp for p, bp in self._evaluations if p is pred), None)
+        if branches is None:  # a sampler passed a prediction of its own making: the step's first
+            branches = self._evaluations[0][1] if self._evaluations else BranchPredictions({}, {})
+        ctx.stack.after_step(ctx, x, pred, branches)
+        self._evaluations = []
         if self.callback is not None:
             new = self.callback(ctx, ctx.step, x, pred)
             if new is not None:
                 x = new
-        self._bad.append(~torch.isfinite(x).all())
+        self._bad.append(~torch.isfinite(x.detach()).all())
         now = time.perf_counter()
-        nfe_now = int(ctx.nfe.sum())
+        nfe_now = ctx.ledger.total
         t0 = float(ctx.t[0]) if ctx.t is not None else float("nan")
         self.records.append(StepRecord(ctx.step, ctx.stage, t0, nfe_now - self._nfe_at_step,
                                        now - self._step_start, dict(self._step_rows), tuple(x.shape[1:])))
@@ -181,7 +234,6 @@ class GuidedModel:
         if self.progress is not None:
             self.progress.update(1)
         return x
-
     def check_finite(self) -> None:
         if not self._bad:
             return
@@ -233,8 +285,10 @@ def _scatter(pred: Prediction, rows: Tensor, batch: int, x: Tensor) -> Predictio
 
 
 def integrate(sampler: "Sampler", ctx: "Context", noise: Tensor, ts: Tensor, *,
-        callback: StepCallback | None = None, check_every: int = 4, progress: bool = False) -> tuple[Tensor, Stats]:
-    """Sample from `noise` (unit Gaussian, flow frame shape) along grid `ts`; returns (x, stats)."""
+              callback: StepCallback | None = None, check_every: int = 4, progress: bool = False,
+              grad_steps: int | None = None) -> tuple[Tensor, Stats]:
+    """Sample from `noise` (unit Gaussian, flow frame shape) along grid `ts`; returns (x, stats).
+    grad_steps: see `GuidedModel`."""
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -242,16 +296,17 @@ def integrate(sampler: "Sampler", ctx: "Context", noise: Tensor, ts: Tensor, *,
         bar = tqdm(total=ctx.num_steps, desc=f"flowkit {sampler.name}", dynamic_ncols=True, leave=False)
     ctx.stack.check(ctx)
     ctx.denoiser.reset_counters()
-    model = GuidedModel(ctx, callback=callback, check_every=check_every, progress=bar)
+    model = GuidedModel(ctx, callback=callback, check_every=check_every, progress=bar, grad_steps=grad_steps)
     start = time.perf_counter()
     try:
         x = sampler.sample(model, sampler.initial_state(noise, ts, ctx), ts)
         model.check_finite()
     finally:
+        ctx._evaluator = None
         if bar is not None:
             bar.close()
     stats = Stats(
-        nfe=[int(v) for v in ctx.nfe.tolist()],
+        nfe=[int(v) for v in ctx.ledger.per_image.tolist()],
         forward_calls=ctx.forward_calls,
         seconds=time.perf_counter() - start,
         forward_seconds=ctx.denoiser.seconds,

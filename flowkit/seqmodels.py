@@ -30,11 +30,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from flowkit.adapters.base import ADAPTERS, ModelAdapter
+from flowkit.adapters.base import ModelAdapter
 from flowkit.conditioning import Conditioning
 from flowkit.denoiser import Denoiser
 from flowkit.errors import InputError, WeightsError
 from flowkit.paths.categorical import DiscretePath
+from flowkit.registry import MODEL_FAMILIES
 from flowkit.timegrid import TimeGrid
 
 __all__ = [
@@ -237,9 +238,14 @@ class SequenceDenoiser(Denoiser):
         return next(self.net.parameters()).device
 
 
+@MODEL_FAMILIES.register
 class SequenceAdapter(ModelAdapter):
     family = "sequence"
     title = "sequence models (flowkit's dna and simplex worlds)"
+
+    @classmethod
+    def matches(cls, pipe: Any) -> bool:
+        return isinstance(pipe, SequencePipeline)
 
     def __init__(self, pipe: SequencePipeline):
         super().__init__(pipe)
@@ -304,7 +310,6 @@ class SequenceAdapter(ModelAdapter):
         raise InputError(f"output_type must be pil (token sequences), np, pt or latent, got {output_type!r}")
 
 
-ADAPTERS.append((lambda pipe: isinstance(pipe, SequencePipeline), SequenceAdapter))
 
 
 # ----------------------------------------------------------------------------- weights
@@ -398,7 +403,7 @@ def load_pipeline(folder: str | Path, *, classifier: str | Path | None = None, n
 
 def load_builtin(name: str) -> SequencePipeline:
     """The shipped sequence models: `dna` (with its noisy classifier), `dna-distilled`, `simplex`."""
-    from flowkit.loading import weights_dir
+    from flowkit.storage import weights_dir
 
     root = weights_dir()
     if name == "dna":

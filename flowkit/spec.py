@@ -56,10 +56,9 @@ import re
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Protocol, Sequence
 
 from flowkit.errors import SpecError, UnknownNameError, closest
-from flowkit.registry import Param, Registry, params_of
 
 __all__ = [
     "SpecItem",
@@ -94,6 +93,38 @@ _RESERVED = {"true", "false", "none"} | _NONFINITE
 
 _ESCAPES = {"\\": "\\", "'": "'", '"': '"', "n": "\n", "t": "\t", "r": "\r"}
 _UNESCAPES = {"\\": "\\\\", '"': '\\"', "\n": "\\n", "\t": "\\t", "\r": "\\r"}
+
+
+class Lookup(Protocol):
+    """What building from a spec needs of a registry: the class of a name."""
+
+    def get(self, name: str) -> type: ...
+
+
+@dataclass(frozen=True)
+class Param:
+    """One keyword option of a registered class."""
+
+    name: str
+    annotation: Any
+    default: Any
+    required: bool
+
+
+def params_of(cls: type) -> dict[str, Param]:
+    """The keyword options of `cls.__init__`, in order (what a spec is checked against)."""
+    out: dict[str, Param] = {}
+    sig = inspect.signature(cls.__init__)
+    try:
+        hints = typing.get_type_hints(cls.__init__)
+    except Exception:  # pragma: no cover - unresolved forward references
+        hints = {}
+    for p in list(sig.parameters.values())[1:]:
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            continue
+        required = p.default is inspect.Parameter.empty
+        out[p.name] = Param(p.name, hints.get(p.name, p.annotation), None if required else p.default, required)
+    return out
 
 
 def _clip(text: str, limit: int = 80) -> str:
@@ -595,14 +626,14 @@ class _UnknownSpecName(SpecError, UnknownNameError):
     """A spec naming an unregistered module: both a SpecError and an UnknownNameError."""
 
 
-def _lookup(registry: Registry, name: str) -> type:
+def _lookup(registry: Lookup, name: str) -> type:
     try:
         return registry.get(name)
     except UnknownNameError as e:
         raise _UnknownSpecName(str(e)) from None
 
 
-def check_params(registry: Registry, name: str, params: Mapping[str, Any] | None) -> dict[str, Any]:
+def check_params(registry: Lookup, name: str, params: Mapping[str, Any] | None) -> dict[str, Any]:
     """`params` checked against the keyword options of `registry`'s `name` and coerced.
 
     Unknown options (with the closest known one), missing required options and values
@@ -639,7 +670,7 @@ def _check_params_of(cls: type, name: str, params: Mapping[str, Any] | None) -> 
     return out
 
 
-def instantiate(registry: Registry, name: str, params: Mapping[str, Any] | None = None) -> Any:
+def instantiate(registry: Lookup, name: str, params: Mapping[str, Any] | None = None) -> Any:
     """Build `registry`'s `name` with `params` checked and coerced by `check_params`.
 
     The constructor's own `ValueError`s (and `TypeError`s) come back as `SpecError`
@@ -659,7 +690,7 @@ def instantiate(registry: Registry, name: str, params: Mapping[str, Any] | None 
 
 
 def build(
-    registry: Registry,
+    registry: Lookup,
     spec: str | os.PathLike[str] | SpecItem | Mapping[str, Any] | Sequence[Any] | object | None,
     *,
     allow_empty: bool = False,

@@ -11,9 +11,10 @@ float64. Kinds:
   pipeline calls it (optionally with a user's `sigmas` or `mu`), so a user's scheduler
   settings are kept; `schedule()` also gives the timesteps the scheduler feeds the
   network and the scale of its initial noise;
-- `boss`: BOSS step sizes (flowkit.boss): given times (as `sigmas`), or `boss:TABLE`, a
-  table written by `flowkit tune boss` (a file, or a shipped name such as `shapes`) that
-  gives the best grid for any number of steps it was tuned for.
+- registered kinds (`flowkit.registry.GRID_KINDS`, e.g. `boss` from flowkit.boss): `KIND:ARG`
+  asks the kind's provider for the times of a run (`boss:TABLE`, a table written by
+  `flowkit tune boss` or a shipped name such as `shapes`); a registered kind may also carry
+  given times (as `sigmas`), recorded under its name.
 """
 
 from __future__ import annotations
@@ -28,10 +29,16 @@ from torch import Tensor
 from flowkit.errors import InputError, SpecError
 from flowkit.paths.base import Path
 from flowkit.paths.shift import dynamic_shift, flux_mu, static_shift
+from flowkit.registry import GRID_KINDS
 
-__all__ = ["TimeGrid", "Schedule", "GRID_KINDS"]
+__all__ = ["TimeGrid", "Schedule", "CORE_KINDS", "grid_kinds"]
 
-GRID_KINDS = ("uniform", "shift", "dynamic", "sigmas", "scheduler", "boss")
+CORE_KINDS = ("uniform", "shift", "dynamic", "sigmas", "scheduler")
+
+
+def grid_kinds() -> tuple[str, ...]:
+    """Every grid kind: the core ones, then the registered ones (boss, plugins)."""
+    return CORE_KINDS + tuple(k for k in GRID_KINDS.names() if k not in CORE_KINDS)
 
 
 @dataclass(frozen=True)
@@ -64,14 +71,13 @@ class TimeGrid:
     # `sigmas=` / `mu=` arguments (in the scheduler's own convention)
 
     def __post_init__(self) -> None:
-        if self.kind not in GRID_KINDS:
-            raise SpecError(f"unknown time grid {self.kind!r}; use one of {', '.join(GRID_KINDS)}")
+        if self.kind not in CORE_KINDS and self.kind not in GRID_KINDS:
+            raise SpecError(f"unknown time grid {self.kind!r}; use one of {', '.join(grid_kinds())}")
         if self.kind == "shift" and not self.shift > 0:
             raise SpecError(f"grid shift must be > 0, got {self.shift}")
-        if self.kind == "boss" and not self.sigmas and not self.name:
-            raise SpecError("a boss grid needs a table: boss:FILE or boss:NAME (see `flowkit tune boss`), "
-                            "or use the sampler 'boss', which finds the model's own")
-        if self.kind == "sigmas" or (self.kind == "boss" and self.sigmas):
+        if self.registered and not self.sigmas and not self.name:
+            raise SpecError(GRID_KINDS.get(self.kind).missing)
+        if self.kind == "sigmas" or (self.registered and self.sigmas):
             if not self.sigmas:
                 raise SpecError(f"a {self.kind} grid needs its times")
             s = list(self.sigmas)
@@ -79,6 +85,11 @@ class TimeGrid:
                 raise SpecError("grid times must lie in [0, 1] and strictly decrease")
         if self.kind == "scheduler" and self.scheduler is None:
             raise SpecError("a scheduler grid needs a scheduler; use TimeGrid.from_scheduler")
+
+    @property
+    def registered(self) -> bool:
+        """A kind from the grid-kind registry (not a core kind)."""
+        return self.kind not in CORE_KINDS
 
     # -- constructors -------------------------------------------------------------
     @classmethod
@@ -128,22 +139,21 @@ class TimeGrid:
                 return cls.dynamic(float(arg) if arg else None)
             if kind == "sigmas":
                 return cls.from_times([float(v) for v in arg.replace(",", ";").split(";") if v.strip()])
-            if kind == "boss":
-                return cls("boss", name=arg.strip() or None)
+            if kind not in CORE_KINDS and kind in GRID_KINDS:
+                return cls(kind, name=arg.strip() or None)
         except ValueError as e:
             raise SpecError(f"bad time grid {text!r}: {e}") from None
-        raise SpecError(f"bad time grid {text!r}; use uniform, shift:S, dynamic[:MU], sigmas:T1;T2;... or boss:TABLE")
+        extra = "".join(f", {k}:{GRID_KINDS.get(k).argument}" for k in grid_kinds() if k not in CORE_KINDS)
+        raise SpecError(f"bad time grid {text!r}; use uniform, shift:S, dynamic[:MU], sigmas:T1;T2;...{extra}")
 
     # -- the grid -----------------------------------------------------------------
     def build(self, steps: int, path: Path, *, image_seq_len: int | None = None) -> Tensor:
         """`steps + 1` flowkit times (float64, descending, last = 0)."""
         if not isinstance(steps, int) or steps < 1:
             raise InputError(f"steps must be an integer >= 1, got {steps!r}")
-        if self.kind == "boss" and not self.sigmas:
-            from flowkit.boss import resolve_table
-
-            return resolve_table(self.name).times(steps)
-        if self.kind in ("sigmas", "boss"):
+        if self.registered and not self.sigmas:
+            return GRID_KINDS.get(self.kind).times(self.name, steps)
+        if self.kind == "sigmas" or self.registered:
             ts = torch.tensor(self.sigmas, dtype=torch.float64)
             if ts[-1] != 0:
                 ts = torch.cat([ts, ts.new_zeros(1)])
@@ -177,7 +187,11 @@ class TimeGrid:
         if self.kind != "scheduler":
             ts = self.build(steps, path, image_seq_len=image_seq_len)
             return Schedule(ts=ts, noise_scale=float(ts[0]))
-        from flowkit.schedulers import initial_noise_scale, scheduler_times, set_timesteps_as_pipeline
+        from flowkit.schedulers import (
+            initial_noise_scale,
+            scheduler_times,
+            set_timesteps_as_pipeline,
+        )
 
         if not isinstance(steps, int) or steps < 1:
             raise InputError(f"steps must be an integer >= 1, got {steps!r}")
@@ -200,6 +214,6 @@ class TimeGrid:
             return f"shift:{self.shift:g}"
         if self.kind == "dynamic":
             return "dynamic" if self.mu is None else f"dynamic:{self.mu:g}"
-        if self.kind in ("scheduler", "boss") and self.name:
+        if (self.kind == "scheduler" or self.registered) and self.name:
             return f"{self.kind}:{self.name}"
         return self.kind

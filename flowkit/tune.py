@@ -1,118 +1,21 @@
-"""`flowkit tune`: precomputed sampler data. `flowkit tune boss` computes BOSS step sizes.
+"""Precomputed sampler data: BOSS step-size tables (`tune_boss`), and the prompt sets they
+are tuned on (`load_prompts`).
 
-    flowkit tune boss --model shapes --prompts single --steps 4,6,8 --k-max 64 --samples 64
-    flowkit tune boss --model shapes --cost endpoint --k-max 16 --samples 16
-
-N = `--samples` fine Euler trajectories of `--k-max` steps (prompts cycled, image i seeded
-with seed_for(SEED, i), under the `--guidance` stack as sampling would run it) give the
-BOSS cost matrix; the table (cost matrix, fine grid, the best grid for each `--steps`) is
-written to the cache ($FLOWKIT_CACHE/boss/FINGERPRINT/...), where the `boss` sampler finds
-it by the model's fingerprint, and to `--out FILE` (usable as `boss:table=FILE` or
-`--grid boss:FILE`). `--ship NAME` writes flowkit/weights/boss/NAME.json, a table shipped
-in the package. Options are checked before a model is loaded.
+N = `samples` fine Euler trajectories of `k_max` steps (prompts cycled, image i seeded
+with seed_for(seed, i), under the guidance stack as sampling would run it) give the BOSS
+cost matrix; the table (cost matrix, fine grid, the best grid for each step count) is what
+`flowkit tune boss` writes to the cache ($FLOWKIT_CACHE/boss/FINGERPRINT/...), where the
+`boss` sampler finds it by the model's fingerprint.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from flowkit.errors import InputError
 
-__all__ = ["add_parser", "run_tune", "parse_steps_list", "TuneOptions", "tune_options", "load_prompts"]
-
-METHODS = ("boss",)
-
-
-def add_parser(sub: Any) -> argparse.ArgumentParser:
-    """Add `tune` to the `flowkit` subcommands."""
-    from flowkit.cli import cmd_tune
-    t = sub.add_parser("tune", help="compute sampler data (BOSS step sizes) for a model",
-                       description="Compute precomputed sampler data for a model: `boss` step sizes.")
-    t.add_argument("method", choices=METHODS)
-    t.add_argument("--model", default=None, help="a built-in model or a local diffusers folder (default shapes; "
-                                                 "tiny if the shapes weights are not installed)")
-    t.add_argument("--prompts", default=None, metavar="FILE|SET",
-                   help="a text file (one prompt a line) or a shapes prompt set: single, two, counting "
-                        "(default: single)")
-    t.add_argument("--steps", default="4,6,8", metavar="K,K,...", help="step counts whose grids are stored")
-    t.add_argument("--k-max", type=int, default=64, help="steps of the fine grid (endpoint cost: keep it small)")
-    t.add_argument("--samples", type=int, default=32, help="trajectories (N)")
-    t.add_argument("--cost", choices=("local", "endpoint"), default="local")
-    t.add_argument("--guidance", default=None, metavar="SPEC", help="guidance stack (default: CFG at the model's "
-                                                                    "scale), or none")
-    t.add_argument("--seed", type=int, default=None, help="base seed of the trajectories")
-    t.add_argument("--height", type=int, default=None, metavar="H")
-    t.add_argument("--width", type=int, default=None, metavar="W")
-    t.add_argument("--out", default=None, metavar="FILE", help="also write the table to this JSON file")
-    t.add_argument("--ship", default=None, metavar="NAME", help="write flowkit/weights/boss/NAME.json (shipped)")
-    t.add_argument("--json", action="store_true", help="print one JSON object")
-    t.set_defaults(func=cmd_tune)
-    return t
-
-
-def parse_steps_list(text: str) -> list[int]:
-    """'4,6,8' -> [4, 6, 8]: distinct integers >= 1, in increasing order."""
-    parts = [p.strip() for p in str(text).replace(";", ",").split(",")]
-    if not parts or any(not p for p in parts):
-        raise InputError(f"--steps: give step counts separated by commas, e.g. 4,6,8; got {text!r}")
-    out = []
-    for p in parts:
-        if not (p.isascii() and p.isdigit()) or len(p) > 6:
-            raise InputError(f"--steps: {p!r} is not a whole number of steps; e.g. 4,6,8")
-        k = int(p)
-        if k < 1:
-            raise InputError(f"--steps: step counts must be >= 1, got {k}")
-        out.append(k)
-    return sorted(set(out))
-
-
-@dataclass(frozen=True)
-class TuneOptions:
-    model: str
-    model_given: bool
-    prompts: str | None
-    steps: list[int]
-    k_max: int
-    samples: int
-    cost: str
-    guidance: Any  # GuidanceStack or None (CFG at the model's scale)
-    seed: int
-    height: int | None
-    width: int | None
-    out: Path | None
-    ship: str | None
-    json: bool
-
-
-def tune_options(args: argparse.Namespace) -> TuneOptions:
-    """Check `tune`'s parsed arguments (nothing is loaded); FlowkitError names the option."""
-    from flowkit.api import build_guidance
-    from flowkit.boss import TUNE_SEED
-    from flowkit.cli import _check_int, _with_flag, check_size_and_model
-
-    steps = parse_steps_list(args.steps)
-    _check_int("--k-max", args.k_max, 2)
-    _check_int("--samples", args.samples, 1)
-    if steps[-1] > args.k_max:
-        raise InputError(f"--steps: {steps[-1]} steps need a fine grid of at least as many: raise --k-max "
-                         f"(now {args.k_max})")
-    if args.seed is not None:
-        _check_int("--seed", args.seed, 0)
-    model = check_size_and_model(args)
-    guidance = None if args.guidance is None else _with_flag("--guidance", build_guidance, args.guidance, 0.0)
-    if args.prompts is not None:
-        load_prompts(args.prompts)  # a missing file or unknown set fails before the model loads
-    if args.ship is not None and (not args.ship or not all(c.isalnum() or c in "-_" for c in args.ship)):
-        raise InputError(f"--ship: a table name holds letters, digits, '-' and '_', got {args.ship!r}")
-    return TuneOptions(model=model, model_given=args.model is not None, prompts=args.prompts, steps=steps,
-                       k_max=args.k_max, samples=args.samples, cost=args.cost, guidance=guidance,
-                       seed=TUNE_SEED if args.seed is None else args.seed, height=args.height, width=args.width,
-                       out=None if args.out is None else Path(args.out), ship=args.ship, json=args.json)
+__all__ = ["load_prompts", "tune_boss"]
 
 
 def load_prompts(spec: str | None) -> list[str]:
@@ -135,54 +38,27 @@ def load_prompts(spec: str | None) -> list[str]:
     return prompts
 
 
-def run_tune(args: argparse.Namespace) -> str:
+def tune_boss(pipe: Any, *, prompts: Sequence[str], samples: int, k_max: int, cost: str = "local",
+              guidance: Any = None, seed: int = 0, height: int | None = None, width: int | None = None,
+              steps: Sequence[int] = (), model: str = "") -> tuple[Any, tuple[int, ...]]:
+    """(BossTable, latent shape) of `pipe` from `samples` fine trajectories of `k_max` steps
+    under `guidance` (None: CFG at the model's scale); nothing is written."""
     import torch
 
     from flowkit.adapters.base import adapt
-    from flowkit.api import _wants_uncond, build_guidance
-    from flowkit.boss import Problem, best_path, path_cost, shipped_root, tune_table
-    from flowkit.cli import _load_model
+    from flowkit.api import build_guidance, wants_uncond
+    from flowkit.boss import Problem, tune_table
     from flowkit.seeding import generators_for
 
-    opts = tune_options(args)
-    pipe, model = _load_model(opts)  # type: ignore[arg-type]  (reads .model / .model_given)
     adapter = adapt(pipe)
-    stack = build_guidance(opts.guidance, adapter.default_guidance_scale)
-    h, w = adapter.default_size() if opts.height is None else (opts.height, opts.width)
+    stack = build_guidance(guidance, adapter.default_guidance_scale)
+    h, w = adapter.default_size() if height is None else (height, width)
     shape = adapter.latent_shape(h, w)
-    prompts = load_prompts(opts.prompts)
-    rows = [prompts[i % len(prompts)] for i in range(opts.samples)]
+    rows = [prompts[i % len(prompts)] for i in range(samples)]
     with torch.no_grad():
-        conds = adapter.encode_sized(rows, None, any(_wants_uncond(m) for m in stack), h, w)
-        problem = Problem(adapter.denoiser, stack, conds, generators_for(opts.seed, range(opts.samples)),
+        conds = adapter.encode_sized(rows, None, wants_uncond(stack), h, w)
+        problem = Problem(adapter.denoiser, stack, conds, generators_for(seed, range(samples)),
                           adapter.device, adapter.encoder())
-        table = tune_table(problem, shape, k_max=opts.k_max, cost=opts.cost, seed=opts.seed, prompts=prompts,
-                           guidance=stack.describe(), model=model, steps=opts.steps)
-    written = [table.save_to_cache()]
-    if opts.out is not None:
-        written.append(table.save(opts.out))
-    if opts.ship is not None:
-        written.append(table.save(shipped_root() / f"{opts.ship}.json"))
-    report = []
-    for k in opts.steps:
-        path, total = best_path(table.cost, k)
-        uniform = path_cost(table.cost, [round(i * opts.k_max / k) for i in range(k + 1)]) \
-            if opts.k_max % k == 0 else None
-        report.append({"steps": k, "times": [round(float(v), 6) for v in table.times(k).tolist()], "cost": total,
-                       "uniform_cost": uniform})
-    if opts.json:
-        return json.dumps({"model": model, "fingerprint": table.fingerprint, "shape": list(shape), "cost": opts.cost,
-                           "nfe": table.nfe, "files": [str(p) for p in written], "grids": report}, indent=2)
-    lines = [f"BOSS ({opts.cost} cost) for {model} [{table.fingerprint}], latent {list(shape)}: "
-             f"{opts.samples} trajectories x {opts.k_max} steps, {table.nfe} NFE"]
-    for r in report:
-        uni = "" if r["uniform_cost"] is None else f" (uniform: {r['uniform_cost']:.4g})"
-        times = ", ".join(f"{v:.4f}" for v in r["times"])
-        lines.append(f"  {r['steps']} steps: [{times}]  cost {r['cost']:.4g}{uni}")
-    lines += [f"wrote {p}" for p in written]
-    return "\n".join(lines)
-
-if __name__ == "__main__":  # pragma: no cover
-    from flowkit.cli import main
-
-    sys.exit(main(["tune", *sys.argv[1:]]))
+        table = tune_table(problem, shape, k_max=k_max, cost=cost, seed=seed, prompts=list(prompts),
+                           guidance=stack.describe(), model=model, steps=list(steps))
+    return table, shape

@@ -68,10 +68,9 @@ class AdaptiveGuidance(Guidance):
             return pred.value
         return pred.x0 if self.space == "x0" else pred.eps
 
-    def after_step(self, ctx, x, pred) -> None:
-        preds = ctx.extras.get("branch_predictions")
+    def after_step(self, ctx, x, pred, preds) -> None:
         fired = self.fired(ctx)
-        if preds is None or "uncond" not in preds:
+        if "uncond" not in preds:
             return
         state = self.state(ctx)
         present = preds.present("uncond")

@@ -26,11 +26,10 @@ from typing import Literal
 
 import torch
 
+from flowkit.guidance_base import BranchPredictions, BranchRequests, Guidance
 from flowkit.paths.categorical import project_simplex
 from flowkit.prediction import Prediction
 from flowkit.registry import GUIDANCE
-
-from flowkit.guidance_base import BranchPredictions, BranchRequests, Guidance
 
 __all__ = ["CFG", "rescale_noise_cfg", "combine_probs"]
 

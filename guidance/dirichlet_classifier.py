@@ -59,7 +59,7 @@ class DirichletClassifierGuidance(Guidance):
             return torch.full((batch,), self.target, dtype=torch.long)
         return ctx.conds["cond"]["class_labels"].long()
 
-    def correct(self, ctx, x, pred):
+    def correct(self, ctx, x, pred, preds):
         if self.scale == 0.0:
             return pred
         y = self._labels(ctx, x.shape[0]).to(x.device)

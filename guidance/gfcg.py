@@ -49,23 +49,23 @@ families without a classifier (SD, SDXL, SD3, FLUX) are refused unless those are
 
 from __future__ import annotations
 
-import functools
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from flowkit.conditioning import Conditioning
 from flowkit.errors import InputError
-from flowkit.guidance_base import BranchRequests, Guidance
+from flowkit.guidance_base import BranchPredictions, BranchRequests, Guidance
+from flowkit.kit import ModelKit
 from flowkit.prediction import Prediction
 from flowkit.registry import GUIDANCE
 
-__all__ = ["GFCG", "choose_reference", "reference_caption", "BRANCH"]
+__all__ = ["GFCG", "choose_reference", "BRANCH"]
 
 BRANCH = "gfcg_ref"
 _NEEDS = ("pass classifier= (images -> class logits [B, K]), label_to_prompt= (class -> prompt) and "
-          "targets= (the asked class per image); only the shapes model ships a classifier")
+          "targets= (the asked class per image); of the built-in models only shapes hands one over (ctx.kit)")
 
 
 def choose_reference(probs: Tensor, asked: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -87,35 +87,6 @@ def choose_reference(probs: Tensor, asked: Tensor) -> tuple[Tensor, Tensor, Tens
     return target, ref, log_rho
 
 
-def reference_caption(tags: Sequence[int], target: int, reference: int) -> str:
-    """The shapes caption of a row's tags (g1, n1, g2, n2) with the target group swapped for
-    the reference group, counts kept: (circle-red, 2, square-blue, 1), target circle-red,
-    reference circle-green -> 'two green circles and a blue square'."""
-    from flowkit.worlds import shapes as world
-
-    groups = []
-    for g, n in ((tags[0], tags[1]), (tags[2], tags[3])):
-        if g < 0:
-            continue
-        shape, colour = world.GROUPS[reference if g == target else g]
-        groups.append(world.Group(int(n), colour, shape))
-    return world.caption_text(groups)
-
-
-@functools.lru_cache(maxsize=4)
-def _shapes_classifier(device: str):
-    from flowkit.worlds.shapes_nets import load_classifier
-
-    return load_classifier().to(device)
-
-
-def _tags(ctx) -> Tensor | None:
-    from flowkit.adapters.shapes import TAGS
-
-    cond = ctx.conds.get("cond")
-    return None if cond is None else cond.get(TAGS)
-
-
 @GUIDANCE.register
 class GFCG(Guidance):
     name = "gfcg"
@@ -127,10 +98,11 @@ class GFCG(Guidance):
                  label_to_prompt: Any = None, targets: list[int] | None = None,
                  start: float = 0.0, stop: float = 1.0):
         """scale: the largest push s_t; threshold: the confusion p_ref / p_target below which
-        there is no push; classifier: images -> class logits [B, K] (default: the shapes
-        classifier's softmax head); label_to_prompt: class index -> prompt of the reference
-        branch (default: shapes captions); targets: the asked class, one or one per image
-        (default: read from the shapes captions)."""
+        there is no push; classifier: images -> class logits [B, K] (default: the model's
+        world's, `ctx.kit.classifier`); label_to_prompt: class index -> prompt of the
+        reference branch (default: the world's prompt with the target asked as the
+        reference); targets: the asked class, one or one per image (default: the classes the
+        world reads from each prompt)."""
         super().__init__(start=start, stop=stop)
         if not scale >= 0:
             raise ValueError(f"scale must be >= 0, got {scale}")
@@ -160,10 +132,12 @@ class GFCG(Guidance):
         reason = super().refuse(ctx)
         if reason:
             return reason
-        tags = _tags(ctx)
-        missing = [what for what, ok in (("classifier", self._classifier is not None or tags is not None),
-                                         ("label_to_prompt", self._label_to_prompt is not None or tags is not None),
-                                         ("targets", self.targets is not None or tags is not None)) if not ok]
+        kit = ctx.kit or ModelKit()
+        missing = [what for what, ok in (("classifier", self._classifier is not None or kit.classifier is not None),
+                                         ("label_to_prompt", self._label_to_prompt is not None
+                                          or kit.reference_prompt is not None),
+                                         ("targets", self.targets is not None or kit.asked_classes is not None))
+                   if not ok]
         if missing:
             return f"gfcg needs a classifier for this model (missing {', '.join(missing)}): {_NEEDS}"
         if ctx.encode is None:
@@ -171,9 +145,9 @@ class GFCG(Guidance):
         return None
 
     # -- the classifier -------------------------------------------------------------------
-    def _probs(self, x0: Tensor) -> Tensor:
+    def _probs(self, ctx, x0: Tensor) -> Tensor:
         """Class probabilities [B, K] (float64) of clean-image predictions x0 [B, ...]."""
-        net = self._classifier if self._classifier is not None else _shapes_classifier(str(x0.device))
+        net = self._classifier if self._classifier is not None else ctx.kit.classifier
         fn = getattr(net, "class_logits", net)
         weights = list(net.parameters())[:1] if isinstance(net, torch.nn.Module) else []
         device = weights[0].device if weights else x0.device
@@ -184,12 +158,11 @@ class GFCG(Guidance):
             shape = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
             raise InputError(f"gfcg: the classifier must map images [B, ...] to class logits [B, K] with K >= 2; "
                              f"got {shape} for {x0.shape[0]} images")
-        if self._classifier is None or self._label_to_prompt is None:
-            from flowkit.worlds.shapes import GROUPS
-
-            if logits.shape[1] != len(GROUPS):
-                raise InputError(f"gfcg: on the shapes world the classifier must give logits over the "
-                                 f"{len(GROUPS)} (shape, colour) groups; got {logits.shape[1]} classes")
+        world_classes = ctx.kit.num_classes if ctx.kit is not None else None
+        if (self._label_to_prompt is None or self.targets is None) and world_classes is not None \
+                and logits.shape[1] != world_classes:
+            raise InputError(f"gfcg: with the world's prompts and targets the classifier must give logits over the "
+                             f"world's {world_classes} {ctx.kit.class_kind}; got {logits.shape[1]} classes")
         return torch.softmax(logits.double(), dim=1).to(x0.device)
 
     def _asked(self, ctx, K: int) -> Tensor:
@@ -199,8 +172,10 @@ class GFCG(Guidance):
             if len(self.targets) not in (1, B):
                 raise InputError(f"gfcg: {len(self.targets)} targets for {B} images; give one, or one per image")
             t = torch.tensor(self.targets * (B if len(self.targets) == 1 else 1), dtype=torch.long)
-        else:
-            t = _tags(ctx)[:, 0::2].cpu()
+        elif ctx.prompts is not None:
+            t = ctx.kit.asked_classes(ctx.prompts).to(torch.long).cpu()
+        else:  # prompt embeddings only: the asked classes are unknown, nothing is pushed
+            t = torch.full((B, 1), -1, dtype=torch.long)
         if int(t.max()) >= K:
             raise InputError(f"gfcg: target class {int(t.max())} is outside the classifier's {K} classes")
         return t.reshape(B, -1)
@@ -212,7 +187,7 @@ class GFCG(Guidance):
         x0 = state.get("x0")
         if x0 is None:
             return  # the first evaluation: nothing to classify yet
-        probs = self._probs(x0).cpu()
+        probs = self._probs(ctx, x0).cpu()
         target, ref, log_rho = choose_reference(probs, self._asked(ctx, probs.shape[1]))
         rho = log_rho.clamp(max=0.0).exp()  # min(rho, 1), exactly 0 for unknown targets
         s = self.scale * ((rho - self.threshold) / (1.0 - self.threshold)).clamp(0.0, 1.0)
@@ -229,12 +204,11 @@ class GFCG(Guidance):
         """The `gfcg_ref` conditioning [B]: a reference caption's encoding where pushed, the
         sample's own conditioning elsewhere (those rows are not evaluated)."""
         cache: dict[str, Conditioning] = self.state(ctx).setdefault("encoded", {})
+        rows = push.nonzero().flatten().tolist()
         if self._label_to_prompt is not None:
-            texts = {i: str(self._label_to_prompt(int(ref[i]))) for i in push.nonzero().flatten().tolist()}
-        else:
-            tags = _tags(ctx).cpu().tolist()
-            texts = {i: reference_caption(tags[i], int(target[i]), int(ref[i]))
-                     for i in push.nonzero().flatten().tolist()}
+            texts = {i: str(self._label_to_prompt(int(ref[i]))) for i in rows}
+        else:  # a row is pushed only where its prompt told the world its target
+            texts = {i: ctx.kit.reference_prompt(ctx.prompts[i], int(target[i]), int(ref[i])) for i in rows}
         new = sorted({t for t in texts.values() if t not in cache})
         if new:
             enc = ctx.encode(new)
@@ -249,11 +223,10 @@ class GFCG(Guidance):
             return self.state(ctx)["cond_ref"]
         return cond
 
-    def correct(self, ctx, x: Tensor, pred: Prediction) -> Prediction:
+    def correct(self, ctx, x: Tensor, pred: Prediction, preds: BranchPredictions) -> Prediction:
         state = self.state(ctx)
         s = state.pop("pending", None)
-        preds = ctx.extras.get("branch_predictions")
-        if s is not None and preds is not None and BRANCH in preds:
+        if s is not None and BRANCH in preds:
             present = preds.present(BRANCH)
             c, r = preds["cond"].as_kind(pred.kind), preds[BRANCH].as_kind(pred.kind)
             shape = (-1,) + (1,) * (pred.value.ndim - 1)

@@ -15,7 +15,7 @@ The paper states the estimate for the noise prediction of epsilon models; we use
 model's own output space, which is the same thing for them. Coefficients are per step and
 shared by all samples and all pixels; `fit_coefficients` solves the per-step normal
 equations in float64 over every sample and pixel of the calibration set (an optional ridge
-term for rank-deficient designs), and `fit_linear_ag` records the trajectories of a model
+term for rank-deficient designs), and `flowkit.fit_linear_ag` records the trajectories of a model
 on a prompt set under CFG and caches the result as JSON (`LinearAGCoefficients.save`).
 
 Choices (the paper's text was read only through its abstract here: "entire neural function
@@ -48,12 +48,12 @@ import torch
 from torch import Tensor
 
 from flowkit.errors import InputError
-from flowkit.guidance_base import BranchRequests, Guidance
+from flowkit.guidance_base import BranchPredictions, BranchRequests, Guidance
 from flowkit.prediction import Prediction
 from flowkit.registry import GUIDANCE
 
 __all__ = ["LinearAG", "LinearAGCoefficients", "NormalEquations", "TrajectoryRecorder", "fit_coefficients",
-           "fit_linear_ag", "regressors"]
+           "regressors"]
 
 FORMAT = 1
 
@@ -131,7 +131,7 @@ class LinearAGCoefficients:
                 "ts": self.ts, "weights": self.weights, "residual": self.residual, "meta": self.meta}
 
     def save(self, path: str | os.PathLike[str]) -> Path:
-        from flowkit.bench.cache import write_json_atomic
+        from flowkit.storage import write_json_atomic
 
         path = Path(path)
         write_json_atomic(path, self.to_dict(), indent=1)
@@ -143,7 +143,7 @@ class LinearAGCoefficients:
         try:
             d = json.loads(path.read_text())
         except FileNotFoundError:
-            raise InputError(f"no LinearAG coefficients at {path}: fit them with flowkit.guidance.fit_linear_ag") \
+            raise InputError(f"no LinearAG coefficients at {path}: fit them with flowkit.fit_linear_ag") \
                 from None
         except (OSError, ValueError) as e:
             raise InputError(f"cannot read LinearAG coefficients {path}: {e}") from None
@@ -227,12 +227,11 @@ class TrajectoryRecorder(Guidance):
         self.cond: list[Tensor] = []
         self.uncond: list[Tensor] = []
 
-    def correct(self, ctx, x, pred: Prediction) -> Prediction:
+    def correct(self, ctx, x, pred: Prediction, preds: BranchPredictions) -> Prediction:
         state = self.state(ctx)
         if state.get("step") == ctx.step:
             return pred
         state["step"] = ctx.step
-        preds = ctx.extras["branch_predictions"]
         if "uncond" not in preds or not bool(preds.present("uncond").all()):
             raise InputError("LinearAG calibration needs the unconditional branch at every step: "
                              "record under plain CFG with scale != 1")
@@ -243,50 +242,6 @@ class TrajectoryRecorder(Guidance):
     def trajectories(self) -> tuple[Tensor, Tensor]:
         """(cond, uncond), each [N, S, ...]."""
         return torch.stack(self.cond, dim=1), torch.stack(self.uncond, dim=1)
-
-
-def fit_linear_ag(pipe: Any, prompts: Sequence[str], *, steps: int, scale: float | None = None,
-                  sampler: str = "euler", seed: int = 0, history: int = 2, ridge: float = 0.0,
-                  batch_size: int = 16, negative_prompt: str | None = None,
-                  cache: str | os.PathLike[str] | None = None, model_id: str = "") -> LinearAGCoefficients:
-    """Fit LinearAG coefficients for `pipe` from CFG runs on `prompts` (one image each, seeded
-    `seed_for(seed, i)` as `flowkit.sample` seeds them), at `steps` steps and CFG `scale`
-    (default: the model's). With `cache`, a file there made with the same settings is read
-    back instead of fitting again, and a new fit is written there.
-    """
-    import flowkit
-    from flowkit.adapters.base import adapt
-    from flowkit.guidance.cfg import CFG
-
-    prompts = list(prompts)
-    if not prompts:
-        raise InputError("give at least one calibration prompt")
-    adapter = adapt(pipe)
-    scale = float(adapter.default_guidance_scale if scale is None else scale)
-    meta = {"model": model_id or type(getattr(adapter, "pipe", pipe)).__name__, "prompts": prompts,
-            "steps": steps, "scale": scale, "sampler": sampler, "seed": seed, "history": history, "ridge": ridge,
-            "negative_prompt": negative_prompt}
-    if cache is not None and Path(cache).is_file():
-        try:
-            found = LinearAGCoefficients.load(cache)
-        except InputError:
-            found = None
-        if found is not None and found.meta == json.loads(json.dumps(meta)):
-            return found
-    acc = NormalEquations(history)
-    ts: list[float] | None = None
-    for start in range(0, len(prompts), batch_size):
-        rec = TrajectoryRecorder()
-        chunk = prompts[start:start + batch_size]
-        out = flowkit.sample(pipe, chunk, sampler=sampler, steps=steps, guidance=[CFG(scale=scale), rec], seed=seed,
-                             start_index=start, negative_prompt=negative_prompt, output_type="latent")
-        acc.add(*rec.trajectories())
-        ts = out.stats.grid
-    fitted = acc.solve(ridge)
-    fitted.ts, fitted.meta = ts, meta
-    if cache is not None:
-        fitted.save(cache)
-    return fitted
 
 
 @GUIDANCE.register
@@ -363,14 +318,13 @@ class LinearAG(Guidance):
 
         requests.supply_later("uncond", mask, estimate)
 
-    def correct(self, ctx, x, pred: Prediction) -> Prediction:
+    def correct(self, ctx, x, pred: Prediction, preds: BranchPredictions) -> Prediction:
         """Record the first evaluation's (cond, uncond) outputs of each step as history."""
         state = self.state(ctx)
         if state.get("recorded") == ctx.step:
             return pred
         state["recorded"] = ctx.step
-        preds = ctx.extras.get("branch_predictions")
-        if preds is None or "uncond" not in preds:
+        if "uncond" not in preds:
             state["hist_steps"] = []  # a gap: the recurrence restarts
             return pred
         c = preds["cond"].value.detach()

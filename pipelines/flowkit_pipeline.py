@@ -34,12 +34,12 @@ import inspect
 from typing import Any
 
 import torch
+from flowkit.guidance.cfg import CFG
 
 from flowkit.adapters.base import adapt
-from flowkit.api import _wants_uncond, build_guidance, build_sampler, sample_from_noise
+from flowkit.api import build_guidance, build_sampler, sample_from_noise, wants_uncond
 from flowkit.errors import InputError, UnsupportedError, closest
 from flowkit.guidance_base import GuidanceStack
-from flowkit.guidance.cfg import CFG
 from flowkit.sampler_base import Sampler
 
 __all__ = ["FlowKitPipeline", "REFUSED"]
@@ -194,7 +194,7 @@ class FlowKitPipeline:
             raise InputError(f"num_images_per_prompt must be an integer >= 1, got {n_per!r}")
         adapter.check_call(kw)
         stack = self._stack(kw, given, adapter.family)
-        need_uncond = any(_wants_uncond(m) for m in stack)
+        need_uncond = wants_uncond(stack)
         attention = kw.get(adapter.attention_kwargs_name)
         adapter.set_attention_kwargs(attention)
         conds = adapter.encode_call(kw, need_uncond, n_per)
@@ -216,7 +216,7 @@ class FlowKitPipeline:
             adapter, conds, noise, sampler=self.sampler, stack=stack, steps=int(kw.get("num_inference_steps") or 1),
             grid=None, height=h, width=w, generators=_per_sample_generators(generator, batch),
             callback=callback, sigmas=kw.get("sigmas"), mu=kw.get("mu"),
-            step_generator=generator, attention=self.attention)
+            step_generator=generator, attention=self.attention, prompts=_row_prompts(kw, n_per, batch))
         object.__setattr__(self, "stats", stats)
         out = adapter.output(x, kw.get("output_type") or "pil", bool(kw.get("return_dict", True)), generator)
         if hasattr(pipe, "maybe_free_model_hooks"):
@@ -333,3 +333,13 @@ def _per_sample_generators(generator: Any, batch: int) -> list[torch.Generator]:
         return [cpu(g) for g in generator]
     g = cpu(generator)
     return [g] * batch
+
+
+def _row_prompts(kw: dict, per_prompt: int, batch: int) -> list[str] | None:
+    """Each image's prompt text, where the call gave prompts (not prompt_embeds)."""
+    prompt = kw.get("prompt") if kw.get("prompt_embeds") is None else None
+    texts = [prompt] if isinstance(prompt, str) else prompt
+    if not isinstance(texts, (list, tuple)) or not all(isinstance(t, str) for t in texts):
+        return None
+    rows = [t for t in texts for _ in range(per_prompt)]
+    return rows if len(rows) == batch else None

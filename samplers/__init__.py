@@ -1,24 +1,17 @@
 """Samplers (installed as `flowkit.samplers`); one registered sampler per file.
 
-`available()` lists every registered sampler, built-in or from a plugin.
+Each file registers its sampler with `@SAMPLERS.register`; the registry finds every file
+of this folder, so a new sampler is one file. `available()` lists every registered
+sampler, built-in or from a plugin; `from flowkit.samplers import Euler` looks the class
+up by its Python name.
 """
 
-from flowkit.registry import SAMPLERS
-from flowkit.sampler_base import Sampler
-from flowkit.samplers.boss import Boss
-from flowkit.samplers.bottleneck import Bottleneck
-from flowkit.samplers.ddim import DDIM
-from flowkit.samplers.dirichlet import DirichletEuler, DirichletOneStep
-from flowkit.samplers.discrete import DiscreteEuler
-from flowkit.samplers.euler import Euler
-from flowkit.samplers.heun import Heun
-from flowkit.samplers.midpoint import Midpoint
-from flowkit.samplers.pipeline import PipelineSampler
-from flowkit.samplers.sde import FlowSDE
-from flowkit.samplers.simplex_linear import SimplexLinear
+from typing import Any
 
-__all__ = ["Sampler", "Boss", "Bottleneck", "Euler", "Heun", "Midpoint", "FlowSDE", "DDIM", "PipelineSampler", "DirichletEuler", "DirichletOneStep",
-           "DiscreteEuler", "SimplexLinear", "available", "get"]
+from flowkit.registry import SAMPLERS
+from flowkit.sampler_base import Sampler, SimplexSampler
+
+__all__ = ["Sampler", "SimplexSampler", "available", "get"]
 
 
 def available() -> dict[str, str]:
@@ -27,4 +20,16 @@ def available() -> dict[str, str]:
 
 
 def get(name: str) -> type:
+    """The sampler class registered as `name`."""
     return SAMPLERS.get(name)
+
+
+def __getattr__(name: str) -> Any:
+    cls = SAMPLERS.find_class(name) if name[:1].isupper() else None
+    if cls is None:
+        raise AttributeError(f"module 'flowkit.samplers' has no attribute {name!r}")
+    return cls
+
+
+def __dir__() -> list[str]:
+    return sorted(set(__all__) | {cls.__name__ for cls in SAMPLERS})

@@ -41,7 +41,13 @@ class Boss(Sampler):
 
     def boss_table(self, ctx, shape: tuple[int, ...], steps: int):
         """The table this run uses (see the module docstring); tunes and caches it if allowed."""
-        from flowkit.boss import auto_problem, find_table, model_fingerprint, resolve_table, tune_table
+        from flowkit.boss import (
+            auto_problem,
+            find_table,
+            model_fingerprint,
+            resolve_table,
+            tune_table,
+        )
 
         fp = model_fingerprint(ctx.denoiser)
         if self.table is not None:

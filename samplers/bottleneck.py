@@ -193,7 +193,7 @@ class Bottleneck(Sampler):
         return list(zip(shapes, times))
 
     def sample(self, model, x, ts):
-        from flowkit.adapters.base import latent_multiple
+        from flowkit.denoiser import latent_multiple
 
         ctx = model.ctx
         if x.ndim != 4:

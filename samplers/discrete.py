@@ -13,7 +13,11 @@ from __future__ import annotations
 
 import torch
 
-from flowkit.paths.categorical import categorical_from_normal, one_hot, uniform_from_normal
+from flowkit.paths.categorical import (
+    categorical_from_normal,
+    one_hot,
+    uniform_from_normal,
+)
 from flowkit.registry import SAMPLERS
 from flowkit.sampler_base import SimplexSampler
 

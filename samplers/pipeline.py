@@ -53,7 +53,7 @@ class PipelineSampler(Sampler):
         frame = scheduler_frame(sch)
         extra = {}
         if "generator" in inspect.signature(sch.step).parameters and ctx.generators:
-            extra["generator"] = ctx.extras.get("step_generator", ctx.generators[0])
+            extra["generator"] = ctx.step_generator if ctx.step_generator is not None else ctx.generators[0]
         x_s = x * frame_scale(frame, float(ts[0]))  # state in the scheduler's frame
         for i, tau in enumerate(sch.timesteps):
             t, t_next = float(ts[i]), float(ts[i + 1])

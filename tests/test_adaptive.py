@@ -41,14 +41,13 @@ def test_first_k_steps_equal_cfg_then_conditional():
     k = 3
     seen = {}
 
-    def spy(ctx, step, x, pred):
-        seen.setdefault(ctx.extras.get("tag"), []).append(x.clone())
-
     from flowkit.sampling_loop import integrate as run_
 
     def go(modules, tag):
+        def spy(ctx, step, x, pred):
+            seen.setdefault(tag, []).append(x.clone())
+
         ctx = context(3, STEPS, modules)
-        ctx.extras["tag"] = tag
         noise = ctx.randn((5,)).double()
         return run_(Euler(), ctx, noise, TimeGrid.uniform().build(STEPS, PATH), callback=spy)
 

@@ -262,7 +262,7 @@ def test_malformed_lines_stop_before_work_or_are_skipped(loads, tmp_path, capsys
 def test_run_batch_sends_every_message_to_its_say_or_the_log(loads, tmp_path, capsys, caplog):
     """From Python, run_batch prints nothing: progress and line warnings go to `say`, or by
     default to the `flowkit.batch` logger (warnings at WARNING)."""
-    from flowkit.batch.command import batch_options
+    from flowkit.cli.batch import batch_options
     from flowkit.batch.runner import run_batch
     from flowkit.cli import build_parser
 

@@ -29,8 +29,9 @@ from flowkit.bench import (
     update_benchmarks,
     verdict,
 )
-from flowkit.bench import core
-from flowkit.bench.cli import main as bench_main
+from flowkit.bench import core  # noqa: F401
+from flowkit.registry import EXPERIMENTS
+from flowkit.cli.bench import main as bench_main
 from flowkit.bench.report import format_result
 from flowkit.errors import InputError, UnknownNameError
 
@@ -368,7 +369,7 @@ def counting_experiment():
         bench.info["note"] = "hello"
 
     yield computed
-    core._EXPERIMENTS.pop("_test_counting", None)
+    EXPERIMENTS.unregister("_test_counting")
 
 
 def test_run_experiment_selftest_writes_json(tmp_path):

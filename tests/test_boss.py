@@ -26,7 +26,7 @@ from flowkit.samplers import Boss, Euler
 from flowkit.sampling_loop import integrate
 from flowkit.seeding import generators_for, randn_per_sample
 from flowkit.timegrid import TimeGrid
-from flowkit.tune import parse_steps_list
+from flowkit.cli.tune import parse_steps_list
 
 one_thread = tiny_pipes.one_thread
 
@@ -268,10 +268,10 @@ def test_shipped_table_belongs_to_the_shipped_shapes_model(cache):
 
 @pytest.mark.parametrize("lora_rank", [0, 2])
 def test_straightening_finetune_lowers_its_loss_and_exports_a_table(tmp_path, lora_rank):
-    from flowkit.train import TARGETS, TrainConfig, train
+    from flowkit.train import TrainConfig, targets, train
     from flowkit.train.boss import BossTask
 
-    assert "boss" in TARGETS
+    assert "boss" in targets()
     task = BossTask(model="tiny", steps=2, k_max=4, trajectories=4, lora_rank=lora_rank)
     cfg = TrainConfig(steps=12, batch_size=4, lr=3e-3 if lora_rank else 1e-3, warmup=1, ema_decay=0.0, ckpt_every=100)
     losses = train(task, cfg, tmp_path, progress=False)

@@ -235,10 +235,19 @@ class _LineTask:
 
 
 def test_train_overrides_resumes_and_exports(tmp_path, capsys, monkeypatch):
-    from flowkit.train import TARGETS, TrainConfig
+    from flowkit.registry import TRAIN_TARGETS
+    from flowkit.train import TrainConfig, TrainTarget
 
     task = _LineTask()
-    monkeypatch.setitem(TARGETS, "line", lambda: (task, TrainConfig(steps=1000, batch_size=8, lr=0.1, warmup=1)))
+    TRAIN_TARGETS.register(TrainTarget("line", "a line fit",
+                                       lambda: (task, TrainConfig(steps=1000, batch_size=8, lr=0.1, warmup=1))))
+    try:
+        _train_line(tmp_path, capsys, task)
+    finally:
+        TRAIN_TARGETS.unregister("line")
+
+
+def _train_line(tmp_path, capsys, task):
     out = tmp_path / "ckpt"
     code, stdout, _ = run(["train", "line", "--out", out, "--steps", "3", "--batch-size", "4", "--lr", "0.05"], capsys)
     assert code == 0
@@ -254,10 +263,10 @@ def test_train_overrides_resumes_and_exports(tmp_path, capsys, monkeypatch):
 
 def test_train_bad_input(capsys):
     code, _, err = run(["train", "nosuch"], capsys)
-    from flowkit.train import TARGETS
+    from flowkit.train import targets
 
-    assert code == 2 and err == f"flowkit: error: unknown training target 'nosuch'; known: {', '.join(sorted(TARGETS))}\n"
-    assert {"classifier", "counter", "shapes"} <= set(TARGETS)
+    assert code == 2 and err == f"flowkit: error: unknown training target 'nosuch'; known: {', '.join(sorted(targets()))}\n"
+    assert {"classifier", "counter", "shapes"} <= set(targets())
     code, _, err = run(["train", "shapes", "--lr", "nan"], capsys)
     assert code == 2 and err.startswith("flowkit: error: --lr must be")
 

@@ -10,7 +10,7 @@ from analytic import conds, context, gaussian_velocity
 from flowkit.conditioning import Conditioning
 from flowkit.errors import InputError, SpecError, UnsupportedError
 from flowkit.guidance import CFG, GFCG, GuidanceStack
-from flowkit.guidance.gfcg import choose_reference, reference_caption
+from flowkit.guidance.gfcg import choose_reference
 from flowkit.paths import LinearPath
 from flowkit.registry import GUIDANCE
 from flowkit.samplers import Euler
@@ -113,14 +113,19 @@ def test_choose_reference_for_one_and_two_asked_groups():
 
 
 def test_reference_captions_swap_only_the_target_group():
+    """The shapes kit's reference prompt swaps the target group only, keeping counts (mutant:
+    swapping every group, or dropping the count, changes these captions)."""
+    from flowkit.adapters.shapes import shapes_kit
     from flowkit.worlds.shapes import GROUPS
 
     g = {key: i for i, key in enumerate(GROUPS)}
-    two = [g[("circle", "red")], 2, g[("square", "blue")], 1]
-    assert reference_caption(two, g[("circle", "red")], g[("circle", "green")]) == "two green circles and a blue square"
-    assert reference_caption(two, g[("square", "blue")], g[("triangle", "blue")]) == "two red circles and a blue triangle"
-    one = [g[("triangle", "yellow")], 3, -1, -1]
-    assert reference_caption(one, g[("triangle", "yellow")], g[("square", "yellow")]) == "three yellow squares"
+    swap = shapes_kit().reference_prompt
+    two = "two red circles and a blue square"
+    assert swap(two, g[("circle", "red")], g[("circle", "green")]) == "two green circles and a blue square"
+    assert swap(two, g[("square", "blue")], g[("triangle", "blue")]) == "two red circles and a blue triangle"
+    assert swap("three yellow triangles", g[("triangle", "yellow")], g[("square", "yellow")]) == "three yellow squares"
+    asked = shapes_kit().asked_classes([two, "three yellow triangles", "a cat"])
+    assert asked.tolist() == [[g[("circle", "red")], g[("square", "blue")]], [g[("triangle", "yellow")], -1], [-1, -1]]
 
 
 def test_shapes_model_uses_its_classifier_and_caption_targets():

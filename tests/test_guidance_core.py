@@ -104,7 +104,7 @@ class SupplyUncond(Guidance):
     def branches(self, ctx, requests):
         pass
 
-    def correct(self, ctx, x, pred):
+    def correct(self, ctx, x, pred, preds):
         return pred
 
 
@@ -117,34 +117,11 @@ def test_supplied_branch_replaces_evaluation():
         def branches(self, ctx, requests):
             B = ctx.batch_size
             c = Conditioning({"shift": torch.ones(B, dtype=torch.float64)})
-            pred = ctx.denoiser(ctx.extras["x"], ctx.t, c)  # the same as the real uncond
+            pred = ctx.denoiser(ctx.x, ctx.t, c)  # the same as the real uncond
             requests.supply("uncond", torch.ones(B, dtype=torch.bool), pred)
 
-    class Peek(Guidance):
-        name = "peek"
-        description = "stores x for the supplier"
-
-        def branches(self, ctx, requests):
-            pass
-
     x_cfg, s_cfg, noise, _ = _run([CFG(scale=3.0)])
-
-    class Remember(Euler):
-        def sample(self, model, x, ts):
-            orig = model.__call__
-
-            def call(x_, t_):
-                model.ctx.extras["x"] = x_
-                return orig(x_, t_)
-
-            model.__call__ = call
-            for i in range(len(ts) - 1):
-                t, tn = float(ts[i]), float(ts[i + 1])
-                pred = call(x, t)
-                x = model.end_step(x + (tn - t) * pred.velocity, pred)
-            return x
-
-    x, stats, _, _ = _run([CFG(scale=3.0), Supplier()], sampler=Remember())
+    x, stats, _, _ = _run([CFG(scale=3.0), Supplier()])
     assert torch.allclose(x, x_cfg, atol=1e-12)
     # the supplier's own denoiser calls bypass the loop: the loop evaluated only 'cond'
     assert all(r.branches == {"cond": 3} for r in stats.steps)
@@ -194,10 +171,11 @@ def test_reindex_moves_per_sample_state():
     m = CFG(scale=2.0)
     ctx = context(3, 4, [m])
     ctx.state_for(m)["avg"] = torch.tensor([10.0, 20.0, 30.0])
-    ctx.nfe = torch.tensor([1, 2, 3])
+    ctx.ledger.charge(torch.tensor([0, 1, 1, 2, 2, 2]))  # rows spent 1, 2, 3 evaluations
     ctx.reindex(torch.tensor([2, 2, 0]))
     assert ctx.state_for(m)["avg"].tolist() == [30.0, 30.0, 10.0]
     assert ctx.nfe.tolist() == [3, 3, 1]
+    assert ctx.ledger.per_image.tolist() == [1, 2, 3]  # what each image spent is kept
     assert ctx.conds["cond"]["shift"].shape[0] == 3
     # two copies of a particle continue with different noise
     a, b = ctx.randn((4,))[:2]
@@ -211,7 +189,7 @@ def test_heun_calls_hooks_once_per_step():
         name = "count"
         description = "records after_step calls"
 
-        def after_step(self, ctx, x, pred):
+        def after_step(self, ctx, x, pred, preds):
             seen.append(ctx.step)
 
     _run([Count()], steps=5, sampler=Heun())

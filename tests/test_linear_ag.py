@@ -11,7 +11,8 @@ import flowkit
 import tiny_pipes
 from analytic import context
 from flowkit.errors import InputError, SpecError, UnsupportedError
-from flowkit.guidance import CFG, AdaptiveGuidance, GuidanceStack, LinearAG, LinearAGCoefficients, fit_linear_ag
+from flowkit.calibration import fit_linear_ag
+from flowkit.guidance import CFG, AdaptiveGuidance, GuidanceStack, LinearAG, LinearAGCoefficients
 from flowkit.guidance.linear_ag import TrajectoryRecorder, fit_coefficients
 from flowkit.paths import LinearPath
 from flowkit.registry import GUIDANCE

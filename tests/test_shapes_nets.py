@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from flowkit import metrics
 from flowkit.errors import WeightsError
 from flowkit.loading import sha256_file, weights_dir
-from flowkit.train import TARGETS, TrainConfig, train
+from flowkit.train import TrainConfig, target, train
 from flowkit.train.loop import step_generators
 from flowkit.worlds import shapes_nets as N
 
@@ -255,8 +255,8 @@ def _tiny_shapes():
 
 
 TRAIN_TARGETS = {
-    "classifier": lambda: (TARGETS["classifier"]()[0], TrainConfig(steps=20, batch_size=8, lr=2e-3)),
-    "counter": lambda: (TARGETS["counter"]()[0], TrainConfig(steps=20, batch_size=8, lr=2e-3)),
+    "classifier": lambda: (target("classifier")[0], TrainConfig(steps=20, batch_size=8, lr=2e-3)),
+    "counter": lambda: (target("counter")[0], TrainConfig(steps=20, batch_size=8, lr=2e-3)),
     "shapes": _tiny_shapes,
 }
 

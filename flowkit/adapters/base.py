@@ -15,17 +15,31 @@ import torch
 from torch import Tensor
 
 from flowkit.conditioning import Conditioning
-from flowkit.denoiser import Denoiser
+from flowkit.denoiser import Denoiser, latent_multiple  # noqa: F401  (re-exported)
 from flowkit.errors import InputError, UnsupportedError
+from flowkit.kit import ModelKit
+from flowkit.registry import MODEL_FAMILIES
 from flowkit.schedulers import frame_scale
 from flowkit.timegrid import TimeGrid
 
-__all__ = ["ModelAdapter", "adapt", "ADAPTERS", "latent_multiple"]
+__all__ = ["ModelAdapter", "adapt", "latent_multiple", "check_multiple"]
 
 
 class ModelAdapter(ABC):
+    """Base of model-family adapters. A family registers its adapter with
+    `@MODEL_FAMILIES.register` and says which pipelines it takes in `matches`."""
+
     family: str = ""
     title: str = ""  # e.g. "SDXL (StableDiffusionXLPipeline)", for messages
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.name, cls.description = cls.family, cls.title  # the registry's name and description
+
+    @classmethod
+    def matches(cls, pipe: Any) -> bool:
+        """Whether this family's adapter takes `pipe`."""
+        return False
     default_guidance_scale: float = 7.5
     pass_sigmas: bool = False  # the pipeline calls set_timesteps(sigmas=linspace(1, 1/N, N)) (FLUX)
 
@@ -78,6 +92,10 @@ class ModelAdapter(ABC):
 
     def default_grid(self) -> TimeGrid:
         return TimeGrid.uniform()
+
+    def kit(self) -> ModelKit:
+        """What this model's world hands methods (classifier, ...); empty by default."""
+        return ModelKit()
 
     @abstractmethod
     def decode(self, x: Tensor, output_type: str) -> Any:
@@ -150,22 +168,19 @@ class ModelAdapter(ABC):
 
 
 
-ADAPTERS: list[tuple[Any, type[ModelAdapter]]] = []  # (predicate(pipe) -> bool, adapter class)
-
-
 def adapt(pipe: Any) -> ModelAdapter:
-    """The adapter for `pipe`, or an UnsupportedError naming the supported families."""
+    """The adapter for `pipe` (from the model-family registry), or an UnsupportedError naming
+    the supported families."""
     if isinstance(pipe, ModelAdapter):
         return pipe
-    from flowkit.adapters import sd, sdxl, sd3, flux, shapes  # noqa: F401  (register)
-
     inner = getattr(pipe, "pipe", None)
     if inner is not None and type(pipe).__name__ == "FlowKitPipeline":
         pipe = inner
-    for pred, cls in ADAPTERS:
-        if pred(pipe):
+    families = [cls for _, cls in MODEL_FAMILIES.items()]
+    for cls in families:
+        if cls.matches(pipe):
             return cls(pipe)
-    names = "; ".join(cls.title or cls.family for _, cls in ADAPTERS)
+    names = "; ".join(cls.title or cls.family for cls in families)
     kind = _pipeline_kind(type(pipe).__name__)
     what = f" ({kind})" if kind else ""
     raise UnsupportedError(f"flowkit cannot sample with a {type(pipe).__name__}{what}; it supports text-to-image "
@@ -184,19 +199,6 @@ def _pipeline_kind(name: str) -> str:
         if key.lower() in name.lower():
             return kind
     return ""
-
-
-def latent_multiple(denoiser: Any) -> int:
-    """Latent heights and widths this denoiser's network takes must be multiples of this (a
-    sampler that changes resolution, such as bottleneck, checks its stages with it): the
-    denoiser's own `latent_multiple` (FLUX's 2x2 packing, SD3's patch size), else 2^(levels-1)
-    for a UNet's downsampling, else 1."""
-    own = getattr(denoiser, "latent_multiple", None)
-    if own is not None:
-        return int(own)
-    config = getattr(getattr(denoiser, "network", None), "config", None)
-    levels = getattr(config, "block_out_channels", None)
-    return 2 ** (len(levels) - 1) if levels else 1
 
 
 def check_multiple(height: int, width: int, factor: int, family: str) -> None:

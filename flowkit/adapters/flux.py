@@ -20,12 +20,13 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor
 
-from flowkit.adapters.base import ADAPTERS, check_multiple
+from flowkit.adapters.base import check_multiple
 from flowkit.adapters.latent import LatentAdapter, vae_decode
 from flowkit.conditioning import Conditioning
 from flowkit.denoiser import TransformerDenoiser
 from flowkit.errors import InputError
 from flowkit.paths.linear import LinearPath
+from flowkit.registry import MODEL_FAMILIES
 from flowkit.schedulers import frame_scale
 
 __all__ = ["FluxAdapter", "FluxDenoiser", "pack", "unpack", "image_ids"]
@@ -77,9 +78,17 @@ class FluxDenoiser(TransformerDenoiser):
         return unpack(out, h, w)
 
 
+@MODEL_FAMILIES.register
 class FluxAdapter(LatentAdapter):
     family = "flux"
     title = "FLUX (FluxPipeline)"
+
+    @classmethod
+    def matches(cls, pipe: Any) -> bool:
+        from diffusers import FluxPipeline
+
+        return isinstance(pipe, FluxPipeline)
+
     default_guidance_scale = 1.0  # no CFG by default, as the pipeline (true_cfg_scale = 1)
     network = "transformer"
     attention_kwargs_name = "joint_attention_kwargs"
@@ -190,12 +199,3 @@ class FluxAdapter(LatentAdapter):
         cfg = self.pipe.vae.config
         image = vae_decode(self.pipe, x / cfg.scaling_factor + cfg.shift_factor)
         return self._postprocess(image, output_type), {}
-
-
-def _is_flux(pipe: Any) -> bool:
-    from diffusers import FluxPipeline
-
-    return isinstance(pipe, FluxPipeline)
-
-
-ADAPTERS.append((_is_flux, FluxAdapter))

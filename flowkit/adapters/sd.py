@@ -13,19 +13,27 @@ from typing import Any, Mapping
 
 from torch import Tensor
 
-from flowkit.adapters.base import ADAPTERS
 from flowkit.adapters.latent import LatentAdapter, vae_decode
 from flowkit.conditioning import Conditioning
 from flowkit.denoiser import UNetDenoiser
 from flowkit.errors import UnsupportedError
 from flowkit.paths.ddpm import DDPMPath
+from flowkit.registry import MODEL_FAMILIES
 
 __all__ = ["SDAdapter"]
 
 
+@MODEL_FAMILIES.register
 class SDAdapter(LatentAdapter):
     family = "sd"
     title = "SD 1.x/2.x (StableDiffusionPipeline)"
+
+    @classmethod
+    def matches(cls, pipe: Any) -> bool:
+        from diffusers import StableDiffusionPipeline
+
+        return isinstance(pipe, StableDiffusionPipeline)
+
     default_guidance_scale = 7.5
 
     def __init__(self, pipe: Any):
@@ -76,12 +84,3 @@ class SDAdapter(LatentAdapter):
         image, nsfw = pipe.run_safety_checker(image, self.device, self.dtype)
         denormalize = [True] * image.shape[0] if nsfw is None else [not n for n in nsfw]
         return self._postprocess(image, output_type, do_denormalize=denormalize), {"nsfw_content_detected": nsfw}
-
-
-def _is_sd(pipe: Any) -> bool:
-    from diffusers import StableDiffusionPipeline
-
-    return isinstance(pipe, StableDiffusionPipeline)
-
-
-ADAPTERS.append((_is_sd, SDAdapter))

@@ -14,11 +14,11 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor
 
-from flowkit.adapters.base import ADAPTERS
 from flowkit.adapters.latent import LatentAdapter, vae_decode
 from flowkit.conditioning import Conditioning
 from flowkit.denoiser import TransformerDenoiser
 from flowkit.paths.linear import LinearPath
+from flowkit.registry import MODEL_FAMILIES
 
 __all__ = ["SD3Adapter", "SD3Denoiser"]
 
@@ -42,9 +42,17 @@ class SD3Denoiser(TransformerDenoiser):
         )[0]
 
 
+@MODEL_FAMILIES.register
 class SD3Adapter(LatentAdapter):
     family = "sd3"
     title = "SD3 (StableDiffusion3Pipeline)"
+
+    @classmethod
+    def matches(cls, pipe: Any) -> bool:
+        from diffusers import StableDiffusion3Pipeline
+
+        return isinstance(pipe, StableDiffusion3Pipeline)
+
     default_guidance_scale = 7.0
     network = "transformer"
     attention_kwargs_name = "joint_attention_kwargs"
@@ -88,7 +96,9 @@ class SD3Adapter(LatentAdapter):
 
     @property
     def output_class(self) -> type:
-        from diffusers.pipelines.stable_diffusion_3 import StableDiffusion3PipelineOutput
+        from diffusers.pipelines.stable_diffusion_3 import (
+            StableDiffusion3PipelineOutput,
+        )
 
         return StableDiffusion3PipelineOutput
 
@@ -98,12 +108,3 @@ class SD3Adapter(LatentAdapter):
         cfg = self.pipe.vae.config
         image = vae_decode(self.pipe, x / cfg.scaling_factor + cfg.shift_factor)
         return self._postprocess(image, output_type), {}
-
-
-def _is_sd3(pipe: Any) -> bool:
-    from diffusers import StableDiffusion3Pipeline
-
-    return isinstance(pipe, StableDiffusion3Pipeline)
-
-
-ADAPTERS.append((_is_sd3, SD3Adapter))

@@ -15,17 +15,25 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor
 
-from flowkit.adapters.base import ADAPTERS
 from flowkit.adapters.latent import vae_decode
 from flowkit.adapters.sd import SDAdapter
 from flowkit.conditioning import Conditioning
+from flowkit.registry import MODEL_FAMILIES
 
 __all__ = ["SDXLAdapter"]
 
 
+@MODEL_FAMILIES.register
 class SDXLAdapter(SDAdapter):
     family = "sdxl"
     title = "SDXL (StableDiffusionXLPipeline)"
+
+    @classmethod
+    def matches(cls, pipe: Any) -> bool:
+        from diffusers import StableDiffusionXLPipeline
+
+        return isinstance(pipe, StableDiffusionXLPipeline)
+
     default_guidance_scale = 5.0
 
     def default_size(self) -> tuple[int, int]:
@@ -71,7 +79,9 @@ class SDXLAdapter(SDAdapter):
 
     @property
     def output_class(self) -> type:
-        from diffusers.pipelines.stable_diffusion_xl import StableDiffusionXLPipelineOutput
+        from diffusers.pipelines.stable_diffusion_xl import (
+            StableDiffusionXLPipelineOutput,
+        )
 
         return StableDiffusionXLPipelineOutput
 
@@ -99,12 +109,3 @@ class SDXLAdapter(SDAdapter):
         if getattr(pipe, "watermark", None) is not None:
             image = pipe.watermark.apply_watermark(image)
         return self._postprocess(image, output_type), {}
-
-
-def _is_sdxl(pipe: Any) -> bool:
-    from diffusers import StableDiffusionXLPipeline
-
-    return isinstance(pipe, StableDiffusionXLPipeline)
-
-
-ADAPTERS.append((_is_sdxl, SDXLAdapter))

@@ -2,40 +2,23 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from flowkit.adapters.base import ADAPTERS, ModelAdapter, check_multiple
+from flowkit.adapters.base import ModelAdapter, check_multiple
 from flowkit.conditioning import Conditioning
 from flowkit.denoiser import UNetDenoiser
 from flowkit.errors import InputError
+from flowkit.kit import ModelKit
 from flowkit.paths.linear import LinearPath
+from flowkit.registry import MODEL_FAMILIES
 from flowkit.timegrid import TimeGrid
 
-__all__ = ["ShapesAdapter", "to_images", "caption_tags", "TAGS"]
-
-TAGS = "caption_groups"  # conditioning field: the world groups a row's caption asks for
-
-
-def caption_tags(prompts: Sequence[str] | None, n: int, device: Any = None) -> Tensor:
-    """[n, 4] long: (group index in `shapes.GROUPS`, count) of each group a shapes caption
-    asks for, -1 where it asks for none or does not parse (prompts None: all -1). The
-    denoiser ignores this field; GFCG reads its target classes from it."""
-    from flowkit.worlds import shapes as world
-
-    out = torch.full((n, 4), -1, dtype=torch.long)
-    for i, text in enumerate(prompts or ()):
-        try:
-            groups = world.parse_caption(text)
-        except ValueError:
-            continue
-        for j, g in enumerate(groups):
-            out[i, 2 * j:2 * j + 2] = torch.tensor([world.GROUPS.index(g.key), g.count])
-    return out.to(device)
-
+__all__ = ["ShapesAdapter", "to_images", "shapes_kit"]
 
 def to_images(x: Tensor, output_type: str) -> Any:
     """Pixel tensors in [-1, 1] [B, 3, H, W] -> images of `output_type`."""
@@ -54,9 +37,16 @@ def to_images(x: Tensor, output_type: str) -> Any:
     raise InputError(f"output_type must be pil, np, pt or latent, got {output_type!r}")
 
 
+@MODEL_FAMILIES.register
 class ShapesAdapter(ModelAdapter):
     family = "shapes"
     title = "shapes (flowkit's ShapesPipeline)"
+
+    @classmethod
+    def matches(cls, pipe: Any) -> bool:
+        from flowkit.worlds.shapes_pipeline import ShapesPipeline
+
+        return isinstance(pipe, ShapesPipeline)
     default_guidance_scale = 4.0
     pass_sigmas = True  # ShapesPipeline sets its scheduler with sigmas = linspace(1, 1/N, N)
 
@@ -72,10 +62,9 @@ class ShapesAdapter(ModelAdapter):
     def encode(self, prompts: Sequence[str], negative_prompts: Sequence[str] | None, need_uncond: bool):
         pos, neg = self.pipe.encode_prompt(list(prompts), list(negative_prompts) if negative_prompts else None,
                                            need_uncond, 1, self.device)
-        out = {"cond": Conditioning({"encoder_hidden_states": pos, TAGS: caption_tags(prompts, len(pos), pos.device)})}
+        out = {"cond": Conditioning({"encoder_hidden_states": pos})}
         if need_uncond:
-            out["uncond"] = Conditioning({"encoder_hidden_states": neg,
-                                          TAGS: caption_tags(negative_prompts, len(neg), neg.device)})
+            out["uncond"] = Conditioning({"encoder_hidden_states": neg})
         return out
 
     def factor(self) -> int:
@@ -98,6 +87,9 @@ class ShapesAdapter(ModelAdapter):
     def decode(self, x: Tensor, output_type: str) -> Any:
         return to_images(x, output_type)
 
+    def kit(self) -> ModelKit:
+        return shapes_kit()
+
     # -- the drop-in protocol -------------------------------------------------------------
     def encode_call(self, kw, need_uncond: bool, num_images_per_prompt: int):
         pos, neg = kw.get("prompt_embeds"), kw.get("negative_prompt_embeds")
@@ -110,12 +102,9 @@ class ShapesAdapter(ModelAdapter):
         elif need_uncond and neg is None:
             n = pos.shape[0] // num_images_per_prompt
             neg = self.pipe.encode_prompt([""] * n, None, False, num_images_per_prompt, self.device)[0]
-        texts = kw.get("prompt") if kw.get("prompt_embeds") is None else None
-        texts = [texts] if isinstance(texts, str) else texts
-        texts = [p for p in texts for _ in range(num_images_per_prompt)] if texts is not None else None
-        out = {"cond": Conditioning({"encoder_hidden_states": pos, TAGS: caption_tags(texts, len(pos), pos.device)})}
+        out = {"cond": Conditioning({"encoder_hidden_states": pos})}
         if need_uncond:
-            out["uncond"] = Conditioning({"encoder_hidden_states": neg, TAGS: caption_tags(None, len(neg), neg.device)})
+            out["uncond"] = Conditioning({"encoder_hidden_states": neg})
         return out
 
     def output(self, x: Tensor, output_type: str, return_dict: bool, generator: Any = None) -> Any:
@@ -125,10 +114,28 @@ class ShapesAdapter(ModelAdapter):
         return ImagePipelineOutput(images=images) if return_dict else (images,)
 
 
-def _is_shapes(pipe: Any) -> bool:
-    from flowkit.worlds.shapes_pipeline import ShapesPipeline
+@functools.lru_cache(maxsize=1)
+def shapes_kit() -> ModelKit:
+    """The shapes world's kit: its shipped classifier over the 12 (shape, colour) groups, the
+    groups a caption asks for, and a caption with one group asked as another."""
+    from flowkit.worlds import shapes as world
 
-    return isinstance(pipe, ShapesPipeline)
+    def asked(prompts: Sequence[str]) -> Tensor:
+        return torch.tensor(world.asked_groups(prompts), dtype=torch.long).reshape(len(prompts), -1)
+
+    return ModelKit(classifier=_shapes_class_logits, num_classes=len(world.GROUPS), class_kind="(shape, colour) groups",
+                    asked_classes=asked,
+                    reference_prompt=world.swap_group)
 
 
-ADAPTERS.append((_is_shapes, ShapesAdapter))
+@functools.lru_cache(maxsize=4)
+def _classifier_on(device: str) -> Any:
+    from flowkit.worlds.shapes_nets import load_classifier
+
+    return load_classifier().to(device)
+
+
+def _shapes_class_logits(images: Tensor) -> Tensor:
+    """The shipped classifier's class logits [B, 12] of images in [-1, 1], without gradients."""
+    with torch.no_grad():
+        return _classifier_on(str(images.device)).class_logits(images.float())

@@ -25,7 +25,13 @@ from flowkit.attention.control import (
     uninstall,
     use_kernel,
 )
-from flowkit.attention.kernels import DEFAULT_KERNEL, KERNELS, check_kernel, reference, unavailable
+from flowkit.attention.kernels import (
+    DEFAULT_KERNEL,
+    KERNELS,
+    check_kernel,
+    reference,
+    unavailable,
+)
 from flowkit.attention.store import AttentionMap, AttentionStore, resolve_layers
 
 __all__ = [

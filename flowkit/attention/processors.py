@@ -179,12 +179,17 @@ class FluxAttnProcessor(FlowKitProcessor):
 def replacements() -> dict[type, type[FlowKitProcessor]]:
     """diffusers processor class -> flowkit processor. Exact classes only: subclasses and other
     processors (LoRA, IP-Adapter, a user's own) are kept as they are."""
-    from diffusers.models.attention_processor import AttnProcessor2_0, JointAttnProcessor2_0
+    from diffusers.models.attention_processor import (
+        AttnProcessor2_0,
+        JointAttnProcessor2_0,
+    )
 
     out: dict[type, type[FlowKitProcessor]] = {AttnProcessor2_0: UNetAttnProcessor,
                                                JointAttnProcessor2_0: JointAttnProcessor}
     try:
-        from diffusers.models.transformers.transformer_flux import FluxAttnProcessor as DiffusersFlux
+        from diffusers.models.transformers.transformer_flux import (
+            FluxAttnProcessor as DiffusersFlux,
+        )
     except ImportError:  # a diffusers without the FluxAttention module: FLUX keeps its processors
         return out
     out[DiffusersFlux] = FluxAttnProcessor

@@ -1,9 +1,10 @@
 """Files of a batch folder: atomic writes, the writability probe, stale temporary files.
 
-Every file is written to a temporary name beside its target (``.NAME.PID.tmp``), flushed
-to disk, then renamed over the target, so a reader (or a resume after kill -9) sees the
-old file or the new one, never half of one. A killed writer leaves only its temporary
-file, which `remove_stale_temporaries` deletes at the next start.
+Every file is written atomically (`flowkit.storage.write_atomic`: a temporary name beside
+its target, ``.flowkit-tmp-NAME.PID.tmp``, flushed to disk, then renamed over the target),
+so a reader (or a resume after kill -9) sees the old file or the new one, never half of
+one. A killed writer leaves only its temporary file, which `remove_stale_temporaries`
+deletes at the next start; it touches no other file (a user's own `.notes.1.tmp` stays).
 """
 
 from __future__ import annotations
@@ -16,32 +17,16 @@ from pathlib import Path
 from typing import Any
 
 from flowkit.errors import InputError
+from flowkit.storage import TEMP_PREFIX, write_atomic
 
 __all__ = ["lock_folder", "write_atomic", "png_bytes", "write_png", "sha256_bytes", "check_writable", "remove_stale_temporaries",
            "TEMP_PATTERN"]
 
-TEMP_PATTERN = re.compile(r"^\..+\.\d+\.tmp$")
+TEMP_PATTERN = re.compile(r"^" + re.escape(TEMP_PREFIX) + r".+\.\d+\.tmp$")
 
 
 def _temporary(path: Path) -> Path:
-    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write `data` to `path`: temporary file, fsync, rename. OSError -> InputError."""
-    tmp = _temporary(path)
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise InputError(f"cannot write {str(path)!r}: {e.strerror or e}") from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    return path.with_name(f"{TEMP_PREFIX}{path.name}.{os.getpid()}.tmp")
 
 
 def png_bytes(image: Any) -> bytes:

@@ -69,9 +69,9 @@ class Job:
                 self.negative_prompt is None)
 
     def file_name(self) -> str:
-        from flowkit.cli import _slug
+        from flowkit.storage import slug
 
-        return f"{self.index:06d}-{_slug(self.prompt)}.png"
+        return f"{self.index:06d}-{slug(self.prompt)}.png"
 
     def record(self) -> dict[str, Any]:
         return asdict(self)

@@ -22,12 +22,16 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any, Callable
 
 from flowkit.batch import records as mf
 from flowkit.batch.dist import Processes, processes
-from flowkit.batch.files import check_writable, lock_folder, remove_stale_temporaries, write_png
+from flowkit.batch.files import (
+    check_writable,
+    lock_folder,
+    remove_stale_temporaries,
+    write_png,
+)
 from flowkit.batch.microbatch import MicroBatcher, Sampled
 from flowkit.batch.plan import Defaults, Job, plan, resolve, shard
 from flowkit.batch.prompts import LineError, PromptFile, read_prompt_file
@@ -38,25 +42,37 @@ __all__ = ["BatchConfig", "Summary", "run_batch"]
 
 @dataclass(frozen=True)
 class BatchConfig:
-    """`flowkit batch`'s options, checked (specs in canonical text)."""
+    """A batch run's settings: the library API of `flowkit batch` (the command line builds
+    one from its options). Specs are in canonical text (`flowkit.batch.prompts.canonical_spec`);
+    `model_given=False` lets the default model fall back to the untrained one."""
 
     prompts: Path
     out: Path
-    model: str
-    model_given: bool
-    sampler: str
-    guidance: str | None
-    steps: int
-    seed: int
-    negative_prompt: str | None
-    height: int | None
-    width: int | None
-    grid: str | None
-    batch_size: int
-    resume: bool
-    force: bool
-    on_error: str  # "stop" | "skip"
-    progress: bool
+    model: str = "shapes"
+    model_given: bool = True
+    sampler: str = "euler"
+    guidance: str | None = None  # None: CFG at the model's scale
+    steps: int = 30
+    seed: int = 0
+    negative_prompt: str | None = None
+    height: int | None = None
+    width: int | None = None
+    grid: str | None = None
+    batch_size: int = 8
+    resume: bool = True
+    force: bool = False
+    on_error: str = "stop"  # "stop" | "skip"
+    progress: bool = False
+
+    def __post_init__(self) -> None:
+        for name, minimum in (("steps", 1), ("seed", 0), ("batch_size", 1)):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+                raise InputError(f"BatchConfig.{name} must be an integer >= {minimum}, got {value!r}")
+        if self.on_error not in ("stop", "skip"):
+            raise InputError(f"BatchConfig.on_error must be 'stop' or 'skip', got {self.on_error!r}")
+        object.__setattr__(self, "prompts", Path(self.prompts))
+        object.__setattr__(self, "out", Path(self.out))
 
 
 @dataclass
@@ -111,10 +127,10 @@ def _line_errors(errors: list[LineError], parsed: PromptFile, on_error: str, pro
             say(f"warning: {e.describe(parsed.name)} (line skipped)")
 
 
-def _load(cfg: BatchConfig, procs: Processes) -> tuple[Any, str]:
-    from flowkit.cli import _load_model
+def _load(cfg: BatchConfig, procs: Processes, say: Callable[[str], None]) -> tuple[Any, str]:
+    from flowkit.loading import load_model
 
-    pipe, model = _load_model(SimpleNamespace(model=cfg.model, model_given=cfg.model_given))
+    pipe, model = load_model(cfg.model if cfg.model_given else None, on_fallback=say)
     if procs.device.type != "cpu":
         pipe.to(procs.device)
     return pipe, model
@@ -210,7 +226,7 @@ def run_batch(cfg: BatchConfig, *, pipe: Any = None, say: Callable[[str], None] 
     parsed = read_prompt_file(cfg.prompts)
     _line_errors(parsed.errors, parsed, cfg.on_error, procs, say)
     check_writable(cfg.out)
-    pipe, model = _load(cfg, procs) if pipe is None else (pipe, cfg.model)
+    pipe, model = _load(cfg, procs, say) if pipe is None else (pipe, cfg.model)
     jobs, size_errors = _jobs(cfg, parsed, pipe, model)
     _line_errors(size_errors, parsed, cfg.on_error, procs, say)
     fingerprint = _fingerprint(cfg, parsed, model)

@@ -12,15 +12,21 @@ from flowkit.bench.core import (
     BenchRun,
     Experiment,
     Row,
+    available,
     column,
     experiment,
-    available,
     get_experiment,
     result_path,
     run_experiment,
 )
 from flowkit.bench.report import format_result, markdown_table, update_benchmarks
-from flowkit.bench.stats import Interval, as_percent, bootstrap_mean, paired_bootstrap, proportion
+from flowkit.bench.stats import (
+    Interval,
+    as_percent,
+    bootstrap_mean,
+    paired_bootstrap,
+    proportion,
+)
 from flowkit.bench.verdict import Claim, verdict
 
 __all__ = [

@@ -2,6 +2,6 @@
 
 import sys
 
-from flowkit.bench.cli import main
+from flowkit.cli.bench import main
 
 sys.exit(main())

@@ -32,7 +32,6 @@ import os
 import re
 import shutil
 import socket
-import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -41,6 +40,7 @@ from typing import Any, Callable, Iterator, Mapping
 import numpy as np
 
 from flowkit.errors import InputError
+from flowkit.storage import write_json_atomic
 
 __all__ = ["ResultCache", "config_hash", "canonical_json", "check_name", "default_cache_root", "write_json_atomic", "to_jsonable", "CacheClaim", "hold_claim"]
 
@@ -106,41 +106,6 @@ def config_hash(config: Mapping[str, Any]) -> str:
     if not isinstance(config, Mapping):
         raise InputError(f"a bench config must be a dict, got {type(config).__name__}")
     return hashlib.sha256(canonical_json(config).encode("utf-8")).hexdigest()[:16]
-
-
-_FLAT = re.compile(r"\[[^\[\]{}]*\]|\{[^\[\]{}]*\}")  # a list or dict holding no list or dict
-
-
-def _dumps(obj: Any, indent: int | None) -> str:
-    """JSON text; when indented, flat lists and dicts (per-sample columns, records) stay on one line."""
-    text = json.dumps(obj, indent=indent, allow_nan=True)
-    if indent is None:
-        return text
-    # raw newlines never occur inside JSON strings, so only layout whitespace is removed
-    return _FLAT.sub(lambda m: m.group(0)[0] + re.sub(r"\n\s*", " ", m.group(0)[1:-1]).strip() + m.group(0)[-1], text)
-
-
-def write_json_atomic(path: str | os.PathLike[str], obj: Any, *, indent: int | None = None) -> None:
-    """Write `obj` as JSON to `path` atomically (temporary file in the same folder + os.replace).
-
-    With `indent`, the structure is indented but flat lists and dicts stay on one line.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(_dumps(obj, indent))
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
 
 
 def _read_json(path: Path) -> Any | None:

@@ -16,14 +16,14 @@ resumes); `bench.compare` adds a paired row with its bootstrap interval and verd
 `bench.measure` adds a single-arm row against a target. `run_experiment` runs one by name
 and writes `NAME.json` (quick runs: `NAME.quick.json`) with rows, info and per-sample data.
 
-Built-in experiments live in `flowkit/bench/experiments/` (listed in its `MODULES`) and are
-imported on first lookup; other packages add theirs through the `flowkit.bench` entry-point
-group (each entry point names a module whose import registers experiments).
+Built-in experiments live in `flowkit/bench/experiments/`, one module each, registered in
+`flowkit.registry.EXPERIMENTS` and imported on its first lookup; other packages add theirs
+through the `flowkit.bench` entry-point group (each entry point names a module whose import
+registers experiments).
 """
 
 from __future__ import annotations
 
-import importlib
 import json
 import logging
 import os
@@ -38,9 +38,15 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from flowkit.bench.cache import ResultCache, check_name, to_jsonable, write_json_atomic
-from flowkit.bench.stats import Interval, bootstrap_mean, paired_bootstrap, paired_bootstrap_set
+from flowkit.bench.stats import (
+    Interval,
+    bootstrap_mean,
+    paired_bootstrap,
+    paired_bootstrap_set,
+)
 from flowkit.bench.verdict import Claim, verdict
-from flowkit.errors import InputError, UnknownNameError, closest
+from flowkit.errors import InputError, closest
+from flowkit.registry import EXPERIMENTS
 
 __all__ = [
     "Row",
@@ -368,59 +374,28 @@ class Experiment:
     seed: int = 0
 
 
-_EXPERIMENTS: dict[str, Experiment] = {}
-_loaded = False
-
-
 def experiment(name: str, description: str, *, seed: int = 0) -> Callable[[Callable[[BenchRun], None]], Callable[[BenchRun], None]]:
-    """Decorator registering `fn(bench: BenchRun) -> None` as the experiment `name`."""
+    """Decorator registering `fn(bench: BenchRun) -> None` as the experiment `name`
+    (in `flowkit.registry.EXPERIMENTS`)."""
     check_name(name)
     if not description:
         raise ValueError(f"experiment {name!r} needs a one-line description")
 
     def register(fn: Callable[[BenchRun], None]) -> Callable[[BenchRun], None]:
-        other = _EXPERIMENTS.get(name)
-        if other is not None and (other.fn.__module__, other.fn.__qualname__) != (fn.__module__, fn.__qualname__):
-            raise ValueError(f"experiment {name!r} is already registered by {other.fn.__module__}.{other.fn.__qualname__}")
-        _EXPERIMENTS[name] = Experiment(name, description, fn, seed)
+        EXPERIMENTS.register(Experiment(name, description, fn, seed))
         return fn
 
     return register
 
 
-def _load() -> None:
-    global _loaded
-    if _loaded:
-        return
-    _loaded = True
-    try:
-        builtin = importlib.import_module("flowkit.bench.experiments")
-        for mod in builtin.MODULES:
-            importlib.import_module(f"{builtin.__name__}.{mod}")
-    except BaseException:
-        _loaded = False  # a broken built-in fails loudly, and again on the next lookup
-        raise
-    for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
-        try:
-            ep.load()
-        except Exception as e:  # a broken plugin must not break the bench
-            log.warning("could not load bench plugin %r: %s", ep.name, e)
-
-
 def available() -> dict[str, str]:
     """Registered experiment names -> descriptions, sorted by name."""
-    _load()
-    return {name: _EXPERIMENTS[name].description for name in sorted(_EXPERIMENTS)}
+    return EXPERIMENTS.describe()
 
 
 def get_experiment(name: str) -> Experiment:
     """The experiment registered as `name`; `UnknownNameError` lists the known ones."""
-    _load()
-    try:
-        return _EXPERIMENTS[name]
-    except KeyError:
-        known = ", ".join(sorted(_EXPERIMENTS))
-        raise UnknownNameError(f"unknown experiment {name!r}{closest(name, _EXPERIMENTS)}; known: {known}") from None
+    return EXPERIMENTS.get(name)
 
 
 def _versions() -> dict[str, str | None]:

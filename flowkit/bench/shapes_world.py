@@ -54,7 +54,7 @@ def bench_model(bench: BenchRun) -> tuple[Any, str]:
             raise
         bench.info["model"] = "tiny (random weights: the shipped shapes model is not installed)"
         return flowkit.load("tiny"), "tiny:0"
-    from flowkit.loading import weights_dir
+    from flowkit.storage import weights_dir
 
     bench.info["model"] = "shapes (shipped)"
     return pipe, "shapes:" + sha256_file(weights_dir() / "shapes" / MANIFEST_FILE)[:16]

@@ -7,10 +7,31 @@ of Flow-Matching Models", ICLR 2024).
 - `tuning`: computing a table for a model (what `flowkit tune boss` and the `boss` sampler run).
 """
 
-from flowkit.boss.cost import COST_KINDS, Problem, Trajectories, endpoint_cost, fingerprint, local_cost
+from flowkit.boss.cost import (
+    COST_KINDS,
+    Problem,
+    Trajectories,
+    endpoint_cost,
+    fingerprint,
+    local_cost,
+)
 from flowkit.boss.dp import best_path, path_cost
-from flowkit.boss.table import BossTable, cache_root, find_table, load_table, resolve_table, shipped_root
-from flowkit.boss.tuning import AUTO_PROMPTS, TUNE_SEED, auto_problem, fine_grid, model_fingerprint, tune_table
+from flowkit.boss.table import (
+    BossTable,
+    cache_root,
+    find_table,
+    load_table,
+    resolve_table,
+    shipped_root,
+)
+from flowkit.boss.tuning import (
+    AUTO_PROMPTS,
+    TUNE_SEED,
+    auto_problem,
+    fine_grid,
+    model_fingerprint,
+    tune_table,
+)
 
 __all__ = [
     "AUTO_PROMPTS", "BossTable", "COST_KINDS", "Problem", "TUNE_SEED", "Trajectories", "auto_problem", "best_path",

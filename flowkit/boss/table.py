@@ -39,7 +39,7 @@ def cache_root() -> Path:
 
 
 def shipped_root() -> Path:
-    from flowkit.loading import weights_dir
+    from flowkit.storage import weights_dir
 
     return weights_dir() / "boss"
 
@@ -115,7 +115,7 @@ class BossTable:
         return cls(cost=cost, grids={int(k): list(v) for k, v in d.get("grids", {}).items()}, **fields)
 
     def save(self, path: str | os.PathLike) -> Path:
-        from flowkit.bench.cache import write_json_atomic
+        from flowkit.storage import write_json_atomic
 
         path = Path(path)
         write_json_atomic(path, self.to_dict(), indent=1)

@@ -13,7 +13,14 @@ from typing import Any, Sequence
 
 import torch
 
-from flowkit.boss.cost import COST_KINDS, Problem, endpoint_cost, fingerprint, local_cost, prompts_key
+from flowkit.boss.cost import (
+    COST_KINDS,
+    Problem,
+    endpoint_cost,
+    fingerprint,
+    local_cost,
+    prompts_key,
+)
 from flowkit.boss.table import BossTable
 from flowkit.errors import InputError, UnsupportedError
 from flowkit.seeding import generators_for, randn_per_sample

@@ -1,7 +1,13 @@
 """Probability paths and conversions (see `flowkit.paths.base`)."""
 
 from flowkit.paths.base import GaussianPath, Path, PathPoint, as_time
-from flowkit.paths.convert import PREDICTION_TYPES, convert_prediction, convert_state, from_x0_eps, to_x0_eps
+from flowkit.paths.convert import (
+    PREDICTION_TYPES,
+    convert_prediction,
+    convert_state,
+    from_x0_eps,
+    to_x0_eps,
+)
 from flowkit.paths.ddpm import DDPMPath, make_alphas_cumprod, sigmas_to_t, t_to_sigma
 from flowkit.paths.linear import LinearPath
 from flowkit.paths.shift import dynamic_shift, flux_mu, static_shift

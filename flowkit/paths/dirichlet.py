@@ -48,7 +48,12 @@ from torch import Tensor
 
 from flowkit.errors import InputError
 from flowkit.paths.base import PathPoint, as_time
-from flowkit.paths.categorical import DiscretePath, check_tokens, dirichlet_from_normal, one_hot
+from flowkit.paths.categorical import (
+    DiscretePath,
+    check_tokens,
+    dirichlet_from_normal,
+    one_hot,
+)
 
 __all__ = ["DirichletPath", "c_factor_row", "X_GRID"]
 

@@ -23,7 +23,12 @@ from torch import Tensor
 
 from flowkit.errors import InputError
 from flowkit.paths.base import PathPoint, as_time
-from flowkit.paths.categorical import DiscretePath, check_tokens, one_hot, uniform_from_normal
+from flowkit.paths.categorical import (
+    DiscretePath,
+    check_tokens,
+    one_hot,
+    uniform_from_normal,
+)
 
 __all__ = ["MixturePath"]
 

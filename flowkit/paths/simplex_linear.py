@@ -13,7 +13,12 @@ import torch
 from torch import Tensor
 
 from flowkit.paths.base import PathPoint, as_time
-from flowkit.paths.categorical import DiscretePath, check_tokens, dirichlet_from_normal, one_hot
+from flowkit.paths.categorical import (
+    DiscretePath,
+    check_tokens,
+    dirichlet_from_normal,
+    one_hot,
+)
 
 __all__ = ["SimplexLinearPath"]
 

@@ -24,6 +24,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from flowkit.registry import TRAIN_TARGETS
+from flowkit.train.loop import TrainConfig, TrainTarget
+
 __all__ = ["BossTask"]
 
 
@@ -138,3 +141,10 @@ def _merged(model: nn.Module) -> nn.Module:
     plain = UNet2DConditionModel.from_config(m.config)
     plain.load_state_dict(state, strict=True)
     return plain.eval()
+
+
+def _boss_target() -> tuple[Any, TrainConfig]:
+    return BossTask(), TrainConfig(steps=2000, batch_size=32, lr=2e-5, warmup=100, ema_decay=0.99, ckpt_every=250)
+
+
+TRAIN_TARGETS.register(TrainTarget('boss', 'the BOSS straightening fine-tune of a flow model (optionally LoRA)', _boss_target))

@@ -12,12 +12,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from flowkit.registry import TRAIN_TARGETS
+from flowkit.train.loop import TrainConfig, TrainTarget
 from flowkit.worlds import shapes_nets as nets
 
 __all__ = ["ClassifierTask"]
@@ -52,3 +55,11 @@ class ClassifierTask:
     def export(self, model: nn.Module, out_dir: Path) -> list[Path]:
         """fp16 safetensors, config.json and manifest.json in `out_dir/export/`."""
         return nets.export_net(model, Path(out_dir) / "export")
+
+
+def _classifier_target() -> tuple[Any, TrainConfig]:
+    return ClassifierTask(), TrainConfig(steps=2000, batch_size=64, lr=2e-3, warmup=100, ema_decay=0.999,
+                                         ckpt_every=250)
+
+
+TRAIN_TARGETS.register(TrainTarget('classifier', "the shapes world's classifier (presence, class and features)", _classifier_target))

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
+from flowkit.registry import TRAIN_TARGETS
+from flowkit.train.loop import TrainConfig, TrainTarget
 from flowkit.worlds import shapes_nets as nets
 
 __all__ = ["CounterTask"]
@@ -37,3 +40,11 @@ class CounterTask:
     def export(self, model: nn.Module, out_dir: Path) -> list[Path]:
         """fp16 safetensors, config.json and manifest.json in `out_dir/export/`."""
         return nets.export_net(model, Path(out_dir) / "export")
+
+
+def _counter_target() -> tuple[Any, TrainConfig]:
+    return CounterTask(), TrainConfig(steps=2000, batch_size=64, lr=2e-3, warmup=100, ema_decay=0.999,
+                                      ckpt_every=250)
+
+
+TRAIN_TARGETS.register(TrainTarget('counter', "the shapes world's per-group object counter", _counter_target))

@@ -17,13 +17,22 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flowkit.seqmodels import SequenceClassifier, SequenceNet, export_model, make_path, path_config
+from flowkit.registry import TRAIN_TARGETS
+from flowkit.seqmodels import (
+    SequenceClassifier,
+    SequenceNet,
+    export_model,
+    make_path,
+    path_config,
+)
+from flowkit.train.loop import TrainConfig, TrainTarget
 from flowkit.train.simplex import conditional_batch
 from flowkit.worlds import dna
 
@@ -156,3 +165,26 @@ class DnaDistillTask:
     def export(self, model: nn.Module, out_dir: Path) -> list[Path]:
         return export_model(model, Path(out_dir) / "export", {**dna_meta(self._path), "one_step": True,
                                                               "teacher_steps": self.teacher_steps})
+
+
+def _dna_target() -> tuple[Any, TrainConfig]:
+    return DnaTask(), TrainConfig(steps=5000, batch_size=32, lr=2e-3, warmup=100, ema_decay=0.995, ckpt_every=250)
+
+
+TRAIN_TARGETS.register(TrainTarget('dna', "the dna world's class-conditional Dirichlet FM model", _dna_target))
+
+
+def _dna_classifier_target() -> tuple[Any, TrainConfig]:
+    return DnaClassifierTask(), TrainConfig(steps=1500, batch_size=32, lr=2e-3, warmup=100, ema_decay=0.995,
+                                            ckpt_every=250)
+
+
+TRAIN_TARGETS.register(TrainTarget('dna-classifier', "the dna model's noisy classifier (classifier guidance)", _dna_classifier_target))
+
+
+def _dna_distilled_target() -> tuple[Any, TrainConfig]:
+    return DnaDistillTask(), TrainConfig(steps=2000, batch_size=32, lr=2e-3, warmup=100, ema_decay=0.995,
+                                         ckpt_every=250)
+
+
+TRAIN_TARGETS.register(TrainTarget('dna-distilled', 'the dna model distilled into a one-step sampler', _dna_distilled_target))

@@ -15,7 +15,7 @@ import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Any, Callable, Protocol
 
 import numpy as np
 import torch
@@ -23,7 +23,7 @@ from torch import nn
 
 from flowkit.errors import InputError
 
-__all__ = ["TrainConfig", "TrainTask", "step_generators", "train", "export_checkpoint"]
+__all__ = ["TrainConfig", "TrainTarget", "TrainTask", "step_generators", "train", "export_checkpoint"]
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +41,15 @@ class TrainConfig:
     seed: int = 0
     threads: int = 0  # 0: leave torch's default
     device: str = "cpu"  # where the model trains; data and noise are drawn on the CPU either way
+
+
+@dataclass(frozen=True)
+class TrainTarget:
+    """A registered training target: `make()` builds (task, default config)."""
+
+    name: str
+    description: str
+    make: Callable[[], tuple[Any, "TrainConfig"]]
 
 
 class TrainTask(Protocol):

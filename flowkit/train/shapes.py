@@ -11,13 +11,16 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
+from flowkit.registry import TRAIN_TARGETS
 from flowkit.storage import cache_root
 from flowkit.text import MAX_LENGTH, encode_texts, load_minilm
+from flowkit.train.loop import TrainConfig, TrainTarget
 from flowkit.worlds import shapes as world
 
 __all__ = ["ShapesTask", "caption_embeddings", "caption_embeddings_file"]
@@ -116,3 +119,11 @@ class ShapesTask:
         from flowkit.loading import save_shapes
 
         return save_shapes(model, Path(out_dir) / "export")
+
+
+def _shapes_target() -> tuple[Any, TrainConfig]:
+    task = ShapesTask(total_steps=16000)
+    return task, TrainConfig(steps=16000, batch_size=32, lr=3e-4, warmup=500, ema_decay=0.999, ckpt_every=200)
+
+
+TRAIN_TARGETS.register(TrainTarget('shapes', "the shapes world's text-to-image flow model (the shipped `shapes`)", _shapes_target))

@@ -11,13 +11,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from flowkit.registry import TRAIN_TARGETS
 from flowkit.seqmodels import SequenceNet, export_model, make_path, path_config
+from flowkit.train.loop import TrainConfig, TrainTarget
 from flowkit.worlds.simplex import ToyTask
 
 __all__ = ["SimplexTask", "SIMPLEX_PATHS"]
@@ -75,3 +78,11 @@ class SimplexTask:
 
     def export(self, model: nn.Module, out_dir: Path) -> list[Path]:
         return export_model(model, Path(out_dir) / "export", self.meta())
+
+
+def _simplex_target() -> tuple[Any, TrainConfig]:
+    return SimplexTask(num_categories=20, path="dirichlet"), TrainConfig(steps=2000, batch_size=128, lr=2e-3,
+                                                                          warmup=100, ema_decay=0.995, ckpt_every=250)
+
+
+TRAIN_TARGETS.register(TrainTarget('simplex', "the toy simplex task's Dirichlet FM model (K = 20)", _simplex_target))

@@ -121,6 +121,31 @@ def parse_caption(text: str) -> Caption:
     return tuple(groups)
 
 
+def asked_groups(prompts: Sequence[str | None], max_groups: int = 2) -> list[list[int]]:
+    """Per prompt, the indices in `GROUPS` of the groups it asks for (padded with -1 to
+    `max_groups`); a prompt that is not a caption of this world asks for none."""
+    out = []
+    for text in prompts:
+        try:
+            groups = parse_caption(text) if isinstance(text, str) else ()
+        except ValueError:
+            groups = ()
+        keys = [GROUPS.index(g.key) for g in groups][:max_groups]
+        out.append(keys + [-1] * (max_groups - len(keys)))
+    return out
+
+
+def swap_group(text: str, target: int, reference: int) -> str:
+    """The caption `text` with its group `GROUPS[target]` asked as `GROUPS[reference]`
+    instead, counts kept: ('two red circles and a blue square', circle-red, circle-green)
+    -> 'two green circles and a blue square'. A caption without that group is unchanged."""
+    groups = []
+    for g in parse_caption(text):
+        shape, colour = GROUPS[reference] if GROUPS.index(g.key) == target else g.key
+        groups.append(Group(g.count, colour, shape))
+    return caption_text(groups)
+
+
 def all_captions() -> list[Caption]:
     """Every caption of the world: 48 single-group and 432 two-group captions."""
     out: list[Caption] = []

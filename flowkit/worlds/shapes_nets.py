@@ -36,8 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flowkit.errors import InputError, WeightsError
 from flowkit.checksums import MANIFEST_FILE, verify_manifest, write_manifest
+from flowkit.errors import InputError, WeightsError
 from flowkit.worlds import shapes as world
 from flowkit.worlds.shapes import Group
 
@@ -441,7 +441,7 @@ def load_net(folder: str | Path, kind: str | None = None) -> nn.Module:
 
 
 def _shipped(kind: str) -> Path:
-    from flowkit.loading import weights_dir
+    from flowkit.storage import weights_dir
 
     return weights_dir() / kind
 

@@ -30,5 +30,5 @@ class DummyGuidance(Guidance):
     description = "a plugin's corrector that changes nothing (test of the flowkit.guidance entry point)"
     role = "corrector"
 
-    def correct(self, ctx, x, pred):
+    def correct(self, ctx, x, pred, preds):
         return pred

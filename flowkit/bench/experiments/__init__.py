@@ -1,13 +1,7 @@
 """Built-in bench experiments, one module per method or paper.
 
-The registry (`flowkit.bench.core`) imports every module named in `MODULES` on its first
-lookup, so importing `flowkit.bench` stays cheap. Add a new experiment by writing a module
-here that registers itself with `@experiment(...)` and listing it below.
+Each module registers its experiments with `@experiment(...)` (flowkit.bench.core); the
+registry (`flowkit.registry.EXPERIMENTS`) imports every module of this folder on its first
+lookup, so importing `flowkit.bench` stays cheap and a new experiment is one file. Modules
+whose name starts with '_' hold shared helpers and register nothing.
 """
-
-from __future__ import annotations
-
-__all__ = ["MODULES"]
-
-MODULES: tuple[str, ...] = ("selftest", "batch", "shapes", "overhead", "apg", "adaptive", "gfcg", "simplex", "dna",
-                            "boss", "bottleneck")

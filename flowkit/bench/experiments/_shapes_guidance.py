@@ -18,7 +18,13 @@ import numpy as np
 import torch
 
 from flowkit.bench.core import BenchRun, Row, column
-from flowkit.bench.shapes_world import bench_model, fsd_statistic, metric_columns, model_spec, shapes_arm
+from flowkit.bench.shapes_world import (
+    bench_model,
+    fsd_statistic,
+    metric_columns,
+    model_spec,
+    shapes_arm,
+)
 from flowkit.bench.verdict import Claim
 
 __all__ = ["ShapesBench", "prompt_items", "cosine_recorder", "ag_nfe", "calibrate_gamma", "SAMPLER"]
@@ -131,8 +137,7 @@ def cosine_recorder():
             super().__init__()
             self.rows: list[torch.Tensor] = []
 
-        def after_step(self, ctx, x, pred) -> None:
-            preds = ctx.extras["branch_predictions"]
+        def after_step(self, ctx, x, pred, preds) -> None:
             self.rows.append(cosine(preds["cond"].x0, preds["uncond"].x0).cpu())
 
         @property

@@ -67,7 +67,7 @@ def _calibration(shapes: ShapesBench, n: int) -> np.ndarray:
 
 def _linear_ag(shapes: ShapesBench, n: int) -> str:
     """The path of LinearAG coefficients fitted on n calibration images (cached)."""
-    from flowkit.guidance.linear_ag import fit_linear_ag
+    from flowkit.calibration import fit_linear_ag
 
     bench = shapes.bench
     texts = [shapes.items[i % len(shapes.items)][0] for i in range(n)]

@@ -50,23 +50,30 @@ def _workload(bench: BenchRun) -> dict[str, Any]:
 
 
 def _argv(prompts: Path, out: Path, w: dict[str, Any], seed: int, batch_size: int) -> list[str]:
+    """The command line of a run in its own processes (under accelerate launch)."""
     return ["batch", str(prompts), "--out", str(out), "--model", w["model"], "--steps", str(w["steps"]),
             "--height", str(w["size"]), "--width", str(w["size"]), "--seed", str(seed),
             "--batch-size", str(batch_size), "--json", "--no-progress"]
 
 
+def _config(prompts: Path, out: Path, w: dict[str, Any], seed: int, batch_size: int) -> Any:
+    """The same run as `_argv`'s, as the library's BatchConfig (an in-process run)."""
+    from flowkit.batch.runner import BatchConfig
+
+    return BatchConfig(prompts=prompts, out=out, model=w["model"], steps=w["steps"], height=w["size"],
+                       width=w["size"], seed=seed, batch_size=batch_size)
+
+
 def _in_process(bench: BenchRun, w: dict[str, Any], batch_size: int, pipe: Any, indices: list[int]) -> list[dict]:
-    from flowkit.batch.command import batch_options
     from flowkit.batch.runner import run_batch
-    from flowkit.cli import build_parser
 
     out = []
     with tempfile.TemporaryDirectory() as tmp:
         prompts = Path(tmp) / "prompts.txt"
         prompts.write_text(_prompts(w["images"]))
         for i in indices:
-            argv = _argv(prompts, Path(tmp) / f"run{i}", w, bench.seed + i, batch_size)
-            summary = run_batch(batch_options(build_parser().parse_args(argv)), pipe=pipe, say=lambda _: None)
+            cfg = _config(prompts, Path(tmp) / f"run{i}", w, bench.seed + i, batch_size)
+            summary = run_batch(cfg, pipe=pipe, say=lambda _: None)
             out.append({"index": i, "images_per_second": summary.images_per_second, "seconds": summary.seconds,
                         "images": len(summary.generated), "nfe": summary.nfe})
     return out

@@ -64,7 +64,12 @@ def _clip(max_length: int = 77):
 
 def build_sd(unet: dict | None = None, seed: int = 0):
     """An SD-shaped StableDiffusionPipeline with seeded random weights (no downloads)."""
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import (
+        AutoencoderKL,
+        EulerDiscreteScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
 
     with torch.random.fork_rng():
         torch.manual_seed(seed)

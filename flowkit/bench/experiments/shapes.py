@@ -17,7 +17,14 @@ import numpy as np
 
 from flowkit.bench.core import BenchRun, experiment
 from flowkit.bench.experiments._shapes_guidance import GALLERY_PROMPTS
-from flowkit.bench.shapes_world import METRICS, bench_model, fsd_statistic, metric_columns, model_spec, shapes_arm
+from flowkit.bench.shapes_world import (
+    METRICS,
+    bench_model,
+    fsd_statistic,
+    metric_columns,
+    model_spec,
+    shapes_arm,
+)
 from flowkit.bench.stats import bootstrap_mean, paired_bootstrap_set
 from flowkit.bench.verdict import Claim
 from flowkit.worlds.shapes_eval import prompt_set

@@ -1,4 +1,5 @@
-"""`flowkit batch PROMPTS --out DIR`: the subcommand's parser, option checks and output.
+"""`flowkit batch PROMPTS --out DIR`: the subcommand's parser, option checks and output (the
+work is `flowkit.batch.run_batch` with a `BatchConfig`).
 
 The options mirror `flowkit generate` (same spec grammar, seeds, size and grid options,
 checked the same way before a model is loaded) plus the batch ones: --batch-size,
@@ -12,18 +13,24 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
+
+from flowkit.cli.options import (
+    DEFAULT_MODEL,
+    FALLBACK_MODEL,
+    check_int,
+    check_size_and_model,
+    with_flag,
+)
 
 if TYPE_CHECKING:
     from flowkit.batch.runner import BatchConfig, Summary
 
-__all__ = ["add_parser", "batch_options", "run_command"]
+__all__ = ["add_parser", "batch_options", "cmd_batch"]
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add `batch` to the `flowkit` subcommands."""
-    from flowkit.cli import DEFAULT_MODEL, FALLBACK_MODEL, cmd_batch
-
     b = sub.add_parser(
         "batch", help="generate images from a prompt file, resumably, on one or many processes",
         description="Generate one image per line of a .txt, .jsonl or .csv prompt file into DIR, each written "
@@ -66,23 +73,22 @@ def batch_options(args: argparse.Namespace) -> "BatchConfig":
     from flowkit.api import build_guidance, build_sampler
     from flowkit.batch.prompts import canonical_spec
     from flowkit.batch.runner import BatchConfig
-    from flowkit.cli import _check_int, _with_flag, check_size_and_model
     from flowkit.errors import InputError
     from flowkit.timegrid import TimeGrid
 
-    _check_int("--steps", args.steps, 1)
-    _check_int("--seed", args.seed, 0)
-    _check_int("--batch-size", args.batch_size, 1)
+    check_int("--steps", args.steps, 1)
+    check_int("--seed", args.seed, 0)
+    check_int("--batch-size", args.batch_size, 1)
     model = check_size_and_model(args)
     _refuse_sequence_model(model)
-    _with_flag("--sampler", build_sampler, args.sampler)
-    sampler = _with_flag("--sampler", canonical_spec, args.sampler, "sampler")
+    with_flag("--sampler", build_sampler, args.sampler)
+    sampler = with_flag("--sampler", canonical_spec, args.sampler, "sampler")
     guidance = None
     if args.guidance is not None:
-        _with_flag("--guidance", build_guidance, args.guidance, 0.0)
-        guidance = _with_flag("--guidance", canonical_spec, args.guidance, "guidance")
+        with_flag("--guidance", build_guidance, args.guidance, 0.0)
+        guidance = with_flag("--guidance", canonical_spec, args.guidance, "guidance")
     if args.grid is not None:
-        _with_flag("--grid", TimeGrid.parse, args.grid)
+        with_flag("--grid", TimeGrid.parse, args.grid)
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise InputError(f"--out {str(out)!r} is a file: give a folder")
@@ -107,15 +113,16 @@ def _refuse_sequence_model(model: str) -> None:
                                "model, or use `flowkit generate` for sequences")
 
 
-def run_command(args: argparse.Namespace, say: Callable[[str], None]) -> str | None:
-    """Run the batch job of parsed `args`, progress lines and warnings to `say`; the summary
-    to print (JSON with --json), or None on ranks other than 0 (rank 0 reports for everyone)."""
+def cmd_batch(args: argparse.Namespace) -> int:
+    """Run the batch job of parsed `args` (progress lines and warnings on stderr); rank 0
+    prints the summary (JSON with --json) for every rank."""
     from flowkit.batch.runner import run_batch
 
-    summary = run_batch(batch_options(args), say=say)
-    if summary is None:
-        return None
-    return json.dumps(summary.to_dict(), indent=2) if args.json else _text(summary)
+    summary = run_batch(batch_options(args), say=lambda text: print(f"flowkit batch: {text}", file=sys.stderr,
+                                                                       flush=True))
+    if summary is not None:
+        print(json.dumps(summary.to_dict(), indent=2) if args.json else _text(summary))
+    return 0
 
 
 def _text(s: "Summary") -> str:

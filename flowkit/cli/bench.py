@@ -1,7 +1,7 @@
 """`flowkit bench NAME [--quick]`: run an experiment, print its table, write its JSON.
 
 `main(argv)` parses the arguments after `bench`, so the top-level CLI can hand them over
-(`flowkit.bench.cli.main(rest)`); `python -m flowkit.bench` runs it directly.
+(`flowkit.cli.bench.main(rest)`); `python -m flowkit.bench` runs it directly.
 """
 
 from __future__ import annotations

@@ -1,0 +1,79 @@
+"""What every `flowkit` subcommand checks the same way: numbers, sizes, model names, and
+one line per error on stderr (exit status 2)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from flowkit.errors import FlowkitError, InputError, UnknownNameError, closest
+
+__all__ = ["DEFAULT_MODEL", "FALLBACK_MODEL", "report", "check_int", "with_flag", "check_size_and_model",
+           "check_model", "load_model", "say"]
+
+from flowkit.loading import DEFAULT_MODEL, FALLBACK_MODEL  # noqa: E402  (cheap: no torch at import)
+
+
+def report(error: Exception) -> int:
+    """Print `error` as one line on stderr; the exit status of bad input."""
+    message = " ".join(str(error).splitlines()) or type(error).__name__
+    print(f"flowkit: error: {message}", file=sys.stderr)
+    return 2
+
+
+def say(text: str) -> None:
+    """A note of the CLI's own on stderr."""
+    print(f"flowkit: {text}", file=sys.stderr, flush=True)
+
+
+def check_int(flag: str, value: int, minimum: int) -> None:
+    if value < minimum:
+        raise InputError(f"{flag} must be an integer >= {minimum}, got {value}")
+
+
+def with_flag(flag: str, build: Any, *args: Any) -> Any:
+    """`build(*args)`, its FlowkitError prefixed with the option's name."""
+    try:
+        return build(*args)
+    except FlowkitError as e:
+        raise type(e)(f"{flag}: {e}") from None
+
+
+def check_size_and_model(args: argparse.Namespace) -> str:
+    """The --height/--width pair (both or neither, each >= 1) and --model (default
+    DEFAULT_MODEL) of a command; returns the model name. Nothing is loaded."""
+    if (args.height is None) != (args.width is None):
+        raise InputError("give both --height and --width, or neither")
+    if args.height is not None:
+        check_int("--height", args.height, 1)
+        check_int("--width", args.width, 1)
+    model = args.model if args.model is not None else DEFAULT_MODEL
+    check_model(model)
+    return model
+
+
+def check_model(name: str) -> None:
+    """A built-in model name or an existing folder, else UnknownNameError (nothing is loaded)."""
+    from flowkit.loading import BUILTIN_MODELS
+
+    if name in BUILTIN_MODELS or _is_dir(name):
+        return
+    raise UnknownNameError(f"--model: unknown model {name!r}{closest(name, BUILTIN_MODELS)}; give one of "
+                           f"{', '.join(BUILTIN_MODELS)} or the path of a local diffusers folder")
+
+
+def _is_dir(path: str) -> bool:
+    try:
+        return Path(path).expanduser().is_dir()
+    except (OSError, ValueError, RuntimeError):  # NUL bytes, unknown ~user, no home directory
+        return False
+
+
+def load_model(model: str, model_given: bool) -> tuple[Any, str]:
+    """(pipeline, model name) for a command's --model; the default model falls back to the
+    untrained tiny one, with a note, when its weights are not installed."""
+    from flowkit.loading import load_model as load
+
+    return load(model if model_given else None, on_fallback=say)

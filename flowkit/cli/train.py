@@ -1,0 +1,83 @@
+"""`flowkit train TARGET`: train one of the small models this project ships, resumably."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+from flowkit.cli.options import check_int
+from flowkit.errors import InputError
+
+__all__ = ["add_parser", "cmd_train"]
+
+
+def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add `train` to the `flowkit` subcommands."""
+    t = sub.add_parser("train", help="train one of the small models",
+                       description="Train a target, resuming from OUT/latest.pt unless --no-resume.")
+    t.add_argument("target", metavar="TARGET")
+    t.add_argument("--out", default=None, metavar="DIR", help="checkpoint folder (default checkpoints/TARGET)")
+    t.add_argument("--steps", type=int, default=None, help="total steps (the target's curriculum follows)")
+    t.add_argument("--batch-size", type=int, default=None)
+    t.add_argument("--lr", type=float, default=None)
+    t.add_argument("--threads", type=int, default=None, help="torch threads (0: torch's default)")
+    t.add_argument("--device", default=None, help="cpu (default) or cuda[:N]; a checkpoint resumes on either")
+    t.add_argument("--no-resume", dest="resume", action="store_false", help="start again from step 0")
+    t.add_argument("--export-only", action="store_true",
+                   help="export the EMA weights of OUT/latest.pt to OUT/export without training")
+    t.set_defaults(func=cmd_train)
+    return t
+
+
+def _train_device(name: str | None) -> str | None:
+    if name is None:
+        return None
+    import torch
+
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise InputError(f"--device must be cpu or cuda[:N], got {name!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"--device {name}: no CUDA device here; use --device cpu")
+    if device.type not in ("cpu", "cuda"):
+        raise InputError(f"--device must be cpu or cuda[:N], got {name!r}")
+    return str(device)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from flowkit.train import target, train
+
+    overrides = {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "threads": args.threads,
+                 "device": _train_device(args.device)}
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    for key, minimum in (("steps", 1), ("batch_size", 1), ("threads", 0)):
+        if key in overrides:
+            check_int("--" + key.replace("_", "-"), overrides[key], minimum)
+    if "lr" in overrides and not (math.isfinite(overrides["lr"]) and overrides["lr"] > 0):
+        raise InputError(f"--lr must be a finite number > 0, got {overrides['lr']}")
+    task, cfg = target(args.target)  # UnknownNameError lists the known targets
+    cfg = dataclasses.replace(cfg, **overrides)
+    if "steps" in overrides and hasattr(task, "total_steps"):
+        task.total_steps = cfg.steps  # the target's curriculum is laid out over the whole run
+    out = Path(args.out if args.out is not None else Path("checkpoints") / args.target)
+    if args.export_only:
+        from flowkit.train.loop import export_checkpoint
+
+        export_checkpoint(task, out)
+        print(f"exported weights: {out / 'export'}")
+        return 0
+    try:
+        losses = train(task, cfg, out, resume=args.resume, progress=sys.stderr.isatty())
+    except KeyboardInterrupt:
+        print(f"flowkit: interrupted; run the same command again to resume from {out / 'latest.pt'}",
+              file=sys.stderr)
+        return 130
+    last = f", last loss {losses[-1]:.4f}" if losses else ""
+    print(f"trained {args.target} to step {cfg.steps} ({len(losses)} steps in this run{last})")
+    print(f"exported weights: {out / 'export'}")
+    return 0
