@@ -21,8 +21,26 @@ from flowkit.kit import ModelKit
 from flowkit.registry import MODEL_FAMILIES
 from flowkit.schedulers import frame_scale
 from flowkit.timegrid import TimeGrid
+from flowkit.tokens import Positions, TokenGroup, Words, check_positions, word_span
 
 __all__ = ["ModelAdapter", "adapt", "latent_multiple", "check_multiple"]
+
+
+def _word_group(group: Any) -> list[tuple[str, int]]:
+    """A words= group (object word, *modifiers), each a word or (word, occurrence) -> [(word, occurrence)]."""
+    items = [group] if isinstance(group, str) else group
+    if not isinstance(items, Sequence) or not items:
+        raise InputError(f"each group in words= is (object word, *modifier words), got {group!r}")
+    out = []
+    for item in items:
+        if isinstance(item, str):
+            out.append((item, 0))
+        elif (isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str) and isinstance(item[1], int)
+              and not isinstance(item[1], bool)):
+            out.append(item)
+        else:
+            raise InputError(f"a word in words= is a string or (word, occurrence from 0), got {item!r}")
+    return out
 
 
 class ModelAdapter(ABC):
@@ -100,6 +118,66 @@ class ModelAdapter(ABC):
     @abstractmethod
     def decode(self, x: Tensor, output_type: str) -> Any:
         """Final latents -> images ('pil' list, 'np' array, 'pt' tensor in [0, 1], or 'latent')."""
+
+    def to_pixels(self, x: Tensor, *, generator: torch.Generator | None = None) -> Tensor:
+        """Final latents [B, *latent_shape] (what `decode` receives) -> images [B, 3, H, W] in the
+        model's [-1, 1], unclamped, keeping the autograd graph (for gradient guidance and rewards).
+        `generator`: passed to a VAE decoder that samples (diffusers' `vae.decode(generator=)`)."""
+        raise UnsupportedError(f"{self.title or type(self.pipe).__name__} has no differentiable decode to pixels")
+
+    # -- words of a prompt as token positions (attention guidance) ---------------------------
+    def token_groups(self, prompts: Sequence[str] | None, words: Words | None = None,
+                     positions: Positions | None = None, *,
+                     max_sequence_length: int | None = None) -> list[list[TokenGroup]]:
+        """One list of `TokenGroup`s per prompt: positions into the text sequence the network
+        attends to (the rows of the conditioning's `encoder_hidden_states`).
+
+        `words`: groups as (object word, *modifier words), the same for every prompt, found with
+        the pipeline's own tokenizer(s) as its `encode_prompt` tokenizes `prompt` (SDXL's and
+        SD3's `prompt_2`/`prompt_3` taken equal to it); a word may be `(word, k)` for its k-th
+        occurrence (from 0; default the first). `positions`: per prompt, per group, per word
+        (object first) one position or a list of them (`[[[5, 2]]]`, `[[[[5, 6], [2]]]]`), the
+        only way when `prompts` is None (prompt embeddings). Neither: the family's own parser
+        where it has one (shapes captions). `max_sequence_length`: the T5 length of the
+        pipeline call (SD3, FLUX), when not the pipeline's default."""
+        prompts = [prompts] if isinstance(prompts, str) else prompts
+        length = self.text_length(max_sequence_length)
+        if positions is not None:
+            if words is not None:
+                raise InputError("give words= or positions=, not both")
+            return check_positions(positions, length, None if prompts is None else len(prompts))
+        if prompts is None:
+            raise InputError("prompt embeddings carry no words: pass positions=[...] (per prompt, per group, "
+                             "per word, object first, e.g. [[[5, 2]]])")
+        prompts = list(prompts)
+        if not all(isinstance(p, str) for p in prompts):
+            raise InputError(f"prompts must be strings, got {prompts!r}")
+        if words is None:
+            return self.parsed_token_groups(prompts, max_sequence_length)
+        groups = [_word_group(g) for g in ([words] if isinstance(words, str) else words)]
+        out = []
+        for text in prompts:
+            row = []
+            for group in groups:
+                found = [self.word_tokens(text, word_span(text, w, k), max_sequence_length) for w, k in group]
+                names = tuple(w for w, _ in group)
+                row.append(TokenGroup(object=found[0], modifiers=tuple(found[1:]), words=names))
+            out.append(row)
+        return out
+
+    def text_length(self, max_sequence_length: int | None = None) -> int:
+        """Length of the text-token sequence the network attends to (`encoder_hidden_states`)."""
+        raise UnsupportedError(f"{self.title or type(self.pipe).__name__} has no text tokens to find words in")
+
+    def word_tokens(self, text: str, span: tuple[int, int], max_sequence_length: int | None = None) -> tuple[int, ...]:
+        """Positions in the attended text sequence of the tokens of `text[span[0]:span[1]]`."""
+        raise UnsupportedError(f"{self.title or type(self.pipe).__name__} has no text tokens to find words in")
+
+    def parsed_token_groups(self, prompts: Sequence[str],
+                            max_sequence_length: int | None = None) -> list[list[TokenGroup]]:
+        """Groups read from the prompts themselves (`token_groups(words=None)`); this family has no parser."""
+        raise InputError(f"{self.title or type(self.pipe).__name__} cannot find a prompt's objects by itself: "
+                         "pass words=[(object, *modifiers), ...] or positions=[...]")
 
     # -- the drop-in protocol (FlowKitPipeline): a pipeline call's keywords -------------------
     # keyword of the pipeline call that carries attention extras (the LoRA scale)

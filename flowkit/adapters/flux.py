@@ -21,13 +21,14 @@ import torch
 from torch import Tensor
 
 from flowkit.adapters.base import check_multiple
-from flowkit.adapters.latent import LatentAdapter, vae_decode
+from flowkit.adapters.latent import LatentAdapter
 from flowkit.conditioning import Conditioning
 from flowkit.denoiser import TransformerDenoiser
 from flowkit.errors import InputError
 from flowkit.paths.linear import LinearPath
 from flowkit.registry import MODEL_FAMILIES
 from flowkit.schedulers import frame_scale
+from flowkit.tokens import word_positions
 
 __all__ = ["FluxAdapter", "FluxDenoiser", "pack", "unpack", "image_ids"]
 
@@ -93,6 +94,7 @@ class FluxAdapter(LatentAdapter):
     network = "transformer"
     attention_kwargs_name = "joint_attention_kwargs"
     pass_sigmas = True
+    max_sequence_length = 512  # the pipeline call's default T5 length
 
     def __init__(self, pipe: Any, *, embedded_guidance: float = 3.5):
         """`embedded_guidance`: the distilled guidance scale of guidance_embeds=True models
@@ -136,7 +138,7 @@ class FluxAdapter(LatentAdapter):
 
     def encode_call(self, kw: Mapping[str, Any], need_uncond: bool, num_images_per_prompt: int):
         pipe = self.pipe
-        msl = kw.get("max_sequence_length", 512)
+        msl = kw.get("max_sequence_length", self.max_sequence_length)
         lora = self.lora_scale(kw, "joint_attention_kwargs")
         pos, pooled, txt_ids = pipe.encode_prompt(
             prompt=kw.get("prompt"), prompt_2=kw.get("prompt_2"), prompt_embeds=kw.get("prompt_embeds"),
@@ -171,6 +173,13 @@ class FluxAdapter(LatentAdapter):
                                              dtype=torch.float32)
         return Conditioning(tensors, {"txt_ids": txt_ids})
 
+    # -- words as token positions: the T5 sequence (CLIP gives only the pooled embedding) ------
+    def text_length(self, max_sequence_length: int | None = None) -> int:
+        return self.t5_length(max_sequence_length)
+
+    def word_tokens(self, text: str, span: tuple[int, int], max_sequence_length: int | None = None) -> tuple[int, ...]:
+        return word_positions(self.pipe.tokenizer_2, text, span, self.text_length(max_sequence_length))
+
     # -- latents as the pipeline holds them: packed ------------------------------------------
     # (noise is drawn unpacked, as the pipeline draws it before packing)
     def noise_from_latents(self, latents: Tensor, height: int, width: int) -> Tensor:
@@ -193,9 +202,16 @@ class FluxAdapter(LatentAdapter):
 
         return FluxPipelineOutput
 
+    def vae_input(self, x: Tensor) -> Tensor:
+        """Unpacked latents [B, C, h, w] (flowkit's FLUX layout) -> x / scaling_factor + shift_factor."""
+        if x.ndim != 4:
+            raise InputError(f"FLUX latents go to the VAE unpacked, [batch, C, h, w], got {list(x.shape)}: "
+                             "unpack packed latents with flowkit.adapters.flux.unpack(tokens, h, w)")
+        cfg = self.pipe.vae.config
+        return x / cfg.scaling_factor + cfg.shift_factor
+
     def decode_full(self, x: Tensor, output_type: str, generator: Any = None):
         if output_type == "latent":
             return pack(x).to(self.dtype), {}
-        cfg = self.pipe.vae.config
-        image = vae_decode(self.pipe, x / cfg.scaling_factor + cfg.shift_factor)
-        return self._postprocess(image, output_type), {}
+        return self._postprocess(self.to_pixels(x), output_type), {}
+

@@ -20,6 +20,7 @@ from flowkit.adapters.base import ModelAdapter, check_multiple
 from flowkit.conditioning import Conditioning
 from flowkit.errors import InputError, UnsupportedError
 from flowkit.timegrid import TimeGrid
+from flowkit.tokens import word_positions
 
 __all__ = ["LatentAdapter"]
 
@@ -29,6 +30,8 @@ class LatentAdapter(ModelAdapter):
 
     # the network attribute of the pipeline ("unet" or "transformer")
     network: str = "unet"
+    # the pipeline call's default T5 length (SD3, FLUX); None: the network attends to no T5 tokens
+    max_sequence_length: int | None = None
 
     def __init__(self, pipe: Any):
         super().__init__(pipe)
@@ -96,7 +99,30 @@ class LatentAdapter(ModelAdapter):
               "height": height, "width": width}
         return self.encode_call(kw, need_uncond, 1)
 
+    def t5_length(self, max_sequence_length: int | None = None) -> int:
+        """The T5 length of a call: its `max_sequence_length`, else the pipeline's default."""
+        if self.max_sequence_length is None:
+            if max_sequence_length is not None:
+                raise InputError(f"max_sequence_length is the T5 length of SD3 and FLUX; {self.family} has no T5 "
+                                 "encoder: leave it out")
+            return 0
+        t5 = self.max_sequence_length if max_sequence_length is None else max_sequence_length
+        if isinstance(t5, bool) or not isinstance(t5, int) or t5 < 1:
+            raise InputError(f"max_sequence_length must be a positive integer, got {max_sequence_length!r}")
+        return t5
+
     # -- decoding --------------------------------------------------------------------------
+    def vae_input(self, x: Tensor) -> Tensor:
+        """Final flow-frame latents [B, C, h, w] -> the VAE decoder's input (the pipeline's
+        un-scaling: `x / scaling_factor` here; families with a shift or mean/std override it)."""
+        return x / self.pipe.vae.config.scaling_factor
+
+    def to_pixels(self, x: Tensor, *, generator: torch.Generator | None = None) -> Tensor:
+        """Final latents [B, C, h, w] -> images [B, 3, H, W] in the VAE's [-1, 1], unclamped and
+        differentiable: `vae.decode(vae_input(x))` in the VAE's dtype, before postprocessing
+        (safety checker, watermark, denormalisation)."""
+        return vae_decode(self.pipe, self.vae_input(x), generator)
+
     @abstractmethod
     def decode_full(self, x: Tensor, output_type: str, generator: Any = None) -> tuple[Any, dict]:
         """Final latents -> (images, other fields of the pipeline's output)."""
@@ -119,6 +145,17 @@ class LatentAdapter(ModelAdapter):
         if output_type not in ("pil", "np", "pt"):
             raise InputError(f"output_type must be pil, np, pt or latent, got {output_type!r}")
         return self.pipe.image_processor.postprocess(image, output_type=output_type, **kw)
+
+
+def agreed_positions(tokenizers: Sequence[Any], text: str, span: tuple[int, int], max_length: int,
+                     required: bool = True) -> tuple[int, ...]:
+    """A word's token positions under each of `tokenizers` (the CLIP pair of SDXL and SD3, whose
+    embeddings are joined feature-wise, so their positions must agree), or UnsupportedError."""
+    found = [word_positions(tok, text, span, max_length, required) for tok in tokenizers]
+    if any(f != found[0] for f in found[1:]):
+        raise UnsupportedError(f"this pipeline's tokenizers put {text[span[0]:span[1]]!r} of {text!r} at different "
+                               f"positions {found}; pass positions= for the sequence the network attends to")
+    return found[0]
 
 
 def vae_decode(pipe: Any, latents: Tensor, generator: Any = None) -> Tensor:

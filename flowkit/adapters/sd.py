@@ -13,7 +13,7 @@ from typing import Any, Mapping
 
 from torch import Tensor
 
-from flowkit.adapters.latent import LatentAdapter, vae_decode
+from flowkit.adapters.latent import LatentAdapter, agreed_positions
 from flowkit.conditioning import Conditioning
 from flowkit.denoiser import UNetDenoiser
 from flowkit.errors import UnsupportedError
@@ -70,6 +70,18 @@ class SDAdapter(LatentAdapter):
             out["uncond"] = Conditioning({"encoder_hidden_states": neg})
         return out
 
+    # -- words as token positions: the CLIP sequence (77 tokens, BOS first) -------------------
+    def clip_tokenizers(self) -> list[Any]:
+        """The tokenizers whose token sequences the UNet attends to (joined feature-wise)."""
+        return [self.pipe.tokenizer]
+
+    def text_length(self, max_sequence_length: int | None = None) -> int:
+        self.t5_length(max_sequence_length)  # refuses one
+        return int(self.clip_tokenizers()[0].model_max_length)
+
+    def word_tokens(self, text: str, span: tuple[int, int], max_sequence_length: int | None = None) -> tuple[int, ...]:
+        return agreed_positions(self.clip_tokenizers(), text, span, self.text_length(max_sequence_length))
+
     @property
     def output_class(self) -> type:
         from diffusers.pipelines.stable_diffusion import StableDiffusionPipelineOutput
@@ -80,7 +92,7 @@ class SDAdapter(LatentAdapter):
         if output_type == "latent":
             return x.to(self.dtype), {"nsfw_content_detected": None}
         pipe = self.pipe
-        image = vae_decode(pipe, x / pipe.vae.config.scaling_factor, generator)
+        image = self.to_pixels(x, generator=generator)
         image, nsfw = pipe.run_safety_checker(image, self.device, self.dtype)
         denormalize = [True] * image.shape[0] if nsfw is None else [not n for n in nsfw]
         return self._postprocess(image, output_type, do_denormalize=denormalize), {"nsfw_content_detected": nsfw}

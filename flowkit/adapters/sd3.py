@@ -14,11 +14,13 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor
 
-from flowkit.adapters.latent import LatentAdapter, vae_decode
+from flowkit.adapters.latent import LatentAdapter, agreed_positions
 from flowkit.conditioning import Conditioning
 from flowkit.denoiser import TransformerDenoiser
+from flowkit.errors import InputError
 from flowkit.paths.linear import LinearPath
 from flowkit.registry import MODEL_FAMILIES
+from flowkit.tokens import word_positions
 
 __all__ = ["SD3Adapter", "SD3Denoiser"]
 
@@ -56,6 +58,7 @@ class SD3Adapter(LatentAdapter):
     default_guidance_scale = 7.0
     network = "transformer"
     attention_kwargs_name = "joint_attention_kwargs"
+    max_sequence_length = 256  # the pipeline call's default T5 length
 
     def __init__(self, pipe: Any):
         super().__init__(pipe)
@@ -87,12 +90,34 @@ class SD3Adapter(LatentAdapter):
             pooled_prompt_embeds=kw.get("pooled_prompt_embeds"),
             negative_pooled_prompt_embeds=kw.get("negative_pooled_prompt_embeds"), device=self.device,
             clip_skip=kw.get("clip_skip"), num_images_per_prompt=num_images_per_prompt,
-            max_sequence_length=kw.get("max_sequence_length", 256),
+            max_sequence_length=kw.get("max_sequence_length", self.max_sequence_length),
             lora_scale=self.lora_scale(kw, "joint_attention_kwargs"))
         out = {"cond": Conditioning({"encoder_hidden_states": pos, "pooled_projections": pooled})}
         if need_uncond:
             out["uncond"] = Conditioning({"encoder_hidden_states": neg, "pooled_projections": neg_pooled})
         return out
+
+    # -- words as token positions: the joint sequence [CLIP (77) | T5 (max_sequence_length)] -----
+    def _lengths(self, max_sequence_length: int | None) -> tuple[int, int]:
+        return int(self.pipe.tokenizer_max_length), self.t5_length(max_sequence_length)
+
+    def text_length(self, max_sequence_length: int | None = None) -> int:
+        return sum(self._lengths(max_sequence_length))
+
+    def word_tokens(self, text: str, span: tuple[int, int], max_sequence_length: int | None = None) -> tuple[int, ...]:
+        """The word's CLIP positions p (both CLIP encoders, joined feature-wise) and its T5 positions
+        q + CLIP length: `encode_prompt` concatenates the CLIP and T5 tokens along the sequence. A word
+        past CLIP's 77 tokens keeps its T5 positions; without a T5 encoder its part is zeros."""
+        clip_len, t5_len = self._lengths(max_sequence_length)
+        pipe = self.pipe
+        clip = agreed_positions([pipe.tokenizer, pipe.tokenizer_2], text, span, clip_len, required=False)
+        t5 = ()
+        if pipe.text_encoder_3 is not None and pipe.tokenizer_3 is not None:
+            t5 = tuple(clip_len + q for q in word_positions(pipe.tokenizer_3, text, span, t5_len, required=False))
+        if not clip and not t5:
+            raise InputError(f"the word {text[span[0]:span[1]]!r} of the prompt {text!r} falls beyond the text "
+                             f"encoders' {clip_len} CLIP and {t5_len} T5 tokens: shorten the prompt")
+        return clip + t5
 
     @property
     def output_class(self) -> type:
@@ -102,9 +127,12 @@ class SD3Adapter(LatentAdapter):
 
         return StableDiffusion3PipelineOutput
 
+    def vae_input(self, x: Tensor) -> Tensor:
+        cfg = self.pipe.vae.config
+        return x / cfg.scaling_factor + cfg.shift_factor
+
     def decode_full(self, x: Tensor, output_type: str, generator: Any = None):
         if output_type == "latent":
             return x.to(self.dtype), {}
-        cfg = self.pipe.vae.config
-        image = vae_decode(self.pipe, x / cfg.scaling_factor + cfg.shift_factor)
-        return self._postprocess(image, output_type), {}
+        return self._postprocess(self.to_pixels(x), output_type), {}
+

@@ -77,6 +77,10 @@ class SDXLAdapter(SDAdapter):
         return Conditioning({"encoder_hidden_states": embeds, "text_embeds": pooled.to(dev),
                              "time_ids": time_ids.to(dev).repeat(n, 1)})
 
+    def clip_tokenizers(self) -> list[Any]:
+        """Both CLIP tokenizers tokenize the prompt (as `encode_prompt`, without `tokenizer` on a refiner)."""
+        return [t for t in (self.pipe.tokenizer, self.pipe.tokenizer_2) if t is not None]
+
     @property
     def output_class(self) -> type:
         from diffusers.pipelines.stable_diffusion_xl import (
@@ -85,27 +89,60 @@ class SDXLAdapter(SDAdapter):
 
         return StableDiffusionXLPipelineOutput
 
+    def vae_input(self, x: Tensor) -> Tensor:
+        """x * latents_std / scaling_factor + latents_mean where the VAE config has them, else x / scaling_factor."""
+        cfg = self.pipe.vae.config
+        mean, std = getattr(cfg, "latents_mean", None), getattr(cfg, "latents_std", None)
+        if mean is None or std is None:
+            return x / cfg.scaling_factor
+        c = x.shape[1]
+        mean = torch.tensor(mean).view(1, c, 1, 1).to(x.device, x.dtype)
+        std = torch.tensor(std).view(1, c, 1, 1).to(x.device, x.dtype)
+        return x * std / cfg.scaling_factor + mean
+
+    def to_pixels(self, x: Tensor, *, generator: torch.Generator | None = None) -> Tensor:
+        """As the pipeline decodes: an fp16 VAE with `force_upcast` runs in float32. Without a graph
+        the VAE is upcast in place and cast back, as diffusers does; with one, float32 copies of
+        its weights are used instead, since casting back would change the weights the graph saved."""
+        pipe, vae = self.pipe, self.pipe.vae
+        latents = self.vae_input(x)
+        if not (vae.dtype == torch.float16 and vae.config.force_upcast):
+            return vae_decode(pipe, latents, generator)
+        if torch.is_grad_enabled() and latents.requires_grad:
+            return _decode_with_float32_copies(pipe, latents, generator)
+        vae.to(dtype=torch.float32)
+        try:
+            return vae_decode(pipe, latents, generator)
+        finally:
+            vae.to(dtype=torch.float16)
+
     def decode_full(self, x: Tensor, output_type: str, generator: Any = None):
         if output_type == "latent":
             return x.to(self.dtype), {}
         pipe = self.pipe
-        vae = pipe.vae
-        upcast = vae.dtype == torch.float16 and vae.config.force_upcast
-        if upcast:
-            vae.to(dtype=torch.float32)
-        mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
-        if mean is not None and std is not None:
-            c = x.shape[1]
-            mean = torch.tensor(mean).view(1, c, 1, 1).to(x.device, x.dtype)
-            std = torch.tensor(std).view(1, c, 1, 1).to(x.device, x.dtype)
-            latents = x * std / vae.config.scaling_factor + mean
-        else:
-            latents = x / vae.config.scaling_factor
-        try:
-            image = vae_decode(pipe, latents)
-        finally:
-            if upcast:
-                vae.to(dtype=torch.float16)
+        image = self.to_pixels(x)
         if getattr(pipe, "watermark", None) is not None:
             image = pipe.watermark.apply_watermark(image)
         return self._postprocess(image, output_type), {}
+
+
+class _Decoder(torch.nn.Module):
+    """`vae_decode` as a module, so that `functional_call` can run it on other weights."""
+
+    def __init__(self, pipe: Any, generator: torch.Generator | None):
+        super().__init__()
+        self.vae = pipe.vae
+        self._pipe, self._generator = pipe, generator
+
+    def forward(self, latents: Tensor) -> Tensor:
+        return vae_decode(self._pipe, latents, self._generator)
+
+
+def _decode_with_float32_copies(pipe: Any, latents: Tensor, generator: torch.Generator | None) -> Tensor:
+    """`vae_decode` on float32 copies of the VAE's weights (differentiable; the VAE is left as it is)."""
+    decoder = _Decoder(pipe, generator)
+    tensors = dict(decoder.named_parameters())
+    tensors.update(decoder.named_buffers())
+    tensors = {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}
+    return torch.func.functional_call(decoder, tensors, (latents,))
+

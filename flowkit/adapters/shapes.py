@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import re
 from typing import Any, Sequence
 
 import numpy as np
@@ -16,7 +17,9 @@ from flowkit.errors import InputError
 from flowkit.kit import ModelKit
 from flowkit.paths.linear import LinearPath
 from flowkit.registry import MODEL_FAMILIES
+from flowkit.text import MAX_LENGTH
 from flowkit.timegrid import TimeGrid
+from flowkit.tokens import TokenGroup, word_positions
 
 __all__ = ["ShapesAdapter", "to_images", "shapes_kit"]
 
@@ -84,8 +87,48 @@ class ShapesAdapter(ModelAdapter):
         shift = float(self.pipe.scheduler.config.get("shift", 1.0))
         return TimeGrid.uniform() if shift == 1.0 else TimeGrid.shifted(shift)
 
+    def to_pixels(self, x: Tensor, *, generator: torch.Generator | None = None) -> Tensor:
+        """The identity: the shapes model works in pixel space, [B, 3, H, W] in [-1, 1]."""
+        return x
+
     def decode(self, x: Tensor, output_type: str) -> Any:
-        return to_images(x, output_type)
+        return to_images(x if output_type == "latent" else self.to_pixels(x), output_type)
+
+    # -- words as token positions: MiniLM wordpieces, [CLS] first, MAX_LENGTH slots -----------
+    def text_length(self, max_sequence_length: int | None = None) -> int:
+        if max_sequence_length is not None:
+            raise InputError("max_sequence_length is the T5 length of SD3 and FLUX; the shapes model has no T5 "
+                             "encoder: leave it out")
+        return MAX_LENGTH
+
+    def word_tokens(self, text: str, span: tuple[int, int], max_sequence_length: int | None = None) -> tuple[int, ...]:
+        return word_positions(self.pipe.tokenizer, text, span, self.text_length(max_sequence_length))
+
+    def parsed_token_groups(self, prompts: Sequence[str],
+                            max_sequence_length: int | None = None) -> list[list[TokenGroup]]:
+        """Each caption's groups as the shapes world parses them: object = the shape noun as
+        written, modifiers = (colour word, number word), count = the group's count."""
+        from flowkit.worlds import shapes as world
+
+        out = []
+        for text in prompts:
+            try:
+                groups = world.parse_caption(text)
+            except ValueError as e:
+                raise InputError(f"{text!r} is not a shapes caption ({e}): pass words=[(object, *modifiers)] "
+                                 "or positions=[...]") from None
+            # a parsed caption is `<number> <colour> <shape>` groups joined by "and": 4 words a group, less one
+            spans = [m.span() for m in re.finditer(r"\w+", text)]
+            assert len(spans) == 4 * len(groups) - 1, (text, spans)
+            row = []
+            for j, g in enumerate(groups):
+                number, colour, noun = spans[4 * j:4 * j + 3]
+                assert text[colour[0]:colour[1]].lower() == g.colour, (text, g)
+                found = [self.word_tokens(text, s, max_sequence_length) for s in (noun, colour, number)]
+                row.append(TokenGroup(object=found[0], modifiers=(found[1], found[2]),
+                                      words=tuple(text[a:b] for a, b in (noun, colour, number)), count=g.count))
+            out.append(row)
+        return out
 
     def kit(self) -> ModelKit:
         return shapes_kit()
@@ -110,7 +153,7 @@ class ShapesAdapter(ModelAdapter):
     def output(self, x: Tensor, output_type: str, return_dict: bool, generator: Any = None) -> Any:
         from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 
-        images = to_images(x, output_type)
+        images = self.decode(x, output_type)
         return ImagePipelineOutput(images=images) if return_dict else (images,)
 
 
