@@ -18,7 +18,7 @@ forward pass. It calls, for every module whose window covers the step:
 
 Hooks run in the order of the modules' roles, whatever order the stack was written in:
 modifiers, then the combiner, then policies, then correctors (`ROLES`); modules of one role
-keep their written order. A module's window is `int(start * N) <= step < int(stop * N)`
+run in the order of their names, so any permutation of a stack is the same run. A module's window is `int(start * N) <= step < int(stop * N)`
 for a run of N steps, as in diffusers' guiders.
 
 Decisions are per sample (boolean masks over the batch), never per batch. Module state
@@ -247,8 +247,8 @@ class GuidanceStack:
                 raise SpecError(f"{m!r} is not a guidance module; build one from flowkit.guidance")
             if m.role not in ROLES:
                 raise GuidanceStackError(f"{m.name} has role {m.role!r}; a module's role is one of {', '.join(ROLES)}")
-        # role order, written order within a role (sorted is stable)
-        self.ordered = sorted(self.modules, key=lambda m: ROLES.index(m.role))
+        # role order, then by name within a role (two modules of one name keep their written order)
+        self.ordered = sorted(self.modules, key=lambda m: (ROLES.index(m.role), m.name))
         combiners = [m for m in self.modules if m.role == "combiner"]
         if len(combiners) > 1:
             names = ", ".join(m.name for m in combiners)

@@ -18,7 +18,7 @@ from typing import Literal
 
 from flowkit.errors import InputError
 from flowkit.registry import SAMPLERS
-from flowkit.sampler_base import Sampler
+from flowkit.sampler_base import Sampler, euler_walk
 
 __all__ = ["Boss"]
 
@@ -77,9 +77,4 @@ class Boss(Sampler):
         table = self.boss_table(model.ctx, tuple(x.shape[1:]), steps)
         ts = table.times(steps)
         model.walk(ts)
-        for i in range(steps):
-            t, t_next = float(ts[i]), float(ts[i + 1])
-            pred = model(x, t)
-            x = x + (t_next - t) * pred.velocity.to(x.dtype)
-            x = model.end_step(x, pred)
-        return x
+        return euler_walk(model, x, ts)[0]

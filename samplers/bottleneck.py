@@ -30,7 +30,7 @@ from torch import Tensor
 from flowkit.errors import InputError, UnsupportedError
 from flowkit.paths.shift import static_shift
 from flowkit.registry import SAMPLERS
-from flowkit.sampler_base import Sampler
+from flowkit.sampler_base import Sampler, euler_walk
 
 __all__ = ["Bottleneck", "Stage", "PRESETS", "split_steps", "stage_times", "stage_shapes"]
 
@@ -208,10 +208,6 @@ class Bottleneck(Sampler):
                 t_start = float(times[0])
                 x = (1.0 - t_start) * resize(x0_hat, shape[1:], self.resample) + t_start * ctx.randn(shape, x.dtype)
             model.walk(times)
-            for i in range(len(times) - 1):
-                t, t_next = float(times[i]), float(times[i + 1])
-                pred = model(x, t)
-                x = x + (t_next - t) * pred.velocity.to(x.dtype)
-                x = model.end_step(x, pred)
+            x, pred = euler_walk(model, x, times)
             x0_hat = pred.x0.to(x.dtype)
         return x

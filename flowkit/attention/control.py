@@ -11,11 +11,12 @@ run's `AttentionStore`, through which guidance requests attention maps.
 
 from __future__ import annotations
 
+import contextlib
 import weakref
 from collections import Counter
 from contextlib import contextmanager
 from contextvars import ContextVar
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import Tensor
@@ -66,6 +67,8 @@ class AttentionController:
         else:
             name = active_kernel(self.kernel)
             out = KERNELS[name].fn(q, k, v, mask)
+        if store is not None and store.replaying:
+            return out  # a checkpointed call recomputed in the backward pass: counted already
         self.counts[name] += 1
         if store is not None:
             store.counts[name] += 1
@@ -171,6 +174,44 @@ def use_kernel(kernel: str) -> Iterator[str]:
 def layers(model: Any) -> list[str]:
     """The names of `model`'s cross-attention layers whose maps flowkit can capture, in model order."""
     return [name for name, module, cls in _scan(network(model)) if cls is not None and cls.capturable(module)]
+
+
+def checkpoint_contexts(model: Any | None, store: AttentionStore) -> Callable[[], tuple[Any, Any]]:
+    """torch.utils.checkpoint's `context_fn` for the network calls of a run with `store`: the
+    recomputation in the backward pass (which may come after the run, when flowkit's processors
+    are gone) runs with the processors, store, call scope and kernel choice of the original
+    call, so it takes the same kernels and records and counts nothing twice."""
+    net = model if model is None or isinstance(model, torch.nn.Module) else network(model)
+
+    def contexts() -> tuple[Any, Any]:
+        ctl = controller(net) if net is not None else None
+        return (contextlib.nullcontext(),
+                _replay(net, store, store.scope, _OVERRIDE.get(), ctl.kernel if ctl is not None else None))
+
+    return contexts
+
+
+@contextmanager
+def _replay(net: Any, store: AttentionStore, scope: Any, kernel: str | None, model_kernel: str | None
+            ) -> Iterator[None]:
+    ctl, installed = None, False
+    if net is not None:
+        ctl = controller(net)
+        if ctl is None:
+            ctl, installed = install(net, model_kernel), True
+    outer = ctl.store if ctl is not None else None
+    if ctl is not None:
+        ctl.store = store
+    token = _OVERRIDE.set(kernel)
+    try:
+        with store.replay(scope):
+            yield
+    finally:
+        _OVERRIDE.reset(token)
+        if ctl is not None:
+            ctl.store = outer
+            if installed:
+                uninstall(net)
 
 
 @contextmanager

@@ -127,6 +127,7 @@ class AttentionStore:
         self._requests: dict[str, tuple[frozenset[int] | None, str]] = {}
         self._scope: _Scope | None = None
         self._calls: Counter[int] = Counter()  # forwards opened per step
+        self.replaying = False  # a checkpointed call is being recomputed in the backward pass
 
     # -- requests ----------------------------------------------------------------------
     def request(self, layers: str | Iterable[str], steps: int | Iterable[int] | None = None, *,
@@ -165,6 +166,21 @@ class AttentionStore:
         finally:
             self._scope = outer
 
+    @property
+    def scope(self) -> "_Scope | None":
+        """The network call being run (None outside the loop's calls)."""
+        return self._scope
+
+    @contextmanager
+    def replay(self, scope: "_Scope | None") -> Iterator[None]:
+        """Recompute the call `scope` (activation checkpointing's backward pass): the same
+        layers are captured (same kernels), but no map is recorded and no call counted again."""
+        outer, self._scope, self.replaying = self._scope, scope, True
+        try:
+            yield
+        finally:
+            self._scope, self.replaying = outer, False
+
     def wants(self, layer: str) -> bool:
         """Whether the current call of `layer` is to be captured."""
         scope = self._scope
@@ -177,6 +193,8 @@ class AttentionStore:
         """Keep the probabilities [rows, H, Lq, Lk] of a captured call, split by branch."""
         scope = self._scope
         assert scope is not None, "record() outside a forward scope"
+        if self.replaying:
+            return
         if self._requests[layer][1] == "mean":
             probs = probs.mean(dim=1)
         layout = scope.layout or [(None, torch.arange(probs.shape[0]))]

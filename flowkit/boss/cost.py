@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from flowkit.conditioning import Conditioning
-from flowkit.sampler_base import Sampler
+from flowkit.sampler_base import Sampler, euler_walk
 
 __all__ = ["Problem", "Trajectories", "local_cost", "endpoint_cost", "fingerprint", "COST_KINDS"]
 
@@ -53,14 +53,12 @@ class _Recorder(Sampler):
 
     def sample(self, model, x, ts):
         self.xs = [x]
-        for i in range(len(ts) - 1):
-            t, t_next = float(ts[i]), float(ts[i + 1])
-            pred = model(x, t)
-            v = pred.velocity.to(x.dtype)
-            self.vs.append(v)
-            x = model.end_step(x + (t_next - t) * v, pred)
-            self.xs.append(x)
-        return x
+
+        def keep(x_next: Tensor, pred: Any) -> None:
+            self.vs.append(pred.velocity.to(x_next.dtype))
+            self.xs.append(x_next)
+
+        return euler_walk(model, x, ts, on_step=keep)[0]
 
 
 @dataclass
