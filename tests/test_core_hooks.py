@@ -9,16 +9,23 @@ import itertools
 
 import pytest
 import torch
+from analytic import conds, context, gaussian_velocity
+from flowkit.guidance import (
+    APG,
+    CFG,
+    AdaptiveGuidance,
+    Guidance,
+    GuidanceStack,
+    LinearAG,
+)
+from flowkit.samplers import Euler, Heun
 
 import flowkit
-from analytic import conds, context, gaussian_velocity
 from flowkit.conditioning import Conditioning
 from flowkit.context import NFELedger
-from flowkit.guidance import APG, CFG, AdaptiveGuidance, Guidance, GuidanceStack, LinearAG
 from flowkit.guidance_base import ROLES
 from flowkit.paths import LinearPath
 from flowkit.sampler_base import Sampler, euler_step
-from flowkit.samplers import Euler, Heun
 from flowkit.sampling_loop import integrate
 from flowkit.seeding import generators_for, randn_per_sample
 from flowkit.timegrid import TimeGrid
@@ -143,6 +150,7 @@ def _manual_heun_ag(noise, steps, w, gamma, k):
     """Heun with CFG and Adaptive Guidance written out by hand: the decision to drop the
     unconditional branch uses the cosine of the step's first evaluation (at x_i, t_i)."""
     from flowkit.guidance.adaptive import cosine
+
     from flowkit.prediction import Prediction
 
     x = noise.clone()

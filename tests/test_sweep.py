@@ -13,15 +13,15 @@ from __future__ import annotations
 from unittest import mock
 
 import pytest
+import tiny_pipes
 import torch
+from flowkit.guidance import CFG, GuidanceStack
 
 import flowkit
-import tiny_pipes
 from flowkit.adapters.base import adapt
 from flowkit.api import run_context
 from flowkit.context import Context
 from flowkit.errors import UnsupportedError
-from flowkit.guidance import CFG, GuidanceStack
 from flowkit.registry import GUIDANCE, SAMPLERS
 from flowkit.sampler_base import Sampler
 from flowkit.seeding import generators_for
