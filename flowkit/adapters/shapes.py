@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import re
 from typing import Any, Sequence
@@ -131,7 +132,7 @@ class ShapesAdapter(ModelAdapter):
         return out
 
     def kit(self) -> ModelKit:
-        return shapes_kit()
+        return dataclasses.replace(super().kit(), **_shapes_world_kit())
 
     # -- the drop-in protocol -------------------------------------------------------------
     def encode_call(self, kw, need_uncond: bool, num_images_per_prompt: int):
@@ -157,18 +158,25 @@ class ShapesAdapter(ModelAdapter):
         return ImagePipelineOutput(images=images) if return_dict else (images,)
 
 
-@functools.lru_cache(maxsize=1)
 def shapes_kit() -> ModelKit:
-    """The shapes world's kit: its shipped classifier over the 12 (shape, colour) groups, the
-    groups a caption asks for, and a caption with one group asked as another."""
+    """The shapes world's part of a kit (without a model: no to_pixels or token groups)."""
+    return ModelKit(**_shapes_world_kit())
+
+
+@functools.lru_cache(maxsize=1)
+def _shapes_world_kit() -> dict[str, Any]:
+    """The shapes world's classifier over the 12 (shape, colour) groups, the groups a caption
+    asks for, a caption with one group asked as another, and the counter of each group."""
     from flowkit.worlds import shapes as world
 
     def asked(prompts: Sequence[str]) -> Tensor:
         return torch.tensor(world.asked_groups(prompts), dtype=torch.long).reshape(len(prompts), -1)
 
-    return ModelKit(classifier=_shapes_class_logits, num_classes=len(world.GROUPS), class_kind="(shape, colour) groups",
-                    asked_classes=asked,
-                    reference_prompt=world.swap_group)
+    def counts(prompts: Sequence[str]) -> Tensor:
+        return torch.tensor(world.asked_counts(prompts), dtype=torch.float32).reshape(len(prompts), -1)
+
+    return dict(classifier=_shapes_class_logits, num_classes=len(world.GROUPS), class_kind="(shape, colour) groups",
+                asked_classes=asked, reference_prompt=world.swap_group, counter=_shapes_counts, asked_counts=counts)
 
 
 @functools.lru_cache(maxsize=4)
@@ -176,6 +184,18 @@ def _classifier_on(device: str) -> Any:
     from flowkit.worlds.shapes_nets import load_classifier
 
     return load_classifier().to(device)
+
+
+@functools.lru_cache(maxsize=4)
+def _counter_on(device: str) -> Any:
+    from flowkit.worlds.shapes_nets import load_counter
+
+    return load_counter().to(device).requires_grad_(False)
+
+
+def _shapes_counts(images: Tensor) -> Tensor:
+    """The shipped counter's counts [B, 12] of images in [-1, 1], differentiable in the images."""
+    return _counter_on(str(images.device))(images.float())
 
 
 def _shapes_class_logits(images: Tensor) -> Tensor:
