@@ -191,8 +191,12 @@ def run_adapter(adapter: Any, conds: dict, noise: Tensor, *, sampler: Sampler, s
     den = adapter.denoiser
     plan = time_grid.schedule(steps, den.path, image_seq_len=adapter.image_seq_len(height, width),
                               strict=not sampler.uses_scheduler)
+    try:
+        model_grid = adapter.default_grid()
+    except UnsupportedError:  # a pipeline without a scheduler: its shift rule is unknown
+        model_grid = None
     ctx = Context(den, stack, conds, list(generators), plan.steps, device=adapter.device, encode=adapter.encoder(),
-                  scheduler=plan.scheduler, noise_scale=plan.noise_scale)
+                  scheduler=plan.scheduler, noise_scale=plan.noise_scale, model_grid=model_grid)
     ctx.grid = plan.ts
     if step_generator is not None:
         ctx.extras["step_generator"] = step_generator

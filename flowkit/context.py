@@ -14,6 +14,7 @@ if TYPE_CHECKING:
     from flowkit.conditioning import Conditioning
     from flowkit.denoiser import Denoiser
     from flowkit.guidance.base import GuidanceStack
+    from flowkit.timegrid import TimeGrid
 
 __all__ = ["Context"]
 
@@ -27,7 +28,9 @@ class Context:
     times; nfe: network evaluations per sample (per branch row) so far; scheduler: the
     pipeline's scheduler with its timesteps set (runs on a scheduler grid; what
     sampler='pipeline' steps with); noise_scale: the initial state's scale (diffusers'
-    `init_noise_sigma` seen in the flow frame).
+    `init_noise_sigma` seen in the flow frame); model_grid: the model's own default grid
+    (its scheduler's, or its static shift), for samplers that walk their own times but keep
+    the model's time shift (bottleneck), None where unknown.
     """
 
     denoiser: "Denoiser"
@@ -46,6 +49,7 @@ class Context:
     attention: Any = None  # the run's AttentionStore: request and read attention maps (flowkit.attention.store)
     scheduler: Any = None  # the wrapped pipeline's scheduler (a private copy, timesteps set), if any
     noise_scale: float | None = None  # x_flow at the start = noise_scale * unit noise (None: grid[0])
+    model_grid: "TimeGrid | None" = None  # the adapter's default grid (the model's own shift rule)
     log: list[str] = field(default_factory=list)
     extras: dict[str, Any] = field(default_factory=dict)
     _state: dict[int, dict] = field(default_factory=dict, repr=False)
