@@ -165,9 +165,13 @@ def rescale_errors(norm="l2"):
 def test_rescaling_binds_above_the_threshold_and_only_there(norm):
     """Mutants caught (tests/test_mutants.py): the factor forced to 1 (the large sample is not
     rescaled) and the clamp at 1 removed (the small sample is scaled up)."""
+    check_rescale(norm)
+
+
+def check_rescale(norm):
     err, rescaled = rescale_errors(norm)
-    assert rescaled == [False, True]
     assert max(err) < 1e-9, err
+    assert rescaled == [False, True]
 
 
 def test_rms_threshold_carries_across_sizes():
@@ -183,3 +187,49 @@ def test_rms_threshold_carries_across_sizes():
     torch.testing.assert_close(rescale_factor(big, 1.0, "l2"), rescale_factor(d, 1.0, "l2") / 2)
     # rms with r equals l2 with r * sqrt(n)
     torch.testing.assert_close(rescale_factor(d, 0.1, "rms"), rescale_factor(d, 0.1 * 256 ** 0.5, "l2"))
+
+
+# -- the paper's Algorithm 1 in x0 space, written out -----------------------------------------
+
+def apg_algorithm1_run(steps=6, w=5.0, eta=0.0, beta=-0.5, r=1.0, batch=3):
+    """(flowkit's final state, the hand transcription's, per-step rescale flags [steps][B]) of
+    APG in x0 space on the analytic world, with projection (eta = 0), reverse momentum and a
+    threshold that binds on the early steps only. By hand, per step (Algorithm 1):
+    D_c, D_u = x - t v_c, x - t v_u; dD = D_c - D_u; avg = dD + beta avg; dD = avg;
+    dD *= min(1, r / ||dD||); dD_par = <dD, D_c> D_c / ||D_c||^2; dD_orth = dD - dD_par;
+    D = D_c + (w - 1)(dD_orth + eta dD_par); Euler with v = (x - D) / t."""
+    from analytic import conds, gaussian_velocity
+
+    apg = APG(scale=w, eta=eta, momentum=beta, norm_threshold=r)  # x0 space, paper form
+    ctx = context(batch, steps, [apg])
+    noise = ctx.randn((5,)).double()
+    ts = TimeGrid.uniform().build(steps, PATH)
+    flags = []
+    x_run, _ = run(Euler(), ctx, noise, ts,
+                   callback=lambda c, i, x, p: flags.append(c.state_for(apg)["rescaled"].tolist()))
+    x = noise * ts[0]
+    c, u = conds(batch)["cond"], conds(batch)["uncond"]
+    avg = torch.zeros_like(x)
+    for i in range(steps):
+        t = ts[i]
+        vc, vu = (gaussian_velocity(x, t.expand(batch) * 1000, k) for k in (c, u))
+        D_c, D_u = x - t * vc, x - t * vu
+        avg = (D_c - D_u) + beta * avg
+        dD = avg * torch.clamp(r / avg.norm(dim=1, keepdim=True), max=1.0)
+        par = (dD * D_c).sum(dim=1, keepdim=True) / (D_c * D_c).sum(dim=1, keepdim=True) * D_c
+        D = D_c + (w - 1) * ((dD - par) + eta * par)
+        x = x + (ts[i + 1] - t) * (x - D) / t
+    return x_run, x, flags
+
+
+def test_apg_x0_follows_algorithm_1_with_projection_momentum_and_rescaling():
+    """Mutants caught (tests/test_mutants.py): the momentum's sign flipped, the projection
+    dropped, the rescale factor forced to 1 or its clamp at 1 removed."""
+    check_algorithm1()
+
+
+def check_algorithm1():
+    x_run, x_hand, flags = apg_algorithm1_run()
+    assert torch.allclose(x_run, x_hand, atol=1e-9), (x_run - x_hand).abs().max()
+    bound = [all(f) for f in flags]
+    assert any(bound) and not all(any(f) for f in flags)  # rescaling binds on some steps, not on all
