@@ -206,9 +206,14 @@ def run_context(adapter: Any, conds: dict, *, sampler: Sampler, stack: GuidanceS
     den = adapter.denoiser
     plan = time_grid.schedule(steps, den.path, image_seq_len=adapter.image_seq_len(height, width),
                               strict=not sampler.uses_scheduler)
+    try:
+        model_grid = adapter.default_grid()
+    except UnsupportedError:  # a pipeline without a scheduler: its shift rule is unknown
+        model_grid = None
     ctx = Context(den, stack, conds, list(generators), plan.steps, device=adapter.device, encode=adapter.encoder(),
                   scheduler=plan.scheduler, noise_scale=plan.noise_scale, kit=adapter.kit(),
-                  prompts=None if prompts is None else list(prompts), step_generator=step_generator)
+                  prompts=None if prompts is None else list(prompts), step_generator=step_generator,
+                  model_grid=model_grid)
     ctx.grid = plan.ts
     reason = sampler.refuse(ctx)
     if reason:

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from flowkit.guidance_base import GuidanceStack
     from flowkit.kit import ModelKit
     from flowkit.prediction import Prediction
+    from flowkit.timegrid import TimeGrid
 
 __all__ = ["Context", "NFELedger", "RowState"]
 
@@ -74,9 +75,11 @@ class Context:
     grid: the current stage's times; ledger: network evaluations per row and per image
     (`nfe` is its per-row view); scheduler: the pipeline's scheduler with its timesteps set
     (what sampler='pipeline' steps with); noise_scale: the initial state's scale
-    (diffusers' `init_noise_sigma` seen in the flow frame); step_generator: what
-    sampler='pipeline' hands a stochastic scheduler's step; prompts: each row's prompt text
-    (None where only embeddings were given); kit: what the model's world hands methods
+    (diffusers' `init_noise_sigma` seen in the flow frame); model_grid: the model's own
+    default grid (its scheduler's, or its static shift), for samplers that walk their own
+    times but keep the model's time shift (bottleneck), None where unknown; step_generator:
+    what sampler='pipeline' hands a stochastic scheduler's step; prompts: each row's prompt
+    text (None where only embeddings were given); kit: what the model's world hands methods
     (flowkit.kit.ModelKit: classifier, ...), or None; active: the rows evaluated this step
     (None: all).
     """
@@ -98,6 +101,7 @@ class Context:
     attention: Any = None  # the run's AttentionStore: request and read attention maps (flowkit.attention.store)
     scheduler: Any = None  # the wrapped pipeline's scheduler (a private copy, timesteps set), if any
     noise_scale: float | None = None  # x_flow at the start = noise_scale * unit noise (None: grid[0])
+    model_grid: "TimeGrid | None" = None  # the adapter's default grid (the model's own shift rule)
     step_generator: Any = None
     prompts: list[str] | None = None
     kit: "ModelKit | None" = None

@@ -466,6 +466,48 @@ def test_bench_run_checks_its_input(tmp_path):
         column([{"score": 1.0}], "scor")
 
 
+# ------------------------------------------------------------------ floors and ceilings
+
+NO_WORSE_2 = Claim("no_worse", margin=2.0, better="higher")
+
+
+@pytest.mark.parametrize("claim", [NO_WORSE_2, Claim("higher"), Claim("lower"), Claim("equivalent", margin=1.0)])
+@pytest.mark.parametrize("value", [0.0, 100.0])
+def test_rates_stuck_at_a_floor_or_ceiling_are_uninformative(tmp_path, claim, value):
+    """Both arms at 0% (or 100%) on every sample: the interval is [0, 0] and says nothing.
+    Mutants caught: the old verdicts, "met" for no worse at 0% vs 0% (a quick bottleneck run's
+    caption accuracy) and "missed" for higher at 100% vs 100% (GFCG's presence)."""
+    bench = BenchRun("demo", cache=ResultCache(tmp_path))
+    n = 8
+    row = bench.compare("M", "caption accuracy", claim=claim, treatment=[value] * n, baseline=[value] * n,
+                        baseline_name="B", units="%")
+    assert row.verdict == "uninformative"
+    assert "nothing can move" in row.notes
+    assert (row.low, row.high) == (0.0, 0.0)
+    old = verdict(claim, Interval(0.0, 0.0, 0.0, n))  # what the row said before
+    assert old in ("met", "missed")
+    table = markdown_table([row])
+    assert table.splitlines()[2].endswith("| uninformative |")
+
+
+def test_floor_or_ceiling_needs_both_arms_there(tmp_path):
+    """Negative controls: one arm off the bound, or the arms at different bounds, or a value
+    between the bounds, keep the ordinary verdict; 0/1 rates (no units) are caught as well."""
+    bench = BenchRun("demo", cache=ResultCache(tmp_path))
+    n = 8
+    for t, b in [([100.0] * (n - 1) + [0.0], [100.0] * n), ([0.0] * n, [100.0] * n), ([50.0] * n, [50.0] * n)]:
+        row = bench.compare("M", "presence", claim=Claim("higher"), treatment=t, baseline=b, units="%")
+        assert row.verdict != "uninformative" and "nothing can move" not in row.notes
+        assert row.verdict == verdict(Claim("higher"), Interval(row.estimate, row.low, row.high, n))
+    row = bench.compare("M", "hit", claim=NO_WORSE_2, treatment=[1.0] * n, baseline=[1.0] * n)
+    assert row.verdict == "uninformative"
+    row = bench.compare("M", "hit", claim=NO_WORSE_2, treatment=[100.0] * n, baseline=[100.0] * n)  # not a % row
+    assert row.verdict == "met"
+    # a single arm's target is still judged at a bound
+    assert bench.measure("M", "accuracy", [100.0] * n, Claim("at_least", target=90.0), units="%").verdict == "met"
+    assert verdict(Claim("at_least", target=90.0), Interval(100.0, 100.0, 100.0, n, stat="mean"), bound=100.0) == "met"
+
+
 # ------------------------------------------------------------------ report
 
 

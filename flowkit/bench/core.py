@@ -44,7 +44,7 @@ from flowkit.bench.stats import (
     paired_bootstrap,
     paired_bootstrap_set,
 )
-from flowkit.bench.verdict import Claim, verdict
+from flowkit.bench.verdict import Claim, rate_bound, verdict
 from flowkit.errors import InputError, closest
 from flowkit.registry import EXPERIMENTS
 
@@ -212,9 +212,14 @@ class BenchRun:
         interval = paired_bootstrap(treatment, baseline, stat=claim.stat, n_boot=self.n_boot, seed=self.seed)
         t = np.asarray(treatment, dtype=np.float64)
         b = np.asarray(baseline, dtype=np.float64)
+        bound = rate_bound(t, b, top=100.0 if units == "%" else 1.0)
+        if bound is not None:
+            stuck = (f"both arms at {bound:g}{units} on every sample: nothing can move, the row says nothing "
+                     "about the claim (it needs prompts or sets with room to move)")
+            notes = f"{notes}; {stuck}" if notes else stuck
         return self._add(method, metric, claim, interval, baseline_name=baseline_name, treatment_mean=float(t.mean()),
                          baseline_mean=float(b.mean()), units=units, notes=notes, treatment_values=t.tolist(),
-                         baseline_values=b.tolist(), per_sample=self._per_sample(per_sample, interval.n))
+                         baseline_values=b.tolist(), per_sample=self._per_sample(per_sample, interval.n), bound=bound)
 
     def compare_set(
         self,
@@ -260,8 +265,10 @@ class BenchRun:
                          per_sample=self._per_sample(per_sample, interval.n))
 
     def _add(self, method: str, metric: str, claim: Claim, interval: Interval, *, baseline_name: str,
-             treatment_mean: float, baseline_mean: float | None, units: str, notes: str, **values: Any) -> Row:
-        """Record the row of `claim` judged on `interval` (values: the per-sample columns)."""
+             treatment_mean: float, baseline_mean: float | None, units: str, notes: str,
+             bound: float | None = None, **values: Any) -> Row:
+        """Record the row of `claim` judged on `interval` (values: the per-sample columns;
+        bound: the floor or ceiling both arms sit at, which makes the row uninformative)."""
         row = Row(
             experiment=self.name,
             method=method,
@@ -274,7 +281,7 @@ class BenchRun:
             estimate=interval.estimate,
             low=interval.low,
             high=interval.high,
-            verdict=verdict(claim, interval, baseline_mean=baseline_mean),
+            verdict=verdict(claim, interval, baseline_mean=baseline_mean, bound=bound),
             units=units,
             stat=interval.stat,
             ci=interval.ci,

@@ -69,6 +69,11 @@ class BossTable:
         self.shape = tuple(int(v) for v in self.shape)
         if self.cost.shape != (len(self.fine), len(self.fine)):
             raise InputError(f"a BOSS table's cost matrix {self.cost.shape} does not fit its {len(self.fine)} grid times")
+        for k, grid in self.grids.items():  # stored grids are used without the DP: check them
+            g = np.asarray(grid, dtype=np.float64)
+            if len(g) != int(k) + 1 or not np.isfinite(g).all() or not (np.diff(g) < 0).all():
+                raise InputError(f"a BOSS table's stored {k}-step grid is not {int(k) + 1} strictly decreasing "
+                                 f"times: {list(grid)}; re-tune the table")
 
     @property
     def k_max(self) -> int:
@@ -76,7 +81,10 @@ class BossTable:
 
     def path(self, steps: int) -> list[int]:
         """Indices into the fine grid of the best `steps`-step path."""
-        return best_path(self.cost, steps)[0]
+        try:
+            return best_path(self.cost, steps)[0]
+        except InputError as e:
+            raise InputError(f"BOSS table {self.file_name} (model {self.model or self.fingerprint}): {e}") from None
 
     def times(self, steps: int) -> torch.Tensor:
         """The BOSS grid for `steps` steps: steps + 1 descending flowkit times (float64)."""
