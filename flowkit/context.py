@@ -98,6 +98,8 @@ class Context:
     grid: Tensor | None = None
     ledger: NFELedger = field(default=None)  # type: ignore[assignment]
     forward_calls: int = 0
+    backward_calls: int = 0  # backward passes modules ran (FRAP's, counting guidance's): not NFE
+    reward_calls: int = 0  # calls of rewards, classifiers and counters by modules: not NFE
     attention: Any = None  # the run's AttentionStore: request and read attention maps (flowkit.attention.store)
     scheduler: Any = None  # the wrapped pipeline's scheduler (a private copy, timesteps set), if any
     noise_scale: float | None = None  # x_flow at the start = noise_scale * unit noise (None: grid[0])
@@ -135,14 +137,15 @@ class Context:
 
     # -- evaluations by modules -------------------------------------------------------------
     def evaluate(self, x: Tensor, t: Tensor | float, cond: "Conditioning", branch: str = "extra", *,
-                 grad: bool = False) -> "Prediction":
+                 grad: bool = False, rows: Tensor | Sequence[int] | None = None) -> "Prediction":
         """One extra network evaluation by a module, inside the run: in the attention scope
         (maps captured where requested, tagged with `branch`), charged to the rows' NFE and
         to this step's record, under `torch.enable_grad()` when `grad` (the loop itself runs
-        without gradients). x [N, ...] and cond [N] are rows of the batch in order, N = B."""
+        without gradients). x [N, ...] and cond [N] are the batch rows `rows` (default: all
+        B rows, in order)."""
         if self._evaluator is None:
             raise RuntimeError("ctx.evaluate works during a run (inside a hook), not before or after it")
-        return self._evaluator(x, t, cond, branch, grad)
+        return self._evaluator(x, t, cond, branch, grad, rows)
 
     # -- module state ------------------------------------------------------------------------
     def state_for(self, module: object) -> dict:

@@ -174,8 +174,8 @@ class Guidance:
     def __init__(self, *, start: float = 0.0, stop: float = 1.0):
         if not (0.0 <= start <= 1.0 and 0.0 <= stop <= 1.0):
             raise ValueError(f"start and stop are fractions of the run in [0, 1], got {start}, {stop}")
-        if start >= stop:
-            raise ValueError(f"start ({start}) must be below stop ({stop})")
+        if start > stop:
+            raise ValueError(f"start ({start}) must not be above stop ({stop}) (start = stop: an empty window)")
         self.start = float(start)
         self.stop = float(stop)
 

@@ -24,7 +24,8 @@ class ModelKit:
     Every family: to_pixels: final latents -> images [B, 3, H, W] in [-1, 1], differentiable
     (the adapter's `to_pixels`); token_groups: (prompts, words=, positions=) -> per prompt
     a list of `flowkit.tokens.TokenGroup` (positions in the text sequence the network
-    attends to; the adapter's `token_groups`).
+    attends to; the adapter's `token_groups`); text_tokens: prompt -> the positions of all its
+    word tokens in that sequence (special and padding tokens left out).
 
     A world's (None elsewhere): classifier: images -> class logits [B, K] (inference mode,
     on the images' device); num_classes: K; asked_classes: prompts -> the classes each
@@ -37,6 +38,7 @@ class ModelKit:
 
     to_pixels: Callable[[Tensor], Tensor] | None = None
     token_groups: Callable[..., list] | None = None
+    text_tokens: Callable[[str], tuple[int, ...]] | None = None
     classifier: Callable[[Tensor], Tensor] | None = None
     num_classes: int | None = None
     class_kind: str = "classes"  # what the classes are, for messages ("(shape, colour) groups")

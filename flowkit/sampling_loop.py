@@ -58,6 +58,8 @@ class Stats:
 
     nfe: list[int] = field(default_factory=list)
     forward_calls: int = 0
+    backward_calls: int = 0  # backward passes run by guidance modules (not NFE)
+    reward_calls: int = 0  # reward / classifier / counter calls by guidance modules (not NFE)
     seconds: float = 0.0
     forward_seconds: float = 0.0
     steps: list[StepRecord] = field(default_factory=list)
@@ -308,6 +310,8 @@ def integrate(sampler: "Sampler", ctx: "Context", noise: Tensor, ts: Tensor, *,
     stats = Stats(
         nfe=[int(v) for v in ctx.ledger.per_image.tolist()],
         forward_calls=ctx.forward_calls,
+        backward_calls=ctx.backward_calls,
+        reward_calls=ctx.reward_calls,
         seconds=time.perf_counter() - start,
         forward_seconds=ctx.denoiser.seconds,
         steps=model.records,

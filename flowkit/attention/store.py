@@ -124,27 +124,33 @@ class AttentionStore:
         self.layers = list(layers)
         self.counts: Counter[str] = Counter()
         self.maps: list[AttentionMap] = []
-        self._requests: dict[str, tuple[frozenset[int] | None, str]] = {}
+        # layer -> (steps or None: all, heads, branches or None: any call)
+        self._requests: dict[str, tuple[frozenset[int] | None, str, frozenset[str] | None]] = {}
         self._scope: _Scope | None = None
         self._calls: Counter[int] = Counter()  # forwards opened per step
         self.replaying = False  # a checkpointed call is being recomputed in the backward pass
 
     # -- requests ----------------------------------------------------------------------
     def request(self, layers: str | Iterable[str], steps: int | Iterable[int] | None = None, *,
-                heads: str = "mean") -> list[str]:
+                heads: str = "mean", branches: Iterable[str] | None = None) -> list[str]:
         """Capture `layers` (names or globs) at global `steps` (None: every step); returns the names.
-        heads: "mean" keeps [n, Lq, Lk] maps averaged over heads, "all" keeps [n, H, Lq, Lk]."""
+        heads: "mean" keeps [n, Lq, Lk] maps averaged over heads, "all" keeps [n, H, Lq, Lk];
+        branches: capture only the calls that evaluate one of these branches (None: any call),
+        e.g. a module's own extra evaluation and not the step's batched forward."""
         if heads not in HEADS:
             raise InputError(f"heads must be 'mean' or 'all', got {heads!r}")
         names = resolve_layers(layers, self.layers)
         when = _steps(steps)
+        which = None if branches is None else frozenset([branches] if isinstance(branches, str) else branches)
         for name in names:
             old = self._requests.get(name)
             if old is not None and old[1] != heads:
                 raise InputError(f"layer {name!r} is already captured with heads={old[1]!r}")
             merged = None if when is None or (old is not None and old[0] is None) else \
                 when | (old[0] if old is not None else frozenset())
-            self._requests[name] = (merged, heads)
+            merged_branches = None if which is None or (old is not None and old[2] is None) else \
+                which | (old[2] if old is not None else frozenset())
+            self._requests[name] = (merged, heads, merged_branches)
         return names
 
     def cancel(self, layers: str | Iterable[str] | None = None) -> None:
@@ -187,7 +193,9 @@ class AttentionStore:
         if scope is None:
             return False
         req = self._requests.get(layer)
-        return req is not None and (req[0] is None or scope.step in req[0])
+        if req is None or not (req[0] is None or scope.step in req[0]):
+            return False
+        return req[2] is None or any(branch in req[2] for branch, _ in (scope.layout or []))
 
     def record(self, layer: str, probs: Tensor) -> None:
         """Keep the probabilities [rows, H, Lq, Lk] of a captured call, split by branch."""
@@ -221,6 +229,8 @@ class AttentionStore:
             raise InputError(f"step {step} of layer {layer!r} has {len(calls)} captured forwards; call={call} is out of range")
         return next(m for m in found if m.call == want)
 
-    def clear(self, before_step: int | None = None) -> None:
-        """Drop captured maps (of steps before `before_step`, or all), releasing their graphs."""
-        self.maps = [] if before_step is None else [m for m in self.maps if m.step >= before_step]
+    def clear(self, before_step: int | None = None, *, branch: str | None = None) -> None:
+        """Drop captured maps (of steps before `before_step`, or all; of `branch` only, or of
+        every branch), releasing their graphs."""
+        self.maps = [m for m in self.maps if not ((before_step is None or m.step < before_step)
+                                                  and (branch is None or m.branch == branch))]
