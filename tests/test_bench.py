@@ -411,6 +411,36 @@ def test_second_run_computes_nothing_and_matches(tmp_path, counting_experiment):
     assert second.info == {"note": "hello"}
 
 
+def test_committed_results_seed_a_fresh_cache(tmp_path, counting_experiment):
+    """A run in a new session (empty cache) takes the committed results of arms whose key is
+    unchanged and computes nothing (mutants: ignoring the committed file recomputes all 40; a
+    changed arm config must not be taken over); a legacy file without arm keys is taken over
+    only for adopted arms."""
+    out = tmp_path / "out"
+    first = run_experiment("_test_counting", out_dir=out, cache_root=tmp_path / "cache1")
+    data = json.loads(first.path.read_text())
+    assert set(data["arm_keys"]) == {"both"}
+    counting_experiment.clear()
+    again = run_experiment("_test_counting", out_dir=out, cache_root=tmp_path / "cache2")  # a new machine
+    assert counting_experiment == []
+    assert [r.to_dict() for r in again.rows] == [r.to_dict() for r in first.rows]
+    # another arm key (the config changed): recomputed
+    data["arm_keys"]["both"] = "0" * 16
+    first.path.write_text(json.dumps(data))
+    run_experiment("_test_counting", out_dir=out, cache_root=tmp_path / "cache3")
+    assert counting_experiment == list(range(40))
+    # a legacy file (no keys): only adopted arms are taken over, and the adoption is recorded
+    del data["arm_keys"]
+    first.path.write_text(json.dumps(data))
+    counting_experiment.clear()
+    run_experiment("_test_counting", out_dir=out, cache_root=tmp_path / "cache4")
+    assert counting_experiment == list(range(40))
+    first.path.write_text(json.dumps(data))
+    counting_experiment.clear()
+    adopted = run_experiment("_test_counting", out_dir=out, cache_root=tmp_path / "cache5", adopt=["both"])
+    assert counting_experiment == [] and adopted.info["adopted"] == {"both": data["date"]}
+
+
 def test_max_samples_caps_the_arms_records_it_and_a_later_run_adds_the_rest(tmp_path, counting_experiment):
     capped = run_experiment("_test_counting", out_dir=tmp_path / "out", cache_root=tmp_path / "cache", max_samples=16)
     assert counting_experiment == list(range(16))

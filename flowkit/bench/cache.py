@@ -35,7 +35,7 @@ import socket
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -340,6 +340,24 @@ class ResultCache:
             return part
         finally:
             claim.release()
+
+    def seed_chunks(self, experiment: str, config: Mapping[str, Any], results: Sequence[Mapping[str, Any]], *,
+                    chunk: int = 16) -> int:
+        """Write the per-sample results of samples 0..len(results)-1 (e.g. read back from a
+        committed results JSON) into the chunk files a run of that many samples reads, where
+        they are not cached yet; returns the samples written. The results must be those `fn`
+        would give for `config` (the caller checks it)."""
+        folder = self.chunk_dir(experiment, config)
+        written = 0
+        for start in range(0, len(results), chunk):
+            stop = min(start + chunk, len(results))  # the chunks a run of len(results) samples reads
+            path = folder / f"{start:06d}-{stop:06d}.json"
+            if self._load(path, config) is not None:
+                continue
+            part = _normalise_results([dict(r) for r in results[start:stop]], "seeded results")
+            write_json_atomic(path, {"config": to_jsonable(config, "config"), "results": part})
+            written += len(part)
+        return written
 
     def clear(self, experiment: str | None = None) -> None:
         """Delete the cached results of one experiment, or of all."""

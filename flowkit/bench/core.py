@@ -37,7 +37,13 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from flowkit.bench.cache import ResultCache, check_name, to_jsonable, write_json_atomic
+from flowkit.bench.cache import (
+    ResultCache,
+    check_name,
+    config_hash,
+    to_jsonable,
+    write_json_atomic,
+)
 from flowkit.bench.stats import (
     Interval,
     bootstrap_mean,
@@ -138,6 +144,8 @@ class BenchRun:
         cache: ResultCache | None = None,
         n_boot: int = 2000,
         max_samples: int | None = None,
+        previous: Mapping[str, Any] | None = None,
+        adopt: Sequence[str] = (),
     ):
         if max_samples is not None and (not isinstance(max_samples, (int, np.integer)) or max_samples < 1):
             raise InputError(f"max_samples must be a positive integer, got {max_samples!r}")
@@ -150,6 +158,9 @@ class BenchRun:
         self.rows: list[Row] = []
         self.info: dict[str, Any] = {}
         self.samples: dict[str, list[dict[str, Any]]] = {}
+        self.arm_keys: dict[str, str] = {}  # arm -> hash of its cache key, written to the JSON
+        self.previous = previous  # the committed results of this experiment, whose samples seed the cache
+        self.adopt = set(adopt)  # arms of a legacy results file (no arm keys) to take over by name
 
     def n(self, *, full: int, quick: int) -> int:
         """`quick` in a quick run, `full` otherwise."""
@@ -185,11 +196,52 @@ class BenchRun:
         if name in self.samples:
             raise InputError(f"arm {name!r} already ran in experiment {self.name!r}; give each arm its own name")
         key = {"arm": name, "seed": self.seed, "config": dict(config)}
+        self.arm_keys[name] = config_hash(key)
+        self._seed_from_previous(name, key, chunk)
         t0 = time.perf_counter()
         results = self.cache.run_cached_chunks(self.name, key, n, fn, chunk=chunk)
         log.info("bench %s: arm %s, %d samples in %.1fs", self.name, name, n, time.perf_counter() - t0)
         self.samples[name] = results
         return results
+
+    def carry_over(self, method: str, metric: str, baseline_name: str, why: str) -> Row | None:
+        """The committed run's row (method, metric, baseline), added again where this run cannot
+        compute it (`why`), marked with the date it was measured; None if there is none."""
+        prev = self.previous or {}
+        for d in prev.get("rows") or []:
+            if isinstance(d, dict) and (d.get("method"), d.get("metric"), d.get("baseline")) == \
+                    (method, metric, baseline_name):
+                row = Row.from_dict(d)
+                if "as measured on" not in row.notes:  # a row carried over before keeps its first date
+                    row.notes = "; ".join(n for n in (row.notes, f"as measured on {prev.get('date')} ({why})") if n)
+                self.rows.append(row)
+                return row
+        self.info.setdefault("rows_not_computed", []).append(f"{method} / {metric} vs {baseline_name}: {why}")
+        return None
+
+    def _seed_from_previous(self, name: str, key: Mapping[str, Any], chunk: int) -> None:
+        """Put the committed per-sample results of arm `name` into the cache, where they are
+        the results of the same key (the JSON records each arm's key hash), so a run in a new
+        session computes only what is missing. A legacy file without keys is trusted only for
+        the arms named in `adopt` (recorded in `info["adopted"]`)."""
+        prev = self.previous
+        if not prev or prev.get("quick") != self.quick or prev.get("seed") != self.seed:
+            return
+        results = (prev.get("samples") or {}).get(name)
+        if not isinstance(results, list) or not results:
+            return
+        keys = prev.get("arm_keys")
+        if isinstance(keys, dict):
+            if keys.get(name) != self.arm_keys[name]:
+                return
+        elif name not in self.adopt:
+            return
+        else:
+            self.info.setdefault("adopted", {})[name] = prev.get("date")
+        ordered = [r for i, r in enumerate(results) if isinstance(r, dict) and r.get("index", i) == i]
+        written = self.cache.seed_chunks(self.name, key, ordered[:len(ordered)], chunk=chunk)
+        if written:
+            log.info("bench %s: arm %s, %d samples taken from the committed results", self.name, name, written)
 
     def compare(
         self,
@@ -318,6 +370,7 @@ class BenchResult:
     date: str
     seconds: float
     path: Path | None = None
+    arm_keys: dict[str, str] = field(default_factory=dict)
 
     @property
     def verdicts(self) -> dict[str, str]:
@@ -343,6 +396,7 @@ class BenchResult:
             "rows": [r.to_dict() for r in self.rows],
             "info": to_jsonable(self.info, "info"),
             "samples": to_jsonable(self.samples, "samples"),
+            "arm_keys": dict(self.arm_keys),  # each arm's cache key: a later session seeds its cache from here
         }
 
     @classmethod
@@ -430,6 +484,7 @@ def run_experiment(
     seed: int | None = None,
     n_boot: int = 2000,
     max_samples: int | None = None,
+    adopt: Sequence[str] = (),
 ) -> BenchResult:
     """Run the experiment `name` and write its JSON (unless out_dir is None).
 
@@ -437,8 +492,17 @@ def run_experiment(
     cache_root: the result cache's root (default `$FLOWKIT_CACHE/bench`).
     seed: overrides the experiment's registered base seed.
     max_samples: caps every arm's sample count (see `BenchRun.sample_count`).
+    The committed results in out_dir (NAME.json) seed the cache: arms whose recorded key is
+    the run's own are not computed again (a long run spans sessions through the committed
+    file); `adopt` names arms to take over from a file written before keys were recorded.
     """
     exp = get_experiment(name)
+    previous = None
+    if out_dir is not None:
+        try:
+            previous = json.loads(result_path(out_dir, name, quick).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            previous = None
     bench = BenchRun(
         name,
         quick=quick,
@@ -446,6 +510,8 @@ def run_experiment(
         cache=ResultCache(cache_root),
         n_boot=n_boot,
         max_samples=max_samples,
+        previous=previous if isinstance(previous, dict) else None,
+        adopt=adopt,
     )
     t0 = time.perf_counter()
     exp.fn(bench)
@@ -460,6 +526,7 @@ def run_experiment(
         versions=_versions(),
         date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         seconds=round(time.perf_counter() - t0, 3),
+        arm_keys=bench.arm_keys,
     )
     if out_dir is not None:
         result.path = result_path(out_dir, name, quick)

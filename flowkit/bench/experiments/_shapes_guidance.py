@@ -92,7 +92,11 @@ class ShapesBench:
     # -- rows -------------------------------------------------------------------------------
     def fsd_row(self, method: str, treatment: list[dict], baseline: list[dict], claim: Claim,
                 baseline_name: str) -> Row:
-        """FSD(treatment) vs FSD(baseline), each against the renders of the same captions."""
+        """FSD(treatment) vs FSD(baseline), each against the renders of the same captions. An arm
+        taken over from committed results has no features (they stay in the cache): the row is
+        then the committed run's, or none."""
+        if any("features" not in r for r in [*treatment, *baseline]):
+            return self.bench.carry_over(method, "FSD", baseline_name, "features of committed arms are not stored")
         return self.bench.compare_set(method, "FSD", claim=claim, statistic=fsd_statistic(treatment, baseline),
                                       n=len(treatment), baseline_name=baseline_name,
                                       notes="Frechet distance to renders of the same captions")
