@@ -144,8 +144,8 @@ class CountingGuidance(Guidance):
             return "counting guidance needs the model's decoder to pixels, and this model family hands none"
         if self._counter is None and kit.counter is None:
             return f"counting guidance needs a counter for this model: {_NEEDS}"
-        if self._world_counting(ctx):
-            return None
+        if self._world_counting(ctx) or (self.targets is not None and len(self.targets) == 1 and not self.attention):
+            return None  # nothing to find in the prompt: one object, its count given
         return groups_reason(ctx, self.words, self.positions, "counting guidance")
 
     # -- what is asked ------------------------------------------------------------------------
@@ -189,11 +189,15 @@ class CountingGuidance(Guidance):
         counter counts several objects (their masks; the maps cost no evaluation)."""
         if ctx.attention is None or self._world_counting(ctx) or not self.scale:
             return
+        if self.targets is not None and len(self.targets) == 1:
+            return
         if max((len(g) for g in self._groups(ctx)), default=0) > 1:
             layers = self.layers or self.state(ctx).get("layers") or ctx.attention.layers
             ctx.attention.request(layers, ctx.step, branches=["cond"])
 
     def correct(self, ctx, x: Tensor, pred: Prediction, preds: BranchPredictions) -> Prediction:
+        if not self.scale and not self.attention:
+            return pred
         point = pred.point
         shape = (-1,) + (1,) * (x.ndim - 1)
         alpha = point.alpha.to(device=x.device, dtype=torch.float64).view(shape)
@@ -209,7 +213,9 @@ class CountingGuidance(Guidance):
             gx = self._attention_grad(ctx, x)
             if gx is not None:
                 step = step + self.attention * ratio * sigma * gx.double()
-        return pred.with_x0((x0 - step).to(pred.value.dtype))
+        moved = (step != 0).flatten(1).any(dim=1).view(shape)  # rows with no update keep their bits
+        new = pred.with_x0((x0 - step).to(pred.value.dtype))
+        return pred.replace(torch.where(moved, new.value, pred.value))
 
     def _count_grad(self, ctx, x0: Tensor, x: Tensor) -> Tensor:
         """dL/dx0 of the counting loss, through the decoder and the counter only."""
