@@ -94,6 +94,7 @@ def shapes_arm(
             sat = saturation_stats(x[j])
             records.append({
                 "index": i, "prompt": text, "seed": out.seeds[j], "nfe": out.stats.nfe[j],
+                "seconds": out.stats.seconds / len(indices),  # the chunk's loop time, shared out
                 **{k: (None if scores[k] is None else bool(scores[k])) for k in METRICS},
                 "group_counts": scores["group_counts"], "n_objects": scores["n_objects"],
                 "frac_out": sat["frac_out"], "mean_excess": sat["mean_excess"],
