@@ -7,7 +7,7 @@ import json
 
 __all__ = ["add_parser", "cmd_list", "LIST_KINDS"]
 
-LIST_KINDS = ("samplers", "guidance", "models", "experiments")
+LIST_KINDS = ("samplers", "guidance", "rewards", "models", "experiments")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -42,6 +42,10 @@ def _describe(kind: str) -> dict[str, str]:
         from flowkit.registry import GUIDANCE
 
         return GUIDANCE.describe()
+    if kind == "rewards":
+        from flowkit.registry import REWARDS
+
+        return REWARDS.describe()
     if kind == "models":
         from flowkit.loading import BUILTIN_MODELS
 
