@@ -44,11 +44,12 @@ from torch import Tensor, nn
 
 from flowkit.adapters.base import adapt
 from flowkit.api import build_guidance, build_sampler, sample_from_noise, wants_uncond
-from flowkit.errors import InputError, UnsupportedError
-from flowkit.rewards import Reward, build_reward
+from flowkit.errors import InputError, NonFiniteError, UnsupportedError
+from flowkit.rewards import build_reward
 from flowkit.seeding import generators_for, randn_per_sample
 
 __all__ = ["finetune", "FinetuneResult", "add_lora", "lora_parameters", "reward_loss", "truncation_steps",
+           "saved_activation_bytes",
            "score", "save_lora", "load_lora", "TARGET_MODULES", "ADAPTER", "TRUNCATIONS"]
 
 log = logging.getLogger(__name__)
@@ -196,6 +197,26 @@ def reward_loss(pipe: Any, reward: Any, prompts: Sequence[str], generators: Sequ
         r = rew(adapter.to_pixels(x), prompts)
     r = r.to(torch.promote_types(r.dtype, torch.float32))
     return -r.mean(), r
+
+
+def saved_activation_bytes(pipe: Any, reward: Any, prompts: Sequence[str], generators: Sequence[torch.Generator],
+                           *, steps: int, grad_steps: int | None, guidance: Any = None, sampler: Any = None,
+                           checkpoint: bool = True, adapter_name: str = ADAPTER) -> int:
+    """The bytes autograd keeps for the backward pass of one training batch (`reward_loss`,
+    only the LoRA trainable, as in `finetune`): the size of every tensor saved for backward
+    (torch.autograd.graph.saved_tensors_hooks), shared storage counted once per save."""
+    total = 0
+
+    def pack(t: Tensor) -> Tensor:
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+
+    with _only_trainable(pipe, list(lora_parameters(pipe, adapter_name).values())):
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            reward_loss(pipe, reward, prompts, generators, steps=steps, grad_steps=grad_steps, guidance=guidance,
+                        sampler=sampler, checkpoint=checkpoint)
+    return total
 
 
 def score(pipe: Any, prompts: Sequence[str], rewards: Mapping[str, Any], *, samples: int | None = None,
@@ -425,7 +446,8 @@ def finetune(
                 loss, r = reward_loss(pipe, rew, rows, gens, steps=sample_steps, grad_steps=K, guidance=guidance,
                                       sampler=sampler, checkpoint=checkpoint)
                 if not torch.isfinite(loss):
-                    raise FloatingPointError(f"non-finite loss at fine-tune step {step}")
+                    raise NonFiniteError(f"the loss of fine-tune step {step} is not finite: lower lr, or check the "
+                                         "reward on these prompts")
                 grads = torch.autograd.grad(loss, plist, allow_unused=True) if loss.requires_grad else \
                     [None] * len(plist)
             for p, g in zip(plist, grads):

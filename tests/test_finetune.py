@@ -330,3 +330,57 @@ def test_the_alignprop_target_trains_resumes_and_exports_a_merged_model(tmp_path
     assert tp.rel_err(b, a) < tp.TOL and tp.rel_err(c, a) > 10 * tp.TOL
     with pytest.raises(Exception, match="unknown option 'modle'"):
         target("alignprop:modle=tiny")
+
+
+def test_curves_reach_the_gallery_and_the_docs(tmp_path):
+    """A curve recorded with flowkit.gallery.curve is drawn as an SVG by build_gallery, even for
+    an experiment without pictures (mutant: curves read only where picture entries exist
+    raises 'no gallery entries'), and tabulated by format_result."""
+    import xml.dom.minidom
+
+    from flowkit.bench import BenchResult, BenchRun, ResultCache
+    from flowkit.bench.cache import write_json_atomic
+    from flowkit.bench.report import format_result
+    from flowkit.gallery import build_gallery, curve
+
+    bench = BenchRun("curvy", seed=1, cache=ResultCache(tmp_path / "cache"))
+    curve(bench, "reward against steps", x_label="step", series={"held-out": ([0, 50], [-2.0, -1.5]),
+                                                                 "training": ([25, 50], [-1.8, -1.2])})
+    result = BenchResult("curvy", "a curve", False, 1, [], bench.info, {}, {}, "2026-01-01", 1.0)
+    write_json_atomic(tmp_path / "results" / "curvy.json", result.to_dict(), indent=1)
+    index = build_gallery(tmp_path / "results", tmp_path / "gallery", model="tiny", load=lambda name: None)
+    svg = tmp_path / "gallery" / "curvy" / "curve-reward-against-steps.svg"
+    assert "(curvy/curve-reward-against-steps.svg)" in index.read_text()
+    dom = xml.dom.minidom.parse(str(svg))
+    assert len(dom.getElementsByTagName("polyline")) == 2
+    text = format_result(result)
+    assert "| step | held-out | training |" in text and "| 25 | - | -1.8 |" in text and "| 50 | -1.5 | -1.2 |" in text
+    with pytest.raises(InputError, match="as many x as y"):
+        curve(bench, "bad", x_label="x", series={"a": ([1, 2], [1.0])})
+
+
+def test_the_alignprop_bench_runs_quick_and_reuses_its_fine_tunes(tmp_path, monkeypatch):
+    """`flowkit bench alignprop --quick` (tiny model): its rows, memory and curves, and a second
+    run takes the fine-tunes from the bench cache (mutant: a cache key that changes between
+    runs trains again, which the patched finetune refuses)."""
+    from flowkit.bench import run_experiment
+
+    first = run_experiment("alignprop", quick=True, out_dir=tmp_path / "out", cache_root=tmp_path / "cache")
+    methods = {(r.method, r.metric) for r in first.rows}
+    assert ("AlignProp, step 4", "held-out count reward") in methods
+    assert ("AlignProp, step 4", "FSD") in methods and ("randomised truncation, step 4", "whole caption") in methods
+    mem = first.info["memory"]
+    assert mem["checkpointed_MiB"][2] - mem["checkpointed_MiB"][0] < 0.01 * (
+        mem["not_checkpointed_MiB"][2] - mem["not_checkpointed_MiB"][0])
+    assert [c["title"] for c in first.info["curves"]][0] == "AlignProp: reward against fine-tune steps"
+    assert set(first.info["split"]["held_out"]).isdisjoint(first.info["split"]["training"])
+
+    import flowkit.finetune as F
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the bench trained again")
+
+    monkeypatch.setattr(F, "finetune", refuse)
+    second = run_experiment("alignprop", quick=True, out_dir=tmp_path / "out2", cache_root=tmp_path / "cache")
+    assert [r.estimate for r in second.rows if r.method != "checkpointing"] == \
+        [r.estimate for r in first.rows if r.method != "checkpointing"]
