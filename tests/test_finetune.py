@@ -219,17 +219,20 @@ def _sample_pair(name: str, pipe, folder, steps: int, scale: float):
     ours = flowkit.sample(pipe, tp.PROMPTS, steps=steps, guidance=[CFG(scale=scale)], generators=tp.gens(),
                           output_type="latent", **tp.SIZE).images
     plain = tp.build(name)
+    # FLUX: flowkit's CFG runs on a negative-prompt branch, diffusers' true_cfg_scale
+    cfg = dict(true_cfg_scale=scale, negative_prompt=[""] * len(tp.PROMPTS)) if name == "flux" else \
+        dict(guidance_scale=scale)
 
     def theirs():
-        return plain(tp.PROMPTS, num_inference_steps=steps, guidance_scale=scale, generator=tp.gens(),
-                     output_type="latent", **tp.SIZE).images
+        return plain(tp.PROMPTS, num_inference_steps=steps, generator=tp.gens(), output_type="latent", **cfg,
+                     **tp.SIZE).images
 
     without = theirs()
     plain.load_lora_weights(str(folder))
     return ours, theirs(), without
 
 
-@pytest.mark.parametrize("name", ["sd", "sd3"])
+@pytest.mark.parametrize("name", ["sd", "sdxl", "sd3", "flux"])
 def test_the_saved_lora_reloads_into_a_plain_diffusers_pipeline(name, tmp_path):
     """A LoRA fine-tuned by flowkit.finetune (toy reward, 2 steps) and saved with diffusers'
     save_lora_weights reloads into a fresh diffusers pipeline with load_lora_weights and
