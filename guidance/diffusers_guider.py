@@ -31,7 +31,9 @@ output or only the feed-forward, or drops with a probability below 1 (diffusers 
 dropout from torch's global generator, so an image would depend on its batch partners);
 LTX-2's `pred_cond_stg` / `pred_cond_modality` conditions (its audio-video model's
 inputs, which no flowkit family has: use stg_scale=0, modality_scale=1); a guider of
-unknown class that changes the model in `prepare_models`.
+unknown class that changes the model in `prepare_models`. MagnitudeAwareGuidance gets image
+predictions flattened to [B, C, H*W] (its norm over three dimensions fails in torch; the
+norms, and so the result, are those it means).
 
 The guider's state per run is a copy of it kept in the run's context (so one module serves
 many runs); a momentum buffer's running average follows particle resampling and snapshots.
@@ -285,7 +287,7 @@ class DiffusersGuider(Guidance):
         if self.guider_name != "ClassifierFreeGuidance":
             out["name"] = self.guider_name
         defaults = {p.name: p.default for p in inspect.signature(type(self.guider).__init__).parameters.values()}
-        for key, value in self.guider.config.items():
+        for key, value in (getattr(self.guider, "_internal_dict", None) or {}).items():
             if key.startswith("_") or key not in defaults:
                 continue
             if defaults[key] is not inspect.Parameter.empty and _same_value(value, defaults[key]):
@@ -420,8 +422,13 @@ class DiffusersGuider(Guidance):
         buffer = getattr(g, "momentum_buffer", None)
         if buffer is not None and isinstance(state.get("momentum"), Tensor):
             buffer.running_average = state["momentum"]
-        out = g.forward(**{ident: preds[branch].value for ident, branch, _, _ in plan})
+        inputs = {ident: preds[branch].value for ident, branch, _, _ in plan}
+        shape = cond.value.shape
+        if _flattens(g) and len(shape) > 3:
+            inputs = {k: v.reshape(shape[0], shape[1], -1) for k, v in inputs.items()}
+        out = g.forward(**inputs)
         guided = out.pred if hasattr(out, "pred") else out[0] if isinstance(out, (tuple, list)) else out
+        guided = guided.reshape(shape)
         if buffer is not None and isinstance(buffer.running_average, Tensor):
             avg = buffer.running_average
             old = state.get("momentum")
@@ -430,6 +437,16 @@ class DiffusersGuider(Guidance):
             buffer.running_average = state["momentum"]
         rows = present.view(-1, *([1] * (guided.ndim - 1)))
         return cond.replace(torch.where(rows, guided.to(cond.value.dtype), cond.value))
+
+
+def _flattens(guider: Any) -> bool:
+    """MagnitudeAwareGuidance takes `torch.norm` over every non-batch dimension, which torch refuses
+    for more than two (diffusers 0.42 runs it on packed [B, L, C] latents only): it gets image
+    predictions as [B, C, H*W], the same norms and result."""
+    from diffusers import guiders as G
+
+    cls = getattr(G, "MagnitudeAwareGuidance", None)
+    return cls is not None and isinstance(guider, cls)
 
 
 def _same_value(a: Any, b: Any) -> bool:
