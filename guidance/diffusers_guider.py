@@ -314,6 +314,19 @@ class DiffusersGuider(Guidance):
         return out
 
     @property
+    def scale(self) -> float:
+        """The guider's `guidance_scale` (what a drop-in call's guidance_scale sets); no such
+        attribute for a guider without one."""
+        if not hasattr(self.guider, "guidance_scale"):
+            raise AttributeError("scale")
+        return float(self.guider.guidance_scale)
+
+    @scale.setter
+    def scale(self, value: float) -> None:
+        with _quiet():
+            self.guider = self.guider.new(guidance_scale=float(value))
+
+    @property
     def extra_branches(self) -> int:
         return max(len(self.guider._input_predictions) - 1, 0)
 
