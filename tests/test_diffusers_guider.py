@@ -195,3 +195,64 @@ def test_refusals_name_their_reason(shapes):
             continue
         with pytest.raises(UnsupportedError, match=reason.replace("[", r"\[").replace("]", r"\]")):
             flowkit.sample(shapes, PROMPTS, guidance=[DiffusersGuider(g)], steps=2, seed=0, output_type="latent")
+
+
+def test_a_disabled_guider_evaluates_the_conditional_branch_only(shapes):
+    """`enabled=False` is the guider's own switch: one branch, the conditional prediction
+    (mutant: the wrapper asking for cond and uncond regardless of the guider fails on NFE)."""
+    from diffusers import guiders
+
+    off = DiffusersGuider(guiders.ClassifierFreeGuidance(guidance_scale=5.0, enabled=False))
+    out = flowkit.sample(shapes, PROMPTS, guidance=[off], steps=3, seed=3, output_type="latent")
+    none = flowkit.sample(shapes, PROMPTS, guidance=[], steps=3, seed=3, output_type="latent")
+    assert out.stats.nfe == [3, 3] and torch.equal(out.images, none.images)
+
+
+def test_flowkit_list_guidance_shows_each_wrapped_guider_with_its_options(capsys):
+    """Mutant: listing the registry only (no `variants`) drops the twelve rows."""
+    from flowkit.cli import main
+    from flowkit.guidance.diffusers_guider import GUIDERS
+
+    main(["list", "guidance", "--json"])
+    table = json.loads(capsys.readouterr().out)["guidance"]
+    for name in GUIDERS:
+        assert f"diffusers:name={name}" in table
+    assert "perturbed_guidance_scale=2.8" in table["diffusers:name=PerturbedAttentionGuidance"]
+    assert "guidance_scales=[10.0, 5.0]" in table["diffusers:name=FrequencyDecoupledGuidance"]
+
+
+def test_as_diffusers_guider_runs_flowkit_combiners_as_diffusers_guiders():
+    """The other direction: flowkit's CFG and APG (model-output space, diffusers' formulation)
+    exported as diffusers guiders give what diffusers' own CFG and APG give over 5 steps,
+    momentum included (control: a wrong scale); combiners that need flowkit's path are refused."""
+    from diffusers import guiders
+    from flowkit.guidance import APG, CFG, as_diffusers_guider
+
+    gen = torch.Generator().manual_seed(0)
+    preds = [(torch.randn(2, 4, 8, 8, generator=gen), torch.randn(2, 4, 8, 8, generator=gen)) for _ in range(5)]
+
+    def run(g):
+        outs = []
+        for step, (c, u) in enumerate(preds):
+            g.set_state(step, 5, torch.tensor(999.0 - step))
+            idents = [getattr(b, g._identifier_key) for b in g.prepare_inputs({"x": (0, 1)})]
+            args = {"pred_cond": c, "pred_uncond": u}
+            outs.append(g.forward(**{i: args[i] for i in idents}).pred)
+        return torch.stack(outs)
+
+    pairs = [
+        (CFG(scale=4.0, guidance_rescale=0.2), guiders.ClassifierFreeGuidance(guidance_scale=4.0, guidance_rescale=0.2),
+         guiders.ClassifierFreeGuidance(guidance_scale=5.0, guidance_rescale=0.2)),
+        (APG(scale=4.0, eta=0.5, momentum=-0.5, norm_threshold=20.0, space="model_output", formulation="uncond",
+             start=0.2),
+         guiders.AdaptiveProjectedGuidance(guidance_scale=4.0, eta=0.5, adaptive_projected_guidance_momentum=-0.5,
+                                           adaptive_projected_guidance_rescale=20.0, start=0.2),
+         guiders.AdaptiveProjectedGuidance(guidance_scale=5.0, eta=0.5, adaptive_projected_guidance_momentum=-0.5,
+                                           adaptive_projected_guidance_rescale=20.0, start=0.2)),
+    ]
+    for module, theirs, wrong in pairs:
+        ours = run(as_diffusers_guider(module))
+        assert float((ours - run(theirs)).abs().max()) < 1e-5, module
+        assert float((ours - run(wrong)).abs().max()) > 1e-2
+    with pytest.raises(ValueError, match="model output"):
+        as_diffusers_guider(APG(scale=4.0))
