@@ -256,3 +256,18 @@ def test_as_diffusers_guider_runs_flowkit_combiners_as_diffusers_guiders():
         assert float((ours - run(wrong)).abs().max()) > 1e-2
     with pytest.raises(ValueError, match="model output"):
         as_diffusers_guider(APG(scale=4.0))
+
+
+def test_the_perturbed_bench_is_registered_and_its_arms_build():
+    """`flowkit bench perturbed`: its PAG and SEG specs are diffusers' guiders on the UNet's mid
+    block (PAG every step), and they build; the experiment is listed."""
+    from flowkit.bench import available
+    from flowkit.bench.experiments.perturbed import CANDIDATES, spec
+    from flowkit.registry import GUIDANCE
+
+    assert "perturbed" in available()
+    (p,) = GUIDANCE.build(spec("pag", 2.0))
+    (s,) = GUIDANCE.build(spec("seg", CANDIDATES["seg"][0]))
+    assert type(p.guider).__name__ == "PerturbedAttentionGuidance" and p.guider.skip_layer_guidance_scale == 2.0
+    assert p.guider.skip_layer_config[0].fqn == "mid_block.attentions.0.transformer_blocks"
+    assert type(s.guider).__name__ == "SmoothedEnergyGuidance" and p.guider.guidance_scale == 4.0
