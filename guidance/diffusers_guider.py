@@ -240,6 +240,9 @@ class DiffusersGuider(Guidance):
                     guider = cls(**options)
                 except TypeError as e:
                     raise SpecError(f"diffusers: {cls.__name__}: {e}") from None
+                except ImportError as e:  # FrequencyDecoupledGuidance without kornia
+                    raise SpecError(f"diffusers: {cls.__name__} needs a package that is not installed ({e}); "
+                                    "pip install 'flowkit[guiders]'") from None
         elif name is not None or options:
             raise ValueError("give a guider object, or name= and its options, not both")
         from diffusers.guiders.guider_utils import BaseGuidance

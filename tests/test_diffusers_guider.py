@@ -101,8 +101,15 @@ def replay(name, g, calls, steps=STEPS):
     return worst, asked
 
 
+def needs(name):
+    """FrequencyDecoupledGuidance needs kornia (the `test` and `guiders` extras install it)."""
+    if name == "FrequencyDecoupledGuidance":
+        pytest.importorskip("kornia")
+
+
 @pytest.mark.parametrize("name", list(CASES))
 def test_each_guider_through_the_wrapper_equals_the_guider_called_directly(name, shapes, monkeypatch):
+    needs(name)
     module = DiffusersGuider(guider(name))
     out, calls = run_recorded(shapes, module, monkeypatch)
     assert [c[0] for c in calls] == list(range(STEPS))
