@@ -495,9 +495,13 @@ def as_diffusers_guider(module: Guidance, *, num_inference_steps: int | None = N
     class FlowkitGuider(BaseGuidance):
         _input_predictions = ["pred_cond", "pred_uncond"]
 
-        def __init__(self) -> None:
+        def __init__(self, flowkit_spec: str | None = None) -> None:
             with _quiet():
                 super().__init__(module.start, module.stop, True)
+            from flowkit.spec import to_spec
+
+            # a config, as pipelines' components have (the spec of the flowkit module it runs)
+            self.register_to_config(flowkit_spec=str(to_spec(module)))
             self.module = module
             self._ctx = None
 

@@ -278,3 +278,30 @@ def test_the_perturbed_bench_is_registered_and_its_arms_build():
     assert type(p.guider).__name__ == "PerturbedAttentionGuidance" and p.guider.skip_layer_guidance_scale == 2.0
     assert p.guider.skip_layer_config[0].fqn == "mid_block.attentions.0.transformer_blocks"
     assert type(s.guider).__name__ == "SmoothedEnergyGuidance" and p.guider.guidance_scale == 4.0
+
+
+def test_as_diffusers_guider_runs_in_a_modular_pipeline():
+    """A modular SDXL pipeline (tiny components) with flowkit's CFG and APG as its guider gives
+    the latents of diffusers' own CFG and APG guiders (control: CFG at another scale)."""
+    from diffusers.guiders import AdaptiveProjectedGuidance, ClassifierFreeGuidance
+    from diffusers.modular_pipelines import StableDiffusionXLAutoBlocks
+    from flowkit.guidance import APG, CFG, as_diffusers_guider
+
+    src = tiny_pipes.cached("sdxl")
+    pipe = StableDiffusionXLAutoBlocks().init_pipeline()
+    pipe.update_components(**{k: v for k, v in src.components.items() if v is not None})
+    pipe.set_progress_bar_config(disable=True)
+
+    def run(guider):
+        pipe.update_components(guider=guider)
+        return pipe(prompt=tiny_pipes.PROMPTS, num_inference_steps=4, generator=torch.Generator().manual_seed(3),
+                    output="latents", **tiny_pipes.SIZE)
+
+    ref = run(ClassifierFreeGuidance(guidance_scale=5.0))
+    assert tiny_pipes.rel_err(run(as_diffusers_guider(CFG(scale=5.0))), ref) < 1e-6
+    assert tiny_pipes.rel_err(run(as_diffusers_guider(CFG(scale=4.0))), ref) > 1e-2
+    ref = run(AdaptiveProjectedGuidance(guidance_scale=5.0, adaptive_projected_guidance_momentum=-0.5,
+                                        adaptive_projected_guidance_rescale=10.0, eta=0.0))
+    ours = run(as_diffusers_guider(APG(scale=5.0, momentum=-0.5, norm_threshold=10.0, eta=0.0,
+                                       space="model_output", formulation="uncond")))
+    assert tiny_pipes.rel_err(ours, ref) < 1e-6
