@@ -265,9 +265,15 @@ class DiffusersGuider(Guidance):
     @classmethod
     def spec_params(cls, params: Any = None) -> dict[str, Param]:
         """The spec options: `name` and the named guider's constructor options."""
-        name = (params or {}).get("name") or "ClassifierFreeGuidance"
-        gcls = guider_class(name)
-        out = {"name": Param("name", str, "ClassifierFreeGuidance", False)}
+        params = params or {}
+        name = params.get("name") or "ClassifierFreeGuidance"
+        out = {"name": Param("name", str | None, None, False)}
+        try:
+            gcls = guider_class(name)
+        except SpecError:
+            if set(params) - {"name"}:
+                raise  # the options cannot be checked: the name is the mistake
+            return out  # a bad name alone is the constructor's to refuse (as any value it checks)
         for p in list(inspect.signature(gcls.__init__).parameters.values())[1:]:
             if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
                 continue
