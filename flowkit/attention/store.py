@@ -137,6 +137,11 @@ class AttentionStore:
         self.perturber: Callable[["Perturbation"], ContextManager[Any]] | None = None
 
     # -- requests ----------------------------------------------------------------------
+    def resolve(self, layers: str | Iterable[str]) -> list[str]:
+        """The capturable layer names that `layers` (exact names or globs) match, in model order
+        (what methods read maps by; an InputError for a pattern that matches none)."""
+        return resolve_layers(layers, self.layers)
+
     def request(self, layers: str | Iterable[str], steps: int | Iterable[int] | None = None, *,
                 heads: str = "mean", branches: Iterable[str] | None = None) -> list[str]:
         """Capture `layers` (names or globs) at global `steps` (None: every step); returns the names.
