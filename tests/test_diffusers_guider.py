@@ -189,7 +189,7 @@ def test_a_users_own_guider_runs_and_a_model_changing_one_is_refused(shapes):
 
 def test_refusals_name_their_reason(shapes):
     """LTX-2's own conditions, layers a network lacks and a partial dropout are refused with the
-    reason (mutant: a guider asking for LTX-2's stg condition run on cond instead of refused)."""
+    reason (mutant: a LayerSkipConfig's dropout below 1 not checked, run as a whole-block skip)."""
     from diffusers import guiders
 
     cases = [
