@@ -177,15 +177,22 @@ def test_a_perturbed_branch_equals_the_network_under_diffusers_own_hooks(case, m
 
 
 def test_the_perturbed_branch_runs_alone_and_leaves_the_other_rows_unchanged(monkeypatch):
-    """Spy on the attention calls: the perturbation is active only in forwards whose rows are
-    the perturbed branch's; cond and uncond at step 0 equal those of plain CFG bit for bit."""
+    """Spy on the attention calls and their inputs: the perturbation is active only in forwards
+    whose rows are the perturbed branch's; at step 0 the cond and uncond rows' attention inputs
+    (q, k, v of every layer) and predictions equal those of plain CFG bit for bit. Mutants caught:
+    the perturbation applied to the batched forward (sampling_loop hands every group the
+    step's perturbation), the perturbed branch batched with the others (no forward of its own)."""
     pipe = flowkit.load("tiny")
-    calls = []
+    calls, inputs = [], {"pag": [], "cfg": []}
+    run = ["pag"]
     real_attend = AttentionController.attend
 
     def attend(self, layer, q, k, v, mask, cross):
         scope = self.store.scope
-        calls.append((layer, [b for b, _ in scope.layout], scope.perturbation is not None, q.shape[0]))
+        branches = [b for b, _ in scope.layout]
+        calls.append((layer, branches, scope.perturbation is not None, q.shape[0]))
+        if scope.step == 0 and "cond_skip" not in branches:
+            inputs[run[0]].append((layer, branches, q.clone(), k.clone(), v.clone()))
         return real_attend(self, layer, q, k, v, mask, cross)
 
     monkeypatch.setattr(AttentionController, "attend", attend)
@@ -217,8 +224,13 @@ def test_the_perturbed_branch_runs_alone_and_leaves_the_other_rows_unchanged(mon
     from flowkit.guidance import CFG
 
     monkeypatch.setattr(CFG, "combine", spy_cfg)
+    run[0] = "cfg"
     flowkit.sample(pipe, ["a red circle", "two blue squares"], guidance="cfg:scale=3", steps=2, seed=2,
                    output_type="latent")
+    # the same attention calls on the cond/uncond rows, with the same inputs
+    assert [(c[0], c[1]) for c in inputs["pag"]] == [(c[0], c[1]) for c in inputs["cfg"]] and inputs["cfg"]
+    for (layer, _, *ours), (_, _, *theirs) in zip(inputs["pag"], inputs["cfg"]):
+        assert all(torch.equal(a, b) for a, b in zip(ours, theirs)), layer
     for k in ("cond", "uncond"):
         assert torch.equal(seen[k], cfg[k]), k
     assert float((seen["cond_skip"] - seen["cond"]).abs().max()) > 1e-4
