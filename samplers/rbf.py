@@ -134,9 +134,9 @@ class RBF(ParticleSampler):
             pred, best = model.merge(pred, pj, better), torch.where(better, r, best)
             if bool(better.any()):
                 saved.append(ctx.snapshot(better.nonzero().flatten()))
-        if len(saved) > 1:
-            ctx.rewind(start)
-            for s in saved:
+        if self.particles > 1:  # the state of each image's kept particle (saved[0]: every row's first)
+            ctx.rewind(saved[0])
+            for s in saved[1:]:
                 ctx.restore(s)
         return x, pred, best, c_hat, budget
 
@@ -160,7 +160,8 @@ class RBF(ParticleSampler):
             p = model(x_prop, t_next, active=None if bool(active.all()) else active.to(x.device))
             c_hat = torch.where(active, torch.maximum(c_hat, ctx.ledger.per_image - before), c_hat)
             r = self.score(ctx, p.x0, active)
-            better = active & (r > step_best)
+            # every row's first proposal is its step's best so far (so saved[0] covers the batch)
+            better = active & ((r > step_best) | (step_pred is None))
             step_best = torch.where(better, r, step_best)
             step_x = torch.where(_rows(better, x), x_prop, step_x)
             step_pred = p if step_pred is None else model.merge(step_pred, p, better)
@@ -171,8 +172,8 @@ class RBF(ParticleSampler):
             spent = ctx.ledger.per_image - at_start
             room = (spent + c_hat <= allowance) & (ctx.ledger.per_image + c_hat + reserve <= budget)
             active = active & room & ~(beats if stop_early else torch.zeros_like(beats))
-        ctx.rewind(start)
-        for s in saved:
+        ctx.rewind(saved[0])  # the state of each image's kept proposal
+        for s in saved[1:]:
             ctx.restore(s)
         return step_x, step_pred, best, c_hat, ctx.ledger.per_image - at_start
 
