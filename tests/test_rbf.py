@@ -582,3 +582,21 @@ def test_particle_samplers_refuse_what_they_cannot_score():
     assert RBF(reward=CONST).refuse(toy_context(1, 2)) is None
     with pytest.raises(InputError):
         SMC(lam=0.0)
+
+
+def test_the_bench_arms_spend_their_declared_nfe():
+    """`flowkit bench rbf` compares arms at equal NFE: each arm's sampler, on the bench's 10
+    steps under CFG (2 NFE an evaluation), spends the NFE per image its rows are labelled with:
+    N runs for BoN and SMC, the budget for RBF (which spends it exactly: the budget tests above),
+    one run for Euler and sde (mutant: BoN and SMC with N = budget / steps, twice the NFE of
+    the RBF arm they face)."""
+    from flowkit.api import build_sampler
+    from flowkit.bench.experiments.rbf import STEPS, arms
+
+    for name, (spec, _, nfe) in arms().items():
+        smp = build_sampler(spec)
+        spent = smp.budget if isinstance(smp, RBF) else getattr(smp, "n", 1) * STEPS * 2
+        assert spent == nfe, (name, spent, nfe)
+    out = flowkit.sample(_tiny(), ["two blue squares"], sampler=arms()["smc-2"][0], guidance="cfg:scale=4",
+                         steps=STEPS, output_type="latent")
+    assert out.stats.nfe == [arms()["smc-2"][2]]
