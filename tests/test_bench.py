@@ -616,6 +616,9 @@ def test_update_benchmarks_keeps_hand_written_text(tmp_path):
     assert "| M | full |" in text and "| M | quick |" in text and "### beta (quick run)" in text
     assert text.count("<!-- bench:alpha:start -->") == 1 and text.count("<!-- bench:beta:end -->") == 1
     assert update_benchmarks(out, doc) == text  # idempotent
+    # a running bench's progress file is not a result (mutant: globbing it made an empty section)
+    (out / "gamma.progress.json").write_text(json.dumps({"experiment": "gamma", "arms": {}}))
+    assert update_benchmarks(out, doc) == text and "gamma" not in text
     new_doc = tmp_path / "new" / "benchmarks.md"
     assert update_benchmarks(out, new_doc, names=["beta"]).startswith("# Benchmarks")
     assert "### alpha" not in new_doc.read_text()

@@ -25,7 +25,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "L1": ("flowkit.paths", "flowkit.prediction", "flowkit.spec", "flowkit.conditioning", "flowkit.schedulers",
            "flowkit.tokens", "flowkit.steps"),
     "L2": ("flowkit.registry", "flowkit.denoiser", "flowkit.context", "flowkit.guidance_base",
-           "flowkit.sampler_base", "flowkit.timegrid", "flowkit.kit", "flowkit.rewards"),
+           "flowkit.sampler_base", "flowkit.timegrid", "flowkit.kit", "flowkit.rewards", "flowkit.perturbation"),
     "L3": ("flowkit.sampling_loop",),
     "L4a": ("flowkit.samplers", "flowkit.guidance", "flowkit.boss"),
     "L4b": ("flowkit.adapters", "flowkit.attention", "flowkit.worlds", "flowkit.loading", "flowkit.seqmodels",

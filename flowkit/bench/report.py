@@ -121,11 +121,14 @@ def section(result: BenchResult) -> str:
 def load_results(results_dir: str | os.PathLike[str], names: Iterable[str] | None = None) -> list[BenchResult]:
     """The results in `results_dir`, one per experiment, sorted by name.
 
-    NAME.json (a full run) is preferred; NAME.quick.json is used only when there is no full run.
+    NAME.json (a full run) is preferred; NAME.quick.json is used only when there is no full run;
+    NAME.progress.json (the chunks of a bench still running or cut short) is not a result.
     """
     folder = Path(results_dir)
     chosen: dict[str, Path] = {}
     for path in sorted(folder.glob("*.json")):
+        if path.name.endswith(".progress.json"):  # a running (or cut short) bench's chunks, not results
+            continue
         quick = path.name.endswith(".quick.json")
         name = path.name[: -len(".quick.json")] if quick else path.stem
         if name not in chosen or not quick:

@@ -41,7 +41,13 @@ def _describe(kind: str) -> dict[str, str]:
     if kind == "guidance":
         from flowkit.registry import GUIDANCE
 
-        return GUIDANCE.describe()
+        table = GUIDANCE.describe()
+        # a module that runs others (`diffusers:name=...`) lists each with its options and defaults
+        for _, cls in GUIDANCE.items():
+            variants = getattr(cls, "variants", None)
+            if callable(variants):
+                table.update(variants())
+        return table
     if kind == "rewards":
         from flowkit.registry import REWARDS
 
