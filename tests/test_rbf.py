@@ -465,6 +465,29 @@ def test_noise_for_every_row_makes_images_depend_on_their_partners(monkeypatch):
     assert any(not torch.allclose(both.latents[i], alone[i], atol=1e-4) for i in range(3))
 
 
+@pytest.mark.parametrize("cost", [1, 2])
+def test_memory_is_one_proposal_row_per_image_for_rbf_and_n_for_bon_and_smc(cost):
+    """The widest network call: RBF evaluates one row per image (its initial particles and its
+    proposals one at a time) times the stack's branches; BoN and SMC n rows per image (control,
+    and the mutant it stands for: RBF's three initial particles evaluated side by side, as
+    `spawn` does for BoN, is 3 rows per image)."""
+    widest = [0]
+
+    def velocity(x, timestep, cond):
+        widest[0] = max(widest[0], x.shape[0])
+        return gaussian_velocity(x, timestep, cond)
+
+    def width(sampler):
+        widest[0] = 0
+        run(sampler, batch=2, steps=4, modules=STACKS[cost](), den=FunctionDenoiser(velocity, PATH, "velocity"))
+        return widest[0]
+
+    assert width(RBF(budget=(3 + 3 + 4) * cost, particles=3, reward=WIGGLE, frame="linear")) == 2 * cost
+    assert width(RBF(budget=(3 + 3 + 4) * cost, particles=3, reward=WIGGLE, rollover=False)) == 2 * cost
+    assert width(BestOfN(n=3, reward=WIGGLE)) == 2 * 3 * cost
+    assert width(SMC(n=3, reward=WIGGLE, lam=0.1)) == 2 * 3 * cost
+
+
 def test_particle_nfe_sums_every_particle_and_rewards_are_counted_apart():
     pipe = _tiny()
     kw = dict(steps=3, seed=0, guidance="cfg:scale=4", output_type="latent")
