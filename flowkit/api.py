@@ -20,7 +20,7 @@ from flowkit.seeding import generators_for, randn_per_sample, seed_for
 from flowkit.timegrid import Schedule, TimeGrid
 
 __all__ = ["sample", "SampleOutput", "build_sampler", "build_guidance", "run_context", "sample_from_noise",
-           "wants_uncond"]
+           "wants_uncond", "with_reward"]
 
 
 @dataclass
@@ -46,6 +46,18 @@ def build_sampler(sampler: str | Sampler) -> Sampler:
     if len(built) != 1:
         raise SpecError(f"give exactly one sampler, got {len(built)} in {sampler!r}")
     return built[0]
+
+
+def with_reward(sampler: Sampler, reward: Any) -> Sampler:
+    """`sampler` scoring with `reward` (a registered name or spec, a Reward, or a function of
+    images), for the samplers that take one (`with_reward`: rbf, bon, smc); None: unchanged."""
+    if reward is None:
+        return sampler
+    if not callable(getattr(sampler, "with_reward", None)):
+        takers = ", ".join(n for n, cls in SAMPLERS.items() if callable(getattr(cls, "with_reward", None)))
+        raise InputError(f"sampler {sampler.name!r} takes no reward; reward= goes to a sampler that scores one "
+                         f"({takers})")
+    return sampler.with_reward(reward)
 
 
 def build_guidance(guidance: Any, default_scale: float) -> GuidanceStack:
@@ -89,6 +101,7 @@ def sample(
     checkpoint: bool = False,
     check_every: int = 4,
     attention: str | None = None,
+    reward: Any = None,
 ) -> SampleOutput:
     """Sample images for `prompts` with a registered sampler and a guidance stack.
 
@@ -97,6 +110,7 @@ def sample(
     `sampler=None` takes the model's default (euler for image models); `length` is the
     sequence length of a sequence model (the same as height=1, width=length).
     `attention`: the attention kernel of this run (see flowkit.attention; None: the active one).
+    `reward`: the reward of a sampler that scores one (rbf, bon, smc; see `with_reward`).
 
     Gradients: `grad=True` keeps the autograd graph through the whole run (the latents and
     images can be differentiated, e.g. with respect to LoRA weights); `grad_steps=K` keeps it
@@ -150,7 +164,8 @@ def sample(
     if h is None or w is None:
         raise InputError("give both height and width, or neither")
     shape = adapter.latent_shape(h, w)
-    smp = build_sampler(sampler if sampler is not None else getattr(adapter, "default_sampler", "euler"))
+    smp = with_reward(build_sampler(sampler if sampler is not None else getattr(adapter, "default_sampler", "euler")),
+                      reward)
     stack = build_guidance(guidance, adapter.default_guidance_scale)
     need_uncond = wants_uncond(stack)
     grad_ctx = contextlib.nullcontext() if grad else torch.no_grad()

@@ -176,6 +176,21 @@ class Context:
             for name, value in taken.items():
                 state[name] = _put(state.get(name), value, index, B, name)
 
+    def rewind(self, saved: RowState) -> None:
+        """Every module's state back to `saved`, a snapshot of the whole batch: its rows and
+        per-run values are restored and whatever modules stored since is forgotten, so an
+        evaluation can be retried from the same state (a particle's next proposal)."""
+        if len(saved.rows) != self.batch_size or not bool((saved.rows == torch.arange(self.batch_size)).all()):
+            raise ValueError("rewind takes a snapshot of the whole batch, ctx.snapshot(range(batch_size))")
+        for key in list(self._state):
+            if key not in saved.states:
+                self._state[key].clear()
+                continue
+            state = self._state[key]
+            for name in [n for n in state if n not in saved.states[key]]:
+                del state[name]
+        self.restore(saved)
+
     # -- randomness and particles --------------------------------------------------------------
     def randn(self, shape: Sequence[int], dtype: torch.dtype = torch.float32) -> Tensor:
         """Fresh noise [B, *shape], each row from its own sample's generator."""

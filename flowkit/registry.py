@@ -161,7 +161,7 @@ MODEL_FAMILIES: Registry[type] = Registry("model family", "flowkit.model_familie
                                           ("flowkit.adapters", "flowkit.seqmodels"))
 TRAIN_TARGETS: Registry[type] = Registry("training target", "flowkit.train_targets", ("flowkit.train",))
 EXPERIMENTS: Registry[Any] = Registry("experiment", "flowkit.bench", ("flowkit.bench.experiments",))
-GRID_KINDS: Registry[Any] = Registry("time grid kind", "flowkit.grids", ("flowkit.boss",))
+GRID_KINDS: Registry[Any] = Registry("time grid kind", "flowkit.grids", ("flowkit.boss", "flowkit.samplers.rbf"))
 
 REGISTRIES: dict[str, Registry[Any]] = {
     "samplers": SAMPLERS, "guidance": GUIDANCE, "rewards": REWARDS, "models": MODEL_FAMILIES,

@@ -9,11 +9,15 @@ generator per sample). Options are keyword-only constructor arguments.
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING, Callable, ClassVar, Literal
 
+import torch
 from torch import Tensor
 
+from flowkit.errors import InputError
+from flowkit.paths.vp import VPSDEPath
 from flowkit.timegrid import TimeGrid
 
 if TYPE_CHECKING:
@@ -21,7 +25,10 @@ if TYPE_CHECKING:
     from flowkit.prediction import Prediction
     from flowkit.sampling_loop import GuidedModel
 
-__all__ = ["Sampler", "SimplexSampler", "euler_step", "euler_walk"]
+__all__ = ["Sampler", "SimplexSampler", "euler_step", "euler_walk", "sde_step", "sde_scale", "SDE_FRAMES"]
+
+SDE_FRAMES = ("linear", "vp")
+_VP = VPSDEPath()  # the official RBF code's VPScheduler: beta from 0.1 to 20
 
 
 def euler_step(x: Tensor, t: float, t_next: float, pred: "Prediction") -> Tensor:
@@ -43,6 +50,54 @@ def euler_walk(model: "GuidedModel", x: Tensor, ts: Tensor, *,
         if on_step is not None:
             on_step(x, pred)
     return x, pred
+
+
+def sde_scale(c: float | None, power: float, frame: str) -> float:
+    """The checked `c` of the diffusion coefficient g = c * tau^power (tau: t in the linear
+    frame, r in the vp frame); None: 1 in the linear frame, the paper's 3 in the vp frame."""
+    if frame not in SDE_FRAMES:
+        raise InputError(f"frame must be one of {', '.join(SDE_FRAMES)}, got {frame!r}")
+    if c is None:
+        c = 3.0 if frame == "vp" else 1.0
+    if not c >= 0:
+        raise InputError(f"c must be >= 0, got {c}")
+    if not power >= 0:
+        raise InputError(f"power must be >= 0, got {power}")
+    return float(c)
+
+
+def sde_step(x: Tensor, t: float, t_next: float, pred: "Prediction", noise: Tensor, *, c: float, power: float,
+             frame: str = "linear") -> Tensor:
+    """One Euler-Maruyama step from t to t_next > 0 of the flow's marginal-preserving SDE
+    (Song et al. 2021, eq. 6 and 13; Kim et al. 2025, eq. 8-9):
+
+        dx = [u - g^2 / 2 * score] d tau + g dW,   score = -eps / sigma,   tau from 1 to 0,
+
+    with the prediction's x0 and noise held over the step and `noise` [B, ...] unit Gaussian.
+    frame="linear": tau = t on the linear path itself (u = noise - x0, sigma = t), g = c t^power.
+    frame="vp": the linear path converted to the VP-SDE interpolant of `VPSDEPath` with its
+    time warp r(t) (the official rbf/prior/flux.py `compute_velocity_transform_scheduler`,
+    `get_sde_drift`, `step`): the state x_bar = s x with s = sigma_r / t, u = d alpha/dr x0 +
+    d sigma/dr eps, g = c r^power, and back to the flow frame at t_next. Times beyond r = 1
+    (t > 0.99347) are stepped from r = 1, where the official runs start; a step with both ends
+    there has no VP time to cover and is taken as an Euler step. Returns the flow-frame state.
+    """
+    h = t_next - t  # < 0
+    if frame == "linear":
+        g = c * t**power
+        drift = pred.velocity.to(x.dtype) + (g * g / (2 * t)) * pred.eps.to(x.dtype)
+        return x + h * drift + g * math.sqrt(-h) * noise
+    r, r_next = (min(float(v), 1.0) for v in _VP.native_time(torch.tensor([t, t_next], dtype=torch.float64)))
+    if r_next >= r:
+        return euler_step(x, t, t_next, pred)
+    alpha, sigma, d_alpha, d_sigma = (float(v) for v in _VP.coefficients(torch.tensor(r, dtype=torch.float64)))
+    sigma_next = float(_VP.coefficients(torch.tensor(r_next, dtype=torch.float64))[1])
+    dr, g = r - r_next, c * r**power
+    x0, eps = pred.x0.to(x.dtype), pred.eps.to(x.dtype)
+    x_bar = (sigma / t) * x
+    drift = d_alpha * x0 + d_sigma * eps + (g * g / (2 * sigma)) * eps  # u_r - g^2/2 * score
+    x_bar = x_bar - dr * drift + g * math.sqrt(dr) * noise
+    return x_bar / (sigma_next / t_next)
 
 
 class Sampler(ABC):

@@ -217,6 +217,43 @@ class GuidedModel:
             return self._forward(x, as_time(t, x.shape[0]).to(torch.float64), cond, [(branch, index)],
                                  tuple(x.shape[2:]))
 
+    # -- particles ----------------------------------------------------------------
+    def merge(self, pred: Prediction, other: Prediction, rows: Tensor) -> Prediction:
+        """`other` on the rows in `rows` [B] (bool), `pred` elsewhere: both evaluations of this
+        step (or merges of them), at the same times; their branch predictions are merged alike,
+        so `end_step` hands the merged ones to `after_step` (a particle sampler keeping each
+        image's best proposal)."""
+        keep = rows.to(device=pred.value.device, dtype=torch.bool)
+        merged = _where(keep, other, pred)
+        a, b = self._branches_of(pred), self._branches_of(other)
+        preds, present = {}, {}
+        for name in sorted(set(a) | set(b)):
+            if name in a and name in b:
+                preds[name] = _where(keep, b[name], a[name])
+                present[name] = torch.where(keep, b.present(name), a.present(name))
+            else:
+                src, mask = (b, keep) if name in b else (a, ~keep)
+                preds[name], present[name] = src[name], src.present(name) & mask
+        self._evaluations.append((merged, BranchPredictions(preds, present)))
+        return merged
+
+    def select(self, pred: Prediction, index: Tensor) -> Prediction:
+        """Rows `index` of an evaluation of this step, with its branch predictions (particle
+        resampling between an evaluation and its `end_step`)."""
+        index = index.to(device=pred.value.device, dtype=torch.long)
+        branches = self._branches_of(pred)
+        picked = BranchPredictions({k: branches[k].select(index) for k in branches},
+                                   {k: branches.present(k)[index] for k in branches})
+        out = pred.select(index)
+        self._evaluations.append((out, picked))
+        return out
+
+    def _branches_of(self, pred: Prediction) -> BranchPredictions:
+        found = next((bp for p, bp in self._evaluations if p is pred), None)
+        if found is None:
+            raise InputError("a prediction to merge or select must come from this step's evaluations")
+        return found
+
     # -- step bookkeeping ---------------------------------------------------------
     def end_step(self, x: Tensor, pred: Prediction) -> Tensor:
         """Close the current step: hooks, record, callback, periodic non-finite check.
@@ -275,6 +312,19 @@ def _cond_device(cond: Conditioning) -> torch.device:
     for v in cond.tensors.values():
         return v.device
     return torch.device("cpu")
+
+
+def _where(mask: Tensor, a: Prediction, b: Prediction) -> Prediction:
+    """Rows of `a` where `mask` [B], of `b` elsewhere (value, state and path point)."""
+    from flowkit.paths.base import PathPoint
+
+    if a.kind != b.kind:
+        b = b.converted(a.kind)
+    m = mask.cpu()
+    point = PathPoint(*(torch.where(m, getattr(a.point, f), getattr(b.point, f))
+                        for f in ("t", "alpha", "sigma", "timestep")))
+    return Prediction(torch.where(_rows(mask, a.value), a.value, b.value), a.kind,
+                      torch.where(_rows(mask, a.x), a.x, b.x), point, a.path)
 
 
 def _rows(mask: Tensor, like: Tensor) -> Tensor:

@@ -37,7 +37,7 @@ import torch
 from flowkit.guidance.cfg import CFG
 
 from flowkit.adapters.base import adapt
-from flowkit.api import build_guidance, build_sampler, sample_from_noise, wants_uncond
+from flowkit.api import build_guidance, build_sampler, sample_from_noise, wants_uncond, with_reward
 from flowkit.errors import InputError, UnsupportedError, closest
 from flowkit.guidance_base import GuidanceStack
 from flowkit.sampler_base import Sampler
@@ -74,10 +74,10 @@ class FlowKitPipeline:
     """A diffusers pipeline sampled by flowkit (see the module docstring)."""
 
     def __init__(self, pipe: Any, sampler: str | Sampler = "euler", guidance: Any = None,
-                 attention: str | None = None):
+                 attention: str | None = None, reward: Any = None):
         adapt(pipe)  # refuses unsupported pipelines now, naming the supported ones
         object.__setattr__(self, "pipe", pipe)
-        object.__setattr__(self, "sampler", build_sampler(sampler))
+        object.__setattr__(self, "sampler", with_reward(build_sampler(sampler), reward))
         if guidance is not None:
             build_guidance(guidance, 1.0)  # a bad spec fails here, not at the first call
         object.__setattr__(self, "guidance", guidance)
@@ -87,10 +87,11 @@ class FlowKitPipeline:
 
     @classmethod
     def from_pipe(cls, pipe: Any, sampler: str | Sampler = "euler", guidance: Any = None,
-                  attention: str | None = None) -> "FlowKitPipeline":
+                  attention: str | None = None, reward: Any = None) -> "FlowKitPipeline":
         """Wrap `pipe` (StableDiffusion, StableDiffusionXL, StableDiffusion3 or Flux pipeline);
-        `attention`: the attention kernel of its calls (see flowkit.attention; None: the active one)."""
-        return cls(pipe, sampler=sampler, guidance=guidance, attention=attention)
+        `attention`: the attention kernel of its calls (see flowkit.attention; None: the active one);
+        `reward`: the reward of a sampler that scores one (sampler="rbf:budget=300", bon, smc)."""
+        return cls(pipe, sampler=sampler, guidance=guidance, attention=attention, reward=reward)
 
     def set_attention_kernel(self, kernel: str | None) -> None:
         """The attention kernel of this wrapper's calls ("sdpa", "sdpa-math", "reference", ...; None: the active one)."""

@@ -1,22 +1,26 @@
 """The marginal-preserving SDE of a flow, integrated by Euler-Maruyama.
 
-For marginals p_t with probability-flow velocity v, every diffusion coefficient g(t)
-gives a reverse-time SDE with the same marginals (Song et al., "Score-Based Generative
-Modeling through SDEs", eq. 6 and 13, written for a flow):
+For marginals p_t with probability-flow velocity v, every diffusion coefficient g gives a
+reverse-time SDE with the same marginals (Song et al., "Score-Based Generative Modeling
+through SDEs", eq. 6 and 13, written for a flow):
 
     dx = [v(x, t) - g(t)^2 / 2 * score(x, t)] dt + g(t) dW,    t from 1 to 0,
 
 and on the linear path score = -noise / t, so the drift is v + g^2 noise / (2 t).
-Default g(t) = c t^2 (noise injection fades near the data); the last step into t = 0 is
-deterministic.
+`frame="linear"` integrates it on the linear path with g(t) = c t^power (default c = 1);
+`frame="vp"` converts the path to the VP-SDE interpolant first, with its time warp, and
+integrates in its time r with g(r) = c r^power (default c = 3: Kim et al., "Inference-Time
+Scaling for Flow Models via Stochastic Generation and Rollover Budget Forcing", sec. 4;
+see `flowkit.sampler_base.sde_step`). Noise injection fades near the data; the last step
+into t = 0 is deterministic.
 """
 
 from __future__ import annotations
 
-import math
+from typing import Literal
 
 from flowkit.registry import SAMPLERS
-from flowkit.sampler_base import Sampler, euler_step
+from flowkit.sampler_base import Sampler, euler_step, sde_scale, sde_step
 
 __all__ = ["FlowSDE"]
 
@@ -24,31 +28,26 @@ __all__ = ["FlowSDE"]
 @SAMPLERS.register
 class FlowSDE(Sampler):
     name = "sde"
-    description = "Euler-Maruyama on the flow's marginal-preserving SDE, g(t) = c * t^power"
+    description = "Euler-Maruyama on the flow's marginal-preserving SDE, g = c * t^power (frame=vp: the VP-SDE's time)"
 
-    def __init__(self, *, c: float = 1.0, power: float = 2.0, grid: str | None = None):
+    def __init__(self, *, c: float | None = None, power: float = 2.0, frame: Literal["linear", "vp"] = "linear",
+                 grid: str | None = None):
         super().__init__(grid=grid)
-        if not c >= 0:
-            raise ValueError(f"c must be >= 0, got {c}")
-        if not power >= 0:
-            raise ValueError(f"power must be >= 0, got {power}")
-        self.c = float(c)
-        self.power = float(power)
+        self._c = sde_scale(c, power, frame)
+        self.c, self.power, self.frame = c, float(power), frame
 
     def g(self, t: float) -> float:
-        return self.c * t**self.power
+        """g in the linear frame (the vp frame's is c r^power at r(t))."""
+        return self._c * t**self.power
 
     def sample(self, model, x, ts):
         for i in range(len(ts) - 1):
             t, t_next = float(ts[i]), float(ts[i + 1])
-            h = t_next - t  # < 0
             pred = model(x, t)
-            v = pred.velocity.to(x.dtype)
             if t_next == 0.0:  # the last step is deterministic
                 x = euler_step(x, t, t_next, pred)
             else:
-                g = self.g(t)
-                drift = v + (g * g / (2 * t)) * pred.eps.to(x.dtype)
-                x = x + h * drift + g * math.sqrt(-h) * model.ctx.randn_like(x)
+                x = sde_step(x, t, t_next, pred, model.ctx.randn_like(x), c=self._c, power=self.power,
+                             frame=self.frame)
             x = model.end_step(x, pred)
         return x

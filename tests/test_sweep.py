@@ -98,12 +98,13 @@ def cases() -> list[tuple[str, str, str]]:
     return [(s, g, m) for s in SAMPLERS.names() for g in ["none"] + GUIDANCE.names() for m in MODELS]
 
 
-def check_combination(sampler_name: str, guidance: str, model: str) -> str:
-    """Run one combination; 'ran' or 'refused'. Fails if the outcome is not the expected one."""
+def check_combination(sampler_name: str, guidance: str, model: str, sampler: Sampler | None = None) -> str:
+    """Run one combination ('sampler': an instance to run instead of the registered default);
+    'ran' or 'refused'. Fails if the outcome is not the expected one."""
     key = f"{sampler_name}|{guidance}|{model}"
     pipe = _model(model)
     stack = _stack(guidance)
-    smp = SAMPLERS.create(sampler_name)
+    smp = sampler if sampler is not None else SAMPLERS.create(sampler_name)
     prompts = PROMPTS.get(model, ["a red circle", "two blue squares"])
     expected = expected_refusal(pipe, smp, stack, prompts)
     try:
@@ -198,3 +199,34 @@ def test_the_check_fails_on_a_missing_or_a_stray_refusal(monkeypatch):
         with pytest.raises(AssertionError, match="no refuse"):
             check_combination("euler", "cfg", "shapes-tiny")
     assert check_combination("euler", "cfg", "shapes-tiny") == "ran"
+
+
+# The particle samplers (rbf, bon, smc) score clean images with a reward. Their default, the
+# counter's `count`, scores shapes images only, so the sweep above refuses them on every other
+# family; here each runs on every family with a reward of one's own (the mean of the decoded
+# image, for any family), under no guidance, CFG and GFCG (a proposal costing 1, 2 and 3).
+PARTICLE_SAMPLERS = ["rbf", "bon", "smc"]
+
+
+def _mean_reward():
+    from flowkit.rewards import Reward
+
+    return Reward.from_fn(lambda images: images.flatten(1).float().mean(dim=1), differentiable=False, name="mean")
+
+
+@pytest.mark.parametrize("guidance", ["none", "cfg", "gfcg"])
+@pytest.mark.parametrize("sampler", PARTICLE_SAMPLERS)
+@pytest.mark.parametrize("model", list(MODELS))
+def test_particle_samplers_run_on_every_family_with_a_reward_of_ones_own(sampler, guidance, model):
+    """Ran, or refused with its refuse() reason (a family with no decoder to pixels), and NFE per
+    image = the sampler's evaluations x the stack's branches summed over every particle
+    (mutant: a refuse() that lets a family's reward through unasked, or particles charged to one
+    image only, fails the sweep's checks: NFELedger.charge adding by `per_image[image_of[rows]] += n`,
+    which counts an image once however many of its particles are evaluated, or a ParticleSampler.refuse
+    that skips Sampler.refuse, which lets a discrete path in to crash)."""
+    smp = SAMPLERS.create(sampler).with_reward(_mean_reward())
+    outcome = check_combination(sampler, guidance, model, sampler=smp)
+    # every image family runs them without guidance and under CFG (the sequence models' discrete
+    # paths are refused; GFCG refuses the diffusers families itself, checked above by its reason)
+    if guidance != "gfcg" or model in PROMPTS:
+        assert outcome == ("refused" if model in PROMPTS else "ran"), (model, outcome)

@@ -11,7 +11,7 @@ from flowkit.paths.convert import (
 from flowkit.paths.ddpm import DDPMPath, make_alphas_cumprod, sigmas_to_t, t_to_sigma
 from flowkit.paths.linear import LinearPath
 from flowkit.paths.shift import dynamic_shift, flux_mu, static_shift
-from flowkit.paths.vp import VPCosinePath
+from flowkit.paths.vp import VPCosinePath, VPSDEPath
 
 __all__ = [
     "Path",
@@ -20,6 +20,7 @@ __all__ = [
     "as_time",
     "LinearPath",
     "VPCosinePath",
+    "VPSDEPath",
     "DDPMPath",
     "make_alphas_cumprod",
     "sigmas_to_t",

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from flowkit.paths.base import GaussianPath, PathPoint, as_time
 
-__all__ = ["VPCosinePath", "vp_coefficients"]
+__all__ = ["VPCosinePath", "VPSDEPath", "vp_coefficients"]
 
 
 def vp_coefficients(t: Tensor) -> tuple[Tensor, Tensor]:
@@ -70,3 +70,57 @@ class VPCosinePath(GaussianPath):
 
     def __repr__(self) -> str:
         return f"VPCosinePath(num_train_timesteps={self.num_train_timesteps})"
+
+
+class VPSDEPath(GaussianPath):
+    """The variance-preserving SDE's path (Song et al., "Score-Based Generative Modeling through
+    SDEs", eq. 29; the official RBF code's `VPScheduler`, rbf/prior/denoise_schedulers/
+    scheduler.py), a frame for stochastic sampling of a flow (Kim et al., "Inference-Time
+    Scaling for Flow Models via Stochastic Generation and Rollover Budget Forcing", sec. 4.2).
+
+    In native time r (r = 1 noise): T(r) = beta_min r + (beta_max - beta_min) r^2 / 2,
+    alpha = exp(-T / 2), sigma = sqrt(1 - exp(-T)). SNR matching with the linear path gives the
+    time warp t(r) = sigma / (alpha + sigma) and its inverse r(t) (`native_time`); at r = 1,
+    t = 0.99347 (beta_max = 20), and flowkit times above that lie beyond r = 1.
+    """
+
+    name = "vp_sde"
+
+    def __init__(self, beta_min: float = 0.1, beta_max: float = 20.0):
+        if not 0 <= beta_min < beta_max:
+            raise ValueError(f"need 0 <= beta_min < beta_max, got {beta_min}, {beta_max}")
+        self.beta_min, self.beta_max = float(beta_min), float(beta_max)
+
+    def integral(self, r: Tensor) -> Tensor:
+        """T(r) = int_0^r beta(u) du."""
+        r = as_time(r)
+        return self.beta_min * r + 0.5 * (self.beta_max - self.beta_min) * r * r
+
+    def coefficients(self, r: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(alpha, sigma, d alpha / dr, d sigma / dr) at native times r (float64)."""
+        r = as_time(r)
+        T = self.integral(r)
+        dT = self.beta_min + (self.beta_max - self.beta_min) * r  # beta(r)
+        alpha = torch.exp(-0.5 * T)
+        sigma = torch.sqrt(-torch.expm1(-T))
+        return alpha, sigma, -0.5 * dT * alpha, 0.5 * dT * torch.exp(-T) / sigma
+
+    def native_time(self, t: Tensor) -> Tensor:
+        """r(t): T = log(1 + 1 / snr^2) with snr = (1 - t) / t, solved for r (inf at t = 1)."""
+        t = as_time(t)
+        T = torch.log1p((t / (1.0 - t)) ** 2)
+        b, d = self.beta_min, self.beta_max - self.beta_min
+        return (torch.sqrt(b * b + 2.0 * d * T) - b) / d
+
+    def time_from_native(self, r: Tensor) -> Tensor:
+        """t(r) = sigma / (alpha + sigma), SNR-matched flowkit time."""
+        alpha, sigma, _, _ = self.coefficients(r)
+        return sigma / (alpha + sigma)
+
+    def at(self, t: Tensor) -> PathPoint:
+        t = as_time(t)
+        alpha, sigma = vp_coefficients(t)
+        return PathPoint(t=t, alpha=alpha, sigma=sigma, timestep=self.native_time(t))
+
+    def __repr__(self) -> str:
+        return f"VPSDEPath(beta_min={self.beta_min}, beta_max={self.beta_max})"
