@@ -431,7 +431,11 @@ def run_experiment(
     seed: overrides the experiment's registered base seed.
     max_samples: caps every arm's sample count (see `BenchRun.sample_count`).
     """
+    from flowkit.limits import MAX_SEED, check_optional_int
+
     exp = get_experiment(name)
+    check_optional_int("seed", seed, 0, MAX_SEED)
+    check_optional_int("max_samples", max_samples, 1)
     bench = BenchRun(
         name,
         quick=quick,
