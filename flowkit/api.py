@@ -18,9 +18,10 @@ from flowkit.registry import GUIDANCE, SAMPLERS
 from flowkit.sampler_base import Sampler
 from flowkit.sampling_loop import Stats, integrate
 from flowkit.seeding import generators_for, randn_per_sample, seed_for
-from flowkit.timegrid import TimeGrid
+from flowkit.timegrid import Schedule, TimeGrid
 
-__all__ = ["sample", "SampleOutput", "build_sampler", "build_guidance", "sample_from_noise", "wants_uncond"]
+__all__ = ["sample", "SampleOutput", "build_sampler", "build_guidance", "run_context", "sample_from_noise",
+           "wants_uncond"]
 
 
 @dataclass
@@ -85,6 +86,8 @@ def sample(
     callback: Callable | None = None,
     progress: bool = False,
     grad: bool = False,
+    grad_steps: int | None = None,
+    checkpoint: bool = False,
     check_every: int = 4,
     attention: str | None = None,
 ) -> SampleOutput:
@@ -95,8 +98,19 @@ def sample(
     `sampler=None` takes the model's default (euler for image models); `length` is the
     sequence length of a sequence model (the same as height=1, width=length).
     `attention`: the attention kernel of this run (see flowkit.attention; None: the active one).
+
+    Gradients: `grad=True` keeps the autograd graph through the whole run (the latents and
+    images can be differentiated, e.g. with respect to LoRA weights); `grad_steps=K` keeps it
+    through the last K steps only, the earlier ones run without it (DRaFT-K; K = 0: none);
+    `checkpoint=True` recomputes each network call's activations in the backward pass instead
+    of keeping them (the same gradients, less memory; the recomputation is not an NFE).
     """
     adapter = adapt(pipe)
+    if grad_steps is not None:
+        if isinstance(grad_steps, bool) or not isinstance(grad_steps, int) or grad_steps < 0:
+            raise InputError(f"grad_steps must be an integer >= 0 (the last steps kept in the graph), got "
+                             f"{grad_steps!r}")
+        grad = True
     if attention is not None:
         from flowkit.attention import check_kernel
 
@@ -153,7 +167,8 @@ def sample(
         x, stats, _ = sample_from_noise(adapter, conds, noise, sampler=smp, stack=stack, steps=steps,
                                         grid=TimeGrid.parse(grid) if grid is not None else None, height=h, width=w,
                                         generators=generators, callback=callback, check_every=check_every,
-                                        progress=progress, attention=attention, prompts=prompt_list)
+                                        progress=progress, attention=attention, prompts=prompt_list,
+                                        grad_steps=grad_steps, checkpoint=bool(checkpoint))
         images = adapter.decode(x, output_type)
     return SampleOutput(images=images, latents=x, stats=stats, seeds=seeds, prompts=prompt_list)
 
@@ -163,24 +178,21 @@ def wants_uncond(stack: GuidanceStack) -> bool:
     return any(m.needs_uncond for m in stack)
 
 
-def sample_from_noise(adapter: Any, conds: dict, noise: Tensor, *, sampler: Sampler, stack: GuidanceStack, steps: int,
+def run_context(adapter: Any, conds: dict, *, sampler: Sampler, stack: GuidanceStack, steps: int,
                 grid: TimeGrid | None, height: int, width: int, generators: Sequence[torch.Generator],
-                callback: Callable | None = None, check_every: int = 4, progress: bool = False,
-                sigmas: Sequence[float] | None = None, mu: float | None = None,
-                step_generator: Any = None, attention: str | None = None,
-                prompts: Sequence[str] | None = None) -> tuple[Tensor, Stats, Context]:
-    """Sample from unit `noise` [B, *latent] with an adapter's denoiser; the loop both surfaces share.
+                sigmas: Sequence[float] | None = None, mu: float | None = None, step_generator: Any = None,
+                prompts: Sequence[str] | None = None) -> tuple[Context, Schedule]:
+    """The context and schedule of a run, checked: UnsupportedError if the sampler or a
+    guidance module refuses this model (its `refuse` reason), before any work.
 
     The grid is the sampler's own, else `grid`, else the adapter's default. On the pipeline
     scheduler's grid the run starts as the scheduler starts (`init_noise_sigma`), feeds the
     network the scheduler's own timesteps, and carries the scheduler for sampler='pipeline'
     (which needs that grid). `sigmas` / `mu`: a pipeline call's own, passed to its scheduler;
     `step_generator`: what sampler='pipeline' hands a stochastic scheduler's step (a call's
-    generator or list of them; default: the first sample's generator); `attention`: the run's
-    attention kernel (None: the active one); `prompts`: each row's prompt text where known
-    (what world-aware methods read, `ctx.prompts`). The run's attention-map store is
-    `ctx.attention`, what the model's world hands methods `ctx.kit`.
-    Returns (final flow-frame state, stats, context).
+    generator or list of them; default: the first sample's generator); `prompts`: each
+    row's prompt text where known (what world-aware methods read, `ctx.prompts`); what the
+    model's world hands methods is `ctx.kit`.
     """
     from flowkit.errors import UnsupportedError
 
@@ -201,22 +213,50 @@ def sample_from_noise(adapter: Any, conds: dict, noise: Tensor, *, sampler: Samp
     den = adapter.denoiser
     plan = time_grid.schedule(steps, den.path, image_seq_len=adapter.image_seq_len(height, width),
                               strict=not sampler.uses_scheduler)
+    try:
+        model_grid = adapter.default_grid()
+    except UnsupportedError:  # a pipeline without a scheduler: its shift rule is unknown
+        model_grid = None
     ctx = Context(den, stack, conds, list(generators), plan.steps, device=adapter.device, encode=adapter.encoder(),
                   scheduler=plan.scheduler, noise_scale=plan.noise_scale, kit=adapter.kit(),
-                  prompts=None if prompts is None else list(prompts))
+                  prompts=None if prompts is None else list(prompts), step_generator=step_generator,
+                  model_grid=model_grid)
     ctx.grid = plan.ts
-    ctx.step_generator = step_generator
     reason = sampler.refuse(ctx)
     if reason:
         raise UnsupportedError(reason)
-    den.pin_timesteps(plan.ts[:-1] if plan.timesteps is not None else None, plan.timesteps)
-    from flowkit.attention import session
+    stack.check(ctx)
+    return ctx, plan
 
+
+def sample_from_noise(adapter: Any, conds: dict, noise: Tensor, *, sampler: Sampler, stack: GuidanceStack,
+                      steps: int, grid: TimeGrid | None, height: int, width: int,
+                      generators: Sequence[torch.Generator], callback: Callable | None = None, check_every: int = 4,
+                      progress: bool = False, sigmas: Sequence[float] | None = None, mu: float | None = None,
+                      step_generator: Any = None, attention: str | None = None,
+                      prompts: Sequence[str] | None = None, grad_steps: int | None = None,
+                      checkpoint: bool = False) -> tuple[Tensor, Stats, Context]:
+    """Sample from unit `noise` [B, *latent] with an adapter's denoiser; the run both surfaces
+    (`flowkit.sample`, `FlowKitPipeline`) share. The run is set up by `run_context` (see it for
+    the grid, sigmas, mu, step_generator and prompts); `attention`: the run's attention kernel
+    (None: the active one), its attention-map store is `ctx.attention`; `grad_steps` and
+    `checkpoint`: see `flowkit.sample`. Returns (final flow-frame state, stats, context).
+    """
+    ctx, plan = run_context(adapter, conds, sampler=sampler, stack=stack, steps=steps, grid=grid, height=height,
+                            width=width, generators=generators, sigmas=sigmas, mu=mu, step_generator=step_generator,
+                            prompts=prompts)
+    den = adapter.denoiser
+    den.pin_timesteps(plan.ts[:-1] if plan.timesteps is not None else None, plan.timesteps)
+    from flowkit.attention import checkpoint_contexts, session
+
+    network = getattr(den, "network", None)
     try:
-        with session(getattr(den, "network", None), attention) as ctx.attention:
+        with session(network, attention) as ctx.attention:
+            den.checkpoint = checkpoint_contexts(network, ctx.attention) if checkpoint else None
             x, stats = integrate(sampler, ctx, noise, plan.ts, callback=callback, check_every=check_every,
-                           progress=progress)
+                                 progress=progress, grad_steps=grad_steps)
         stats.attention = dict(ctx.attention.counts)
     finally:
         den.pin_timesteps(None, None)
+        den.checkpoint = None
     return x, stats, ctx

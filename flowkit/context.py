@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from flowkit.guidance_base import GuidanceStack
     from flowkit.kit import ModelKit
     from flowkit.prediction import Prediction
+    from flowkit.timegrid import TimeGrid
 
 __all__ = ["Context", "NFELedger", "RowState"]
 
@@ -74,9 +75,11 @@ class Context:
     grid: the current stage's times; ledger: network evaluations per row and per image
     (`nfe` is its per-row view); scheduler: the pipeline's scheduler with its timesteps set
     (what sampler='pipeline' steps with); noise_scale: the initial state's scale
-    (diffusers' `init_noise_sigma` seen in the flow frame); step_generator: what
-    sampler='pipeline' hands a stochastic scheduler's step; prompts: each row's prompt text
-    (None where only embeddings were given); kit: what the model's world hands methods
+    (diffusers' `init_noise_sigma` seen in the flow frame); model_grid: the model's own
+    default grid (its scheduler's, or its static shift), for samplers that walk their own
+    times but keep the model's time shift (bottleneck), None where unknown; step_generator:
+    what sampler='pipeline' hands a stochastic scheduler's step; prompts: each row's prompt
+    text (None where only embeddings were given); kit: what the model's world hands methods
     (flowkit.kit.ModelKit: classifier, ...), or None; active: the rows evaluated this step
     (None: all).
     """
@@ -95,9 +98,12 @@ class Context:
     grid: Tensor | None = None
     ledger: NFELedger = field(default=None)  # type: ignore[assignment]
     forward_calls: int = 0
+    backward_calls: int = 0  # backward passes modules ran (FRAP's, counting guidance's): not NFE
+    reward_calls: int = 0  # calls of rewards, classifiers and counters by modules: not NFE
     attention: Any = None  # the run's AttentionStore: request and read attention maps (flowkit.attention.store)
     scheduler: Any = None  # the wrapped pipeline's scheduler (a private copy, timesteps set), if any
     noise_scale: float | None = None  # x_flow at the start = noise_scale * unit noise (None: grid[0])
+    model_grid: "TimeGrid | None" = None  # the adapter's default grid (the model's own shift rule)
     step_generator: Any = None
     prompts: list[str] | None = None
     kit: "ModelKit | None" = None
@@ -131,14 +137,15 @@ class Context:
 
     # -- evaluations by modules -------------------------------------------------------------
     def evaluate(self, x: Tensor, t: Tensor | float, cond: "Conditioning", branch: str = "extra", *,
-                 grad: bool = False) -> "Prediction":
+                 grad: bool = False, rows: Tensor | Sequence[int] | None = None) -> "Prediction":
         """One extra network evaluation by a module, inside the run: in the attention scope
         (maps captured where requested, tagged with `branch`), charged to the rows' NFE and
         to this step's record, under `torch.enable_grad()` when `grad` (the loop itself runs
-        without gradients). x [N, ...] and cond [N] are rows of the batch in order, N = B."""
+        without gradients). x [N, ...] and cond [N] are the batch rows `rows` (default: all
+        B rows, in order)."""
         if self._evaluator is None:
             raise RuntimeError("ctx.evaluate works during a run (inside a hook), not before or after it")
-        return self._evaluator(x, t, cond, branch, grad)
+        return self._evaluator(x, t, cond, branch, grad, rows)
 
     # -- module state ------------------------------------------------------------------------
     def state_for(self, module: object) -> dict:
@@ -147,9 +154,10 @@ class Context:
 
     def snapshot(self, rows: Tensor | Sequence[int]) -> RowState:
         """The module state of `rows` (e.g. a particle's APG momentum, LinearAG history and
-        Adaptive Guidance decisions), cloned, to `restore` later into the same or other rows.
-        Batch-first tensors (also inside lists, tuples and dicts) are taken row by row; values
-        that do not have the batch as first dimension are per run and are not part of it."""
+        Adaptive Guidance decisions), copied, to `restore` later into the same or other rows.
+        Batch-first tensors (also inside lists, tuples and dicts) are taken row by row; the
+        other values (a module's per-run bookkeeping, such as the step it last recorded) are
+        copied whole and go back whole on restore, so restore at the step of the snapshot."""
         index = torch.as_tensor(rows, dtype=torch.long).cpu()
         B = self.batch_size
         states = {key: _take(state, index, B) for key, state in self._state.items()}
@@ -157,7 +165,8 @@ class Context:
 
     def restore(self, saved: RowState, rows: Tensor | Sequence[int] | None = None) -> None:
         """Write `saved` module state into `rows` (default: the rows it was taken from); a
-        row of `saved` goes to the row at the same position in `rows`."""
+        row of `saved` goes to the row at the same position in `rows`; per-run values go back
+        to what they were at the snapshot."""
         index = saved.rows if rows is None else torch.as_tensor(rows, dtype=torch.long).cpu()
         if len(index) != len(saved.rows):
             raise ValueError(f"{len(saved.rows)} saved rows cannot go to {len(index)} rows")
@@ -195,48 +204,58 @@ class Context:
         self.generators = gens
         for state in self._state.values():
             for k, v in list(state.items()):
-                state[k] = _take(v, index, old_b, keep_other=True)
+                state[k] = _select(v, index, old_b)
 
 
-_SKIP = object()
+@dataclass(frozen=True)
+class _Rows:
+    """A batch-first tensor's rows, as taken by a snapshot."""
+
+    value: Tensor
 
 
-def _take(value: Any, index: Tensor, batch: int, keep_other: bool = False) -> Any:
-    """Rows `index` of the batch-first tensors in `value` (recursively); other values: `_SKIP`
-    (or themselves with `keep_other`)."""
-    if isinstance(value, Tensor):
-        if value.ndim > 0 and value.shape[0] == batch:
-            return value[index.to(value.device)].clone()
-        return value if keep_other else _SKIP
+def _take(value: Any, index: Tensor, batch: int) -> Any:
+    """A snapshot of `value`: batch-first tensors (also inside lists, tuples and dicts) reduced
+    to rows `index`, every other value copied."""
+    if isinstance(value, Tensor) and value.ndim > 0 and value.shape[0] == batch:
+        return _Rows(value[index.to(value.device)].clone())
     if isinstance(value, dict):
-        out = {k: _take(v, index, batch, keep_other) for k, v in value.items()}
-        out = {k: v for k, v in out.items() if v is not _SKIP}
-        return out if (out or keep_other) else _SKIP
-    if isinstance(value, (list, tuple)) and value and any(isinstance(v, (Tensor, dict, list, tuple)) for v in value):
-        out = [_take(v, index, batch, keep_other) for v in value]
-        if not keep_other and any(v is _SKIP for v in out):
-            return _SKIP
-        return type(value)(out) if isinstance(value, tuple) else out
-    return value if keep_other else _SKIP
+        return {k: _take(v, index, batch) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        out = [_take(v, index, batch) for v in value]
+        return tuple(out) if isinstance(value, tuple) else out
+    return copy.deepcopy(value)
+
+
+def _select(value: Any, index: Tensor, batch: int) -> Any:
+    """`value` with its batch-first tensors reduced to rows `index` (particle resampling)."""
+    if isinstance(value, Tensor):
+        return value[index.to(value.device)] if value.ndim > 0 and value.shape[0] == batch else value
+    if isinstance(value, dict):
+        return {k: _select(v, index, batch) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        out = [_select(v, index, batch) for v in value]
+        return tuple(out) if isinstance(value, tuple) else out
+    return value
 
 
 def _put(current: Any, saved: Any, index: Tensor, batch: int, name: str) -> Any:
-    """`current` with the rows `index` replaced by `saved` (same structure)."""
-    if isinstance(saved, Tensor):
+    """`current` with the snapshot `saved` written back: rows into rows `index`, other values as they were."""
+    if isinstance(saved, _Rows):
         if not (isinstance(current, Tensor) and current.ndim > 0 and current.shape[0] == batch
-                and current.shape[1:] == saved.shape[1:]):
+                and current.shape[1:] == saved.value.shape[1:]):
             raise ValueError(f"module state {name!r} changed shape since the snapshot; restore it at the same step")
         out = current.clone()
-        out[index.to(out.device)] = saved.to(out.device, out.dtype)
+        out[index.to(out.device)] = saved.value.to(out.device, out.dtype)
         return out
     if isinstance(saved, dict):
-        current = dict(current or {})
+        current = dict(current) if isinstance(current, dict) else {}
         for k, v in saved.items():
             current[k] = _put(current.get(k), v, index, batch, f"{name}.{k}")
         return current
     if isinstance(saved, (list, tuple)):
         if not isinstance(current, (list, tuple)) or len(current) != len(saved):
-            raise ValueError(f"module state {name!r} changed length since the snapshot; restore it at the same step")
-        out = [_put(c, s, index, batch, f"{name}[{i}]") for i, (c, s) in enumerate(zip(current, saved))]
-        return type(saved)(out) if isinstance(saved, tuple) else out
+            current = [None] * len(saved)
+        out = [_put(c, v, index, batch, f"{name}[{i}]") for i, (c, v) in enumerate(zip(current, saved))]
+        return tuple(out) if isinstance(saved, tuple) else out
     return copy.deepcopy(saved)

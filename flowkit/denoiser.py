@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
-from typing import Any
+from typing import Any, Callable
 
 import torch
+import torch.utils.checkpoint
 from torch import Tensor
 
 from flowkit.conditioning import Conditioning
@@ -38,6 +39,10 @@ class Denoiser(ABC):
         self.calls = 0
         self.seconds = 0.0
         self.sync_timing = False  # synchronise CUDA around forwards when timing is wanted
+        # activation checkpointing: None (off), or a function giving the (forward, recompute)
+        # context managers of each call (the attention store's, so a recomputation replays the
+        # call's kernel choice and records nothing twice)
+        self.checkpoint: Callable[[], tuple[Any, Any]] | None = None
         self._pinned: tuple[Tensor, Tensor] | None = None
 
     def reset_counters(self) -> None:
@@ -73,7 +78,11 @@ class Denoiser(ABC):
         if self.sync_timing and x.is_cuda:
             torch.cuda.synchronize(x.device)
         start = time.perf_counter()
-        raw = self.forward(x_native, point.timestep, cond)
+        if self.checkpoint is not None and torch.is_grad_enabled():
+            raw = torch.utils.checkpoint.checkpoint(self.forward, x_native, point.timestep, cond, use_reentrant=False,
+                                                    context_fn=self.checkpoint)
+        else:
+            raw = self.forward(x_native, point.timestep, cond)
         if self.sync_timing and x.is_cuda:
             torch.cuda.synchronize(x.device)
         self.seconds += time.perf_counter() - start

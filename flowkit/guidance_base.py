@@ -18,7 +18,7 @@ forward pass. It calls, for every module whose window covers the step:
 
 Hooks run in the order of the modules' roles, whatever order the stack was written in:
 modifiers, then the combiner, then policies, then correctors (`ROLES`); modules of one role
-keep their written order. A module's window is `int(start * N) <= step < int(stop * N)`
+run in the order of their names, so any permutation of a stack is the same run. A module's window is `int(start * N) <= step < int(stop * N)`
 for a run of N steps, as in diffusers' guiders.
 
 Decisions are per sample (boolean masks over the batch), never per batch. Module state
@@ -41,6 +41,7 @@ ROLES = ("modifier", "combiner", "policy", "corrector")  # the order in which ho
 if TYPE_CHECKING:
     from flowkit.conditioning import Conditioning
     from flowkit.context import Context
+    from flowkit.perturbation import Perturbation
     from flowkit.prediction import Prediction
 
 __all__ = ["Guidance", "GuidanceStack", "BranchRequests", "BranchPredictions"]
@@ -56,14 +57,24 @@ class BranchRequests:
         self.supplied: dict[str, tuple[Tensor, "Prediction"]] = {}
         # branches supplied after the forward pass, from that pass's predictions (LinearAG)
         self.deferred: dict[str, tuple[Tensor, Callable[[dict[str, "Prediction"]], "Prediction"]]] = {}
+        # branches evaluated with the network perturbed (PAG, SEG, SLG): each in a forward of its own
+        self.perturbations: dict[str, "Perturbation"] = {}
 
     def _mask(self, mask: Tensor | None) -> Tensor:
         if mask is None:
             return torch.ones(self.batch, dtype=torch.bool, device=self.device)
         return mask.to(device=self.device, dtype=torch.bool)
 
-    def need(self, name: str, mask: Tensor | None = None) -> None:
-        """Evaluate branch `name` for the samples in `mask` (all if None)."""
+    def need(self, name: str, mask: Tensor | None = None, *, perturbation: "Perturbation | None" = None) -> None:
+        """Evaluate branch `name` for the samples in `mask` (all if None); with `perturbation`,
+        on the perturbed network, in a forward of its own (flowkit.perturbation)."""
+        if perturbation is not None:
+            old = self.perturbations.get(name)
+            if old is not None and old != perturbation:
+                raise GuidanceStackError(f"branch {name!r} is asked for with two different perturbations")
+            self.perturbations[name] = perturbation
+        elif name in self.perturbations:
+            raise GuidanceStackError(f"branch {name!r} is perturbed; ask for it with its perturbation")
         m = self._mask(mask)
         self.masks[name] = self.masks[name] | m if name in self.masks else m
 
@@ -174,8 +185,8 @@ class Guidance:
     def __init__(self, *, start: float = 0.0, stop: float = 1.0):
         if not (0.0 <= start <= 1.0 and 0.0 <= stop <= 1.0):
             raise ValueError(f"start and stop are fractions of the run in [0, 1], got {start}, {stop}")
-        if start >= stop:
-            raise ValueError(f"start ({start}) must be below stop ({stop})")
+        if start > stop:
+            raise ValueError(f"start ({start}) must not be above stop ({stop}) (start = stop: an empty window)")
         self.start = float(start)
         self.stop = float(stop)
 
@@ -247,8 +258,8 @@ class GuidanceStack:
                 raise SpecError(f"{m!r} is not a guidance module; build one from flowkit.guidance")
             if m.role not in ROLES:
                 raise GuidanceStackError(f"{m.name} has role {m.role!r}; a module's role is one of {', '.join(ROLES)}")
-        # role order, written order within a role (sorted is stable)
-        self.ordered = sorted(self.modules, key=lambda m: ROLES.index(m.role))
+        # role order, then by name within a role (two modules of one name keep their written order)
+        self.ordered = sorted(self.modules, key=lambda m: (ROLES.index(m.role), m.name))
         combiners = [m for m in self.modules if m.role == "combiner"]
         if len(combiners) > 1:
             names = ", ".join(m.name for m in combiners)

@@ -10,7 +10,7 @@ generator per sample). Options are keyword-only constructor arguments.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING, ClassVar, Literal
+from typing import TYPE_CHECKING, Callable, ClassVar, Literal
 
 from torch import Tensor
 
@@ -18,9 +18,31 @@ from flowkit.timegrid import TimeGrid
 
 if TYPE_CHECKING:
     from flowkit.context import Context
+    from flowkit.prediction import Prediction
     from flowkit.sampling_loop import GuidedModel
 
-__all__ = ["Sampler", "SimplexSampler"]
+__all__ = ["Sampler", "SimplexSampler", "euler_step", "euler_walk"]
+
+
+def euler_step(x: Tensor, t: float, t_next: float, pred: "Prediction") -> Tensor:
+    """One Euler step of the flow ODE dx/dt = v (flow frame) from t to t_next, with the
+    prediction's velocity v = noise - x0 held over the step: x + (t_next - t) v. In the flow
+    frame this is exactly a deterministic DDIM step and diffusers' Euler schedulers' step."""
+    return x + (t_next - t) * pred.velocity.to(x.dtype)
+
+
+def euler_walk(model: "GuidedModel", x: Tensor, ts: Tensor, *,
+               on_step: Callable[[Tensor, "Prediction"], None] | None = None) -> tuple[Tensor, "Prediction | None"]:
+    """Euler steps along the grid `ts`, each closed by `model.end_step`; `on_step(x, pred)`
+    sees the state after each step. Returns (final state, last prediction)."""
+    pred = None
+    for i in range(len(ts) - 1):
+        t, t_next = float(ts[i]), float(ts[i + 1])
+        pred = model(x, t)
+        x = model.end_step(euler_step(x, t, t_next, pred), pred)
+        if on_step is not None:
+            on_step(x, pred)
+    return x, pred
 
 
 class Sampler(ABC):

@@ -8,9 +8,12 @@ path both conversions are closed form (flowkit.paths.dirichlet), so the correcti
 
     p <- p + gamma / (alpha - 1) * x * (g - <x, g>),        g = grad_x log p(y | x),
 
-with no division by x (finite on the faces of the simplex) and no change at alpha = 1
-(t = 1), where every class has the same flat Dirichlet. A strong gamma can push a letter
-below 0: the result is projected onto the simplex, as in the paper's code. The target class
+with no division by x (finite on the faces of the simplex). At alpha = 1 (t = 1, the first
+step of every run) the quotient is 0/0, since every class has the same flat Dirichlet and g
+vanishes, but its limit is finite (gamma dg/dalpha): it is taken as a forward difference of
+the classifier's gradient over ALPHA_EPS in alpha (one more classifier call on that step).
+A strong gamma can push a letter below 0: the result is projected onto the simplex, as in
+the paper's code. The target class
 is the conditional branch's class (the prompt), or `target` (a class index) for all samples.
 The classifier is the model's own (`denoiser.classifier_logits(x, t)`; the dna model ships
 one); its evaluations are not denoiser evaluations and do not count as NFE.
@@ -25,7 +28,9 @@ from flowkit.guidance_base import Guidance
 from flowkit.paths.categorical import project_simplex
 from flowkit.registry import GUIDANCE
 
-__all__ = ["DirichletClassifierGuidance"]
+__all__ = ["DirichletClassifierGuidance", "ALPHA_EPS"]
+
+ALPHA_EPS = 1e-4  # below alpha = 1 + ALPHA_EPS the correction is its limit at alpha = 1 (a forward difference)
 
 
 @GUIDANCE.register
@@ -59,16 +64,35 @@ class DirichletClassifierGuidance(Guidance):
             return torch.full((batch,), self.target, dtype=torch.long)
         return ctx.conds["cond"]["class_labels"].long()
 
-    def correct(self, ctx, x, pred, preds):
-        if self.scale == 0.0:
-            return pred
-        y = self._labels(ctx, x.shape[0]).to(x.device)
+    def _grad(self, ctx, x, t, y):
+        """grad_x log p(y | x) [B, L, V] (float64) of the model's classifier at flowkit times t [B]."""
         with torch.enable_grad():
             xg = x.detach().float().requires_grad_(True)
-            logits = ctx.denoiser.classifier_logits(xg, ctx.t)
+            logits = ctx.denoiser.classifier_logits(xg, t)
             if not (0 <= int(y.min()) and int(y.max()) < logits.shape[-1]):
                 raise InputError(f"{self.name}: target class outside the classifier's {logits.shape[-1]} classes")
             logp = torch.log_softmax(logits.double(), dim=-1).gather(1, y[:, None]).sum()
-            (g,) = torch.autograd.grad(logp, xg)  # grad_x log p(y | x) [B, L, V]
-        tilted = ctx.denoiser.path.classifier_tilt(pred.probs, x, pred.point, self.scale * g.double())
+            (g,) = torch.autograd.grad(logp, xg)
+        return g.double()
+
+    def correct(self, ctx, x, pred, preds):
+        if self.scale == 0.0:
+            return pred
+        path = ctx.denoiser.path
+        y = self._labels(ctx, x.shape[0]).to(x.device)
+        t = ctx.t.double().cpu().reshape(-1)
+        alpha = path.alpha(t)  # [B] float64
+        g = self._grad(ctx, x, t, y)
+        point = pred.point
+        near = alpha < 1.0 + ALPHA_EPS
+        if bool(near.any()):
+            # g / (alpha - 1) is 0/0 at alpha = 1; its limit is dg/dalpha there, taken as the
+            # forward difference (g(alpha + eps) - g(alpha)) / eps (the paper's code evaluates at
+            # alpha + 1e-4); subtracting g(alpha) cancels what a learned classifier wrongly reads
+            # at alpha = 1 instead of amplifying it 1/eps times.
+            t_hi = torch.where(near, path.time_from_alpha(alpha + ALPHA_EPS), t)
+            g_hi = self._grad(ctx, x, t_hi, y)
+            g = torch.where(near.to(x.device)[:, None, None], g_hi - g, g)
+            point = path.at(torch.where(near, path.time_from_alpha(torch.full_like(alpha, 1.0 + ALPHA_EPS)), t))
+        tilted = path.classifier_tilt(pred.probs, x, point, self.scale * g)
         return pred.replace(project_simplex(tilted).to(pred.value.dtype))

@@ -2,7 +2,10 @@
 Sampling", 2025): a high-low-high workflow of resolution stages.
 
 Each stage has a resolution (`scale`, relative to the requested size), a share of the
-steps (`fraction`), the flowkit times it starts and ends at, and its own timestep shift.
+steps (`fraction`), the flowkit times it starts and ends at, and its own timestep shift:
+given, or (the presets) the model's own rule at the stage's size (`model_shift`): FLUX's
+dynamic shift from the stage's image token count, SD3's static `shift`, 1 for unshifted
+models.
 Stage i walks Euler steps from `start_i` to `end_i`, spaced uniformly in the unshifted time
 and mapped by the static shift t' = s t / (1 + (s - 1) t). At a transition the predicted
 clean image x0 of the stage's last step is resampled to the next resolution (the clean
@@ -20,7 +23,7 @@ stages by their fractions (largest remainders), or given per stage as `steps`.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal, Sequence
 
 import torch
@@ -28,34 +31,67 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from flowkit.errors import InputError, UnsupportedError
-from flowkit.paths.shift import static_shift
+from flowkit.paths.shift import flux_mu, static_shift
 from flowkit.registry import SAMPLERS
-from flowkit.sampler_base import Sampler
+from flowkit.sampler_base import Sampler, euler_walk
+from flowkit.timegrid import TimeGrid
 
-__all__ = ["Bottleneck", "Stage", "PRESETS", "split_steps", "stage_times", "stage_shapes"]
+__all__ = ["Bottleneck", "Stage", "PRESETS", "split_steps", "stage_times", "stage_shapes", "model_shift"]
 
 
 @dataclass(frozen=True)
 class Stage:
     """One resolution stage: scale of the requested size, share of the steps, the flowkit
-    times it starts and ends at, and the static shift of its grid."""
+    times it starts and ends at, and the static shift of its grid (None: the model's own
+    rule at the stage's size, resolved when the run starts)."""
 
     scale: float
     fraction: float
     start: float
     end: float
-    shift: float = 1.0
+    shift: float | None = 1.0
 
 
-# Stage configurations as data. `default`: the shapes model's 32 -> 16 -> 32 px (it was
-# trained at 16 and 32 px). `flux`: flowkit's reading of the paper's FLUX.1-dev setting,
-# 1024 -> 512 -> 1024 px in three stages, each stage shifted by FLUX's own rule for its
-# token count (mu = flux_mu(tokens), shift = e^mu: 4096 tokens -> 3.16, 1024 -> 1.88), with
-# noise re-introduced at the upsampling transition.
+# Stage configurations as data, each stage shifted by the model's own rule at its size
+# (`model_shift`). `default`: the shapes model's 32 -> 16 -> 32 px (it was trained at 16 and
+# 32 px). `flux`: flowkit's reading of the paper's FLUX.1-dev setting, full -> half -> full
+# size in three stages, with noise re-introduced at the upsampling transition; on FLUX each
+# stage gets FLUX's rule for its token count (shift = e^mu, mu = flux_mu(tokens)): 3.16 / 1.88
+# at 1024 px, 2.33 / 1.74 at 768 px, 1.88 / 1.65 at 512 px.
 PRESETS: dict[str, tuple[Stage, ...]] = {
-    "default": (Stage(1.0, 0.25, 1.0, 0.8), Stage(0.5, 0.5, 0.8, 0.35), Stage(1.0, 0.25, 0.5, 0.0)),
-    "flux": (Stage(1.0, 0.2, 1.0, 0.85, 3.16), Stage(0.5, 0.5, 0.85, 0.45, 1.88), Stage(1.0, 0.3, 0.7, 0.0, 3.16)),
+    "default": (Stage(1.0, 0.25, 1.0, 0.8, None), Stage(0.5, 0.5, 0.8, 0.35, None),
+                Stage(1.0, 0.25, 0.5, 0.0, None)),
+    "flux": (Stage(1.0, 0.2, 1.0, 0.85, None), Stage(0.5, 0.5, 0.85, 0.45, None), Stage(1.0, 0.3, 0.7, 0.0, None)),
 }
+
+
+def model_shift(grid: TimeGrid | None, tokens: int | None = None) -> float:
+    """The static shift that a model's own grid `grid` (its adapter's default) applies to an
+    image of `tokens` image tokens: a dynamic rule (FLUX: `use_dynamic_shifting`) gives
+    e^mu with mu = flux_mu(tokens) from the scheduler's config ("linear" time_shift_type: mu
+    itself); a static one its `shift` (SD3; `flow_shift` for flow-sigma schedulers); otherwise
+    1 (SD/SDXL schedulers, the shapes model, an unknown model)."""
+    if grid is None or grid.kind in ("uniform", "sigmas", "boss"):
+        return 1.0
+    if grid.kind == "shift":
+        return float(grid.shift)
+    if grid.kind == "dynamic":
+        return math.exp(grid.mu if grid.mu is not None else flux_mu(_need(tokens)))
+    cfg = grid.scheduler.config  # a scheduler grid
+    if cfg.get("use_dynamic_shifting", False):
+        mu = grid.mu if grid.mu is not None else flux_mu(
+            _need(tokens), cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096),
+            cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.15))
+        return float(mu) if cfg.get("time_shift_type", "exponential") == "linear" else math.exp(mu)
+    if cfg.get("use_flow_sigmas", False):
+        return float(cfg.get("flow_shift", 1.0))
+    return float(cfg.get("shift", 1.0))
+
+
+def _need(tokens: int | None) -> int:
+    if tokens is None:
+        raise InputError("this model shifts its times by its image token count; the stage's count is unknown")
+    return int(tokens)
 
 
 def check_stages(stages: Sequence[Stage]) -> None:
@@ -70,7 +106,7 @@ def check_stages(stages: Sequence[Stage]) -> None:
             raise InputError(f"bottleneck stage {i}: scale must be > 0, got {s.scale}")
         if not s.fraction > 0:
             raise InputError(f"bottleneck stage {i}: fraction must be > 0, got {s.fraction}")
-        if not s.shift > 0:
+        if s.shift is not None and not s.shift > 0:
             raise InputError(f"bottleneck stage {i}: shift must be > 0, got {s.shift}")
         if not (0.0 <= s.end < s.start <= 1.0):
             raise InputError(f"bottleneck stage {i} runs from t={s.start:g} to t={s.end:g}: it must start above "
@@ -117,7 +153,10 @@ def split_steps(total: int, stages: Sequence[Stage], steps: Sequence[int] | None
 
 def stage_times(stage: Stage, steps: int, start: float | None = None) -> Tensor:
     """steps + 1 flowkit times from the stage's start to its end (float64), uniform in the
-    unshifted time u = shift^-1(t) and mapped by the stage's static shift."""
+    unshifted time u = shift^-1(t) and mapped by the stage's static shift (a stage whose
+    shift is the model's rule must be resolved first: `Bottleneck.plan`)."""
+    if stage.shift is None:
+        raise InputError("this bottleneck stage's shift is the model's rule: resolve it (Bottleneck.plan)")
     t_a = stage.start if start is None else start
     u_a, u_b = (float(static_shift(t, 1.0 / stage.shift)) for t in (t_a, stage.end))
     ts = static_shift(torch.linspace(u_a, u_b, steps + 1, dtype=torch.float64), stage.shift)
@@ -171,13 +210,17 @@ class Bottleneck(Sampler):
             raise InputError(f"bottleneck stage lists have different lengths: "
                              f"{ {k: len(v) for k, v in given.items() if v is not None} }")
         count = n.pop() if n else len(base)
-        if count != len(base) and any(v is None for v in given.values()):
-            missing = [k for k, v in given.items() if v is None]
+        if count != len(base) and any(v is None for k, v in given.items() if k != "shifts"):
+            missing = [k for k, v in given.items() if v is None and k != "shifts"]
             raise InputError(f"{count} stages differ from the {preset} preset's {len(base)}: give {', '.join(missing)} "
-                             "for every stage too")
+                             "for every stage too (shifts, if left out, follow the model's rule)")
         fields = ("scale", "fraction", "start", "end", "shift")
-        self.stages = tuple(Stage(**{f: float(given[f + "s"][i]) if given[f + "s"] is not None else getattr(base[i], f)
-                                     for f in fields}) for i in range(count))
+        def value(f: str, i: int):
+            if given[f + "s"] is not None:
+                return float(given[f + "s"][i])
+            return getattr(base[i], f) if count == len(base) else None  # other counts: the model's shifts
+
+        self.stages = tuple(Stage(**{f: value(f, i) for f in fields}) for i in range(count))
         check_stages(self.stages)
         if steps is not None and (len(steps) != count or any(not isinstance(k, int) or k < 1 for k in steps)):
             raise InputError(f"steps gives each of the {count} bottleneck stages its whole number of steps (>= 1), "
@@ -185,12 +228,22 @@ class Bottleneck(Sampler):
         self.preset, self.scales, self.fractions = preset, scales, fractions
         self.starts, self.ends, self.shifts, self.steps, self.resample = starts, ends, shifts, steps, resample
 
-    def plan(self, total: int, shape: Sequence[int], multiple: int = 1, t0: float = 1.0):
-        """[(shape, times)] per stage for `total` steps at full per-sample shape [C, H, W]."""
+    def plan(self, total: int, shape: Sequence[int], multiple: int = 1, t0: float = 1.0,
+             model_grid: TimeGrid | None = None):
+        """[(shape, times)] per stage for `total` steps at full per-sample shape [C, H, W]; a
+        stage without its own shift takes `model_shift(model_grid, tokens)`, with tokens its
+        latent size in `multiple`-sized patches."""
         counts = split_steps(total, self.stages, self.steps)
         shapes = stage_shapes(shape, self.stages, multiple)
-        times = [stage_times(s, k, start=t0 if i == 0 else None) for i, (s, k) in enumerate(zip(self.stages, counts))]
+        stages = self.resolved(shapes, multiple, model_grid)
+        times = [stage_times(s, k, start=t0 if i == 0 else None) for i, (s, k) in enumerate(zip(stages, counts))]
         return list(zip(shapes, times))
+
+    def resolved(self, shapes: Sequence[Sequence[int]], multiple: int, model_grid: TimeGrid | None) -> list[Stage]:
+        """The stages with every shift a number: the model's rule at each stage's shape where unset."""
+        return [s if s.shift is not None else
+                replace(s, shift=model_shift(model_grid, (shp[1] // multiple) * (shp[2] // multiple)))
+                for s, shp in zip(self.stages, shapes)]
 
     def sample(self, model, x, ts):
         from flowkit.denoiser import latent_multiple
@@ -198,7 +251,8 @@ class Bottleneck(Sampler):
         ctx = model.ctx
         if x.ndim != 4:
             raise UnsupportedError(f"bottleneck resamples images [B, C, H, W]; this model's state is {list(x.shape)}")
-        plan = self.plan(len(ts) - 1, tuple(x.shape[1:]), latent_multiple(ctx.denoiser), float(ts[0]))
+        plan = self.plan(len(ts) - 1, tuple(x.shape[1:]), latent_multiple(ctx.denoiser), float(ts[0]),
+                         model_grid=ctx.model_grid)
         if tuple(x.shape[1:]) != plan[0][0]:  # a first stage below full size starts from its own noise
             x = ctx.randn(plan[0][0], x.dtype) * float(plan[0][1][0])
         x0_hat = None
@@ -208,10 +262,6 @@ class Bottleneck(Sampler):
                 t_start = float(times[0])
                 x = (1.0 - t_start) * resize(x0_hat, shape[1:], self.resample) + t_start * ctx.randn(shape, x.dtype)
             model.walk(times)
-            for i in range(len(times) - 1):
-                t, t_next = float(times[i]), float(times[i + 1])
-                pred = model(x, t)
-                x = x + (t_next - t) * pred.velocity.to(x.dtype)
-                x = model.end_step(x, pred)
+            x, pred = euler_walk(model, x, times)
             x0_hat = pred.x0.to(x.dtype)
         return x

@@ -8,7 +8,7 @@ Gaussian path (x0 and noise predictions held constant over the step).
 from __future__ import annotations
 
 from flowkit.registry import SAMPLERS
-from flowkit.sampler_base import Sampler
+from flowkit.sampler_base import Sampler, euler_walk
 
 __all__ = ["Euler"]
 
@@ -19,10 +19,4 @@ class Euler(Sampler):
     description = "Euler ODE steps (first order; equals DDIM and diffusers' Euler schedulers)"
 
     def sample(self, model, x, ts):
-        for i in range(len(ts) - 1):
-            t, t_next = float(ts[i]), float(ts[i + 1])
-            pred = model(x, t)
-            d = pred.velocity
-            x = x + (t_next - t) * d.to(x.dtype)
-            x = model.end_step(x, pred)
-        return x
+        return euler_walk(model, x, ts)[0]

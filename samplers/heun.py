@@ -7,7 +7,7 @@ velocity there (lines 5-8); the last step into t = 0 is a plain Euler step (line
 from __future__ import annotations
 
 from flowkit.registry import SAMPLERS
-from flowkit.sampler_base import Sampler
+from flowkit.sampler_base import Sampler, euler_step
 
 __all__ = ["Heun"]
 
@@ -26,7 +26,7 @@ class Heun(Sampler):
             h = t_next - t
             pred = model(x, t)
             d = pred.velocity.to(x.dtype)
-            x_euler = x + h * d
+            x_euler = euler_step(x, t, t_next, pred)  # Euler predictor
             if t_next == 0.0:
                 x = x_euler
             else:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 
 from flowkit.registry import SAMPLERS
-from flowkit.sampler_base import Sampler
+from flowkit.sampler_base import Sampler, euler_step
 
 __all__ = ["FlowSDE"]
 
@@ -44,8 +44,8 @@ class FlowSDE(Sampler):
             h = t_next - t  # < 0
             pred = model(x, t)
             v = pred.velocity.to(x.dtype)
-            if t_next == 0.0:
-                x = x + h * v
+            if t_next == 0.0:  # the last step is deterministic
+                x = euler_step(x, t, t_next, pred)
             else:
                 g = self.g(t)
                 drift = v + (g * g / (2 * t)) * pred.eps.to(x.dtype)

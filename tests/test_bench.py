@@ -412,6 +412,67 @@ def test_second_run_computes_nothing_and_matches(tmp_path, counting_experiment):
     assert second.info == {"note": "hello"}
 
 
+def test_committed_results_seed_a_fresh_cache(tmp_path, counting_experiment):
+    """A run in a new session (empty cache) takes the committed results of arms whose key is
+    unchanged and computes nothing (mutants: ignoring the committed file recomputes all 40; a
+    changed arm config must not be taken over); a legacy file without arm keys is taken over
+    only for adopted arms."""
+    out = tmp_path / "out"
+    first = run_experiment("_test_counting", out_dir=out, cache_root=tmp_path / "cache1")
+    data = json.loads(first.path.read_text())
+    assert set(data["arm_keys"]) == {"both"}
+    counting_experiment.clear()
+    again = run_experiment("_test_counting", out_dir=out, cache_root=tmp_path / "cache2")  # a new machine
+    assert counting_experiment == []
+    assert [r.to_dict() for r in again.rows] == [r.to_dict() for r in first.rows]
+    # another arm key (the config changed): recomputed
+    data["arm_keys"]["both"] = "0" * 16
+    first.path.write_text(json.dumps(data))
+    run_experiment("_test_counting", out_dir=out, cache_root=tmp_path / "cache3")
+    assert counting_experiment == list(range(40))
+    # a legacy file (no keys): only adopted arms are taken over, and the adoption is recorded
+    del data["arm_keys"]
+    first.path.write_text(json.dumps(data))
+    counting_experiment.clear()
+    run_experiment("_test_counting", out_dir=out, cache_root=tmp_path / "cache4")
+    assert counting_experiment == list(range(40))
+    first.path.write_text(json.dumps(data))
+    counting_experiment.clear()
+    adopted = run_experiment("_test_counting", out_dir=out, cache_root=tmp_path / "cache5", adopt=["both"])
+    assert counting_experiment == [] and adopted.info["adopted"] == {"both": data["date"]}
+
+
+def test_a_run_cut_short_resumes_from_its_progress_file_on_a_new_machine(tmp_path, counting_experiment,
+                                                                        monkeypatch):
+    """While it runs, a bench keeps its finished chunks in NAME.progress.json; a later run with
+    an empty cache (a new session) takes them back and computes only the rest (mutant: no
+    progress file, or ignoring it, recomputes all 40); success removes the file."""
+    from flowkit.bench import cache as cache_mod
+
+    out = tmp_path / "out"
+    real = cache_mod.ResultCache._chunk
+    done = []
+
+    def dying(self, folder, config, fn, start, stop, *, wait):
+        if len(done) == 2:
+            raise KeyboardInterrupt  # the session ends after two chunks
+        part = real(self, folder, config, fn, start, stop, wait=wait)
+        done.append(start)
+        return part
+
+    monkeypatch.setattr(cache_mod.ResultCache, "_chunk", dying)
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment("_test_counting", out_dir=out, cache_root=tmp_path / "cache1")
+    monkeypatch.undo()
+    progress = out / "_test_counting.progress.json"
+    assert progress.is_file() and not (out / "_test_counting.json").exists()
+    assert sorted(json.loads(progress.read_text())["arms"]["both"]["chunks"]) == ["0-8", "8-16"]
+    counting_experiment.clear()
+    run_experiment("_test_counting", out_dir=out, cache_root=tmp_path / "cache2")
+    assert counting_experiment == list(range(16, 40))
+    assert not progress.exists()
+
+
 def test_max_samples_caps_the_arms_records_it_and_a_later_run_adds_the_rest(tmp_path, counting_experiment):
     capped = run_experiment("_test_counting", out_dir=tmp_path / "out", cache_root=tmp_path / "cache", max_samples=16)
     assert counting_experiment == list(range(16))
@@ -467,6 +528,48 @@ def test_bench_run_checks_its_input(tmp_path):
         column([{"score": 1.0}], "scor")
 
 
+# ------------------------------------------------------------------ floors and ceilings
+
+NO_WORSE_2 = Claim("no_worse", margin=2.0, better="higher")
+
+
+@pytest.mark.parametrize("claim", [NO_WORSE_2, Claim("higher"), Claim("lower"), Claim("equivalent", margin=1.0)])
+@pytest.mark.parametrize("value", [0.0, 100.0])
+def test_rates_stuck_at_a_floor_or_ceiling_are_uninformative(tmp_path, claim, value):
+    """Both arms at 0% (or 100%) on every sample: the interval is [0, 0] and says nothing.
+    Mutants caught: the old verdicts, "met" for no worse at 0% vs 0% (a quick bottleneck run's
+    caption accuracy) and "missed" for higher at 100% vs 100% (GFCG's presence)."""
+    bench = BenchRun("demo", cache=ResultCache(tmp_path))
+    n = 8
+    row = bench.compare("M", "caption accuracy", claim=claim, treatment=[value] * n, baseline=[value] * n,
+                        baseline_name="B", units="%")
+    assert row.verdict == "uninformative"
+    assert "nothing can move" in row.notes
+    assert (row.low, row.high) == (0.0, 0.0)
+    old = verdict(claim, Interval(0.0, 0.0, 0.0, n))  # what the row said before
+    assert old in ("met", "missed")
+    table = markdown_table([row])
+    assert table.splitlines()[2].endswith("| uninformative |")
+
+
+def test_floor_or_ceiling_needs_both_arms_there(tmp_path):
+    """Negative controls: one arm off the bound, or the arms at different bounds, or a value
+    between the bounds, keep the ordinary verdict; 0/1 rates (no units) are caught as well."""
+    bench = BenchRun("demo", cache=ResultCache(tmp_path))
+    n = 8
+    for t, b in [([100.0] * (n - 1) + [0.0], [100.0] * n), ([0.0] * n, [100.0] * n), ([50.0] * n, [50.0] * n)]:
+        row = bench.compare("M", "presence", claim=Claim("higher"), treatment=t, baseline=b, units="%")
+        assert row.verdict != "uninformative" and "nothing can move" not in row.notes
+        assert row.verdict == verdict(Claim("higher"), Interval(row.estimate, row.low, row.high, n))
+    row = bench.compare("M", "hit", claim=NO_WORSE_2, treatment=[1.0] * n, baseline=[1.0] * n)
+    assert row.verdict == "uninformative"
+    row = bench.compare("M", "hit", claim=NO_WORSE_2, treatment=[100.0] * n, baseline=[100.0] * n)  # not a % row
+    assert row.verdict == "met"
+    # a single arm's target is still judged at a bound
+    assert bench.measure("M", "accuracy", [100.0] * n, Claim("at_least", target=90.0), units="%").verdict == "met"
+    assert verdict(Claim("at_least", target=90.0), Interval(100.0, 100.0, 100.0, n, stat="mean"), bound=100.0) == "met"
+
+
 # ------------------------------------------------------------------ report
 
 
@@ -514,6 +617,9 @@ def test_update_benchmarks_keeps_hand_written_text(tmp_path):
     assert "| M | full |" in text and "| M | quick |" in text and "### beta (quick run)" in text
     assert text.count("<!-- bench:alpha:start -->") == 1 and text.count("<!-- bench:beta:end -->") == 1
     assert update_benchmarks(out, doc) == text  # idempotent
+    # a running bench's progress file is not a result (mutant: globbing it made an empty section)
+    (out / "gamma.progress.json").write_text(json.dumps({"experiment": "gamma", "arms": {}}))
+    assert update_benchmarks(out, doc) == text and "gamma" not in text
     new_doc = tmp_path / "new" / "benchmarks.md"
     assert update_benchmarks(out, new_doc, names=["beta"]).startswith("# Benchmarks")
     assert "### alpha" not in new_doc.read_text()

@@ -80,6 +80,53 @@ def test_dp_refuses_impossible_step_counts_and_nan():
         best_path(c, 2)
 
 
+def test_dp_refuses_infeasible_step_counts():
+    """+inf above the diagonal (a step that cannot be taken): a step count with no finite path
+    is an error naming it and the feasible counts. Mutant caught: returning cost inf with a
+    non-monotone path such as [0, 0, 0, 0, 5] (the DP's argmin over an all-inf column)."""
+    m = 5
+    c = np.triu(np.ones((m + 1, m + 1)), 1)
+    c[0, 1:m] = np.inf  # from point 0 only the single step to M is possible
+    path, total = best_path(c, 1)
+    assert path == [0, m] and total == 1.0  # the feasible count still works
+    for k in (2, 4):
+        with pytest.raises(InputError, match=rf"cannot choose {k} steps.*finite path: 1\b"):
+            best_path(c, k)
+    c[0, m] = np.inf
+    with pytest.raises(InputError, match="cannot choose 1 steps.*finite path: none"):
+        best_path(c, 1)
+    everything = np.full((m + 1, m + 1), np.inf)
+    with pytest.raises(InputError, match="cannot choose 4 steps"):
+        best_path(everything, 4)
+    c = np.triu(np.ones((m + 1, m + 1)), 1)
+    c[2, 3] = -np.inf
+    with pytest.raises(InputError, match="-inf"):
+        best_path(c, 3)
+
+
+def test_table_with_null_costs_refuses_infeasible_steps(tmp_path):
+    """JSON null above the diagonal of a table file is a missing step: the table still gives
+    its feasible grids and refuses the others by name, and a stored grid that is not strictly
+    decreasing is refused on load. Mutant caught: a table that returns the grid
+    [t0, t0, t0, t0, t5] (repeated times) for an infeasible count."""
+    path = _table(k_max=5).save(tmp_path / "t.json")
+    data = json.loads(path.read_text())
+    for j in range(1, 5):
+        data["cost"][0][j] = None  # only the one-step path 0 -> 5 remains
+    data["grids"] = {}
+    path.write_text(json.dumps(data))
+    table = load_table(path)
+    assert table.times(1).tolist() == [1.0, 0.0]
+    with pytest.raises(InputError, match=r"BOSS table .*cannot choose 4 steps.*finite path: 1\b"):
+        table.times(4)
+    with pytest.raises(InputError, match="cannot choose 2 steps"):
+        TimeGrid.parse(f"boss:{path}").build(2, LinearPath())
+    data["grids"] = {"4": [1.0, 1.0, 1.0, 1.0, 0.0]}  # what the unfixed DP stored
+    path.write_text(json.dumps(data))
+    with pytest.raises(flowkit.errors.WeightsError, match="strictly decreasing"):
+        load_table(path)
+
+
 # -- costs on the analytic Gaussian world ------------------------------------------------------
 
 def _problem(n: int, den=None) -> Problem:
@@ -192,6 +239,44 @@ def test_lookup_prefers_tuned_tables_and_checks_shape(cache):
     assert find_table("f" * 24, (3, 8, 8), "local", min_steps=7) is None
     with pytest.raises(InputError, match="no BOSS table"):
         resolve_table("no-such-table")
+
+
+def test_lookup_keeps_tables_to_the_guidance_they_were_tuned_under(cache):
+    """A table tuned without guidance is not taken for a CFG run, nor the other way round
+    (mutant: a lookup that ignores the guidance returns the unguided table)."""
+    plain = _table()
+    plain.guidance = "none"
+    plain.save_to_cache()
+    assert find_table("f" * 24, (3, 8, 8), "local", guidance="cfg:scale=4.0") is None
+    assert find_table("f" * 24, (3, 8, 8), "local", guidance="none") is not None
+    guided = _table()
+    guided.guidance, guided.prompts_key = "cfg:scale=4.0", "guided"
+    guided.save_to_cache()
+    assert find_table("f" * 24, (3, 8, 8), "local", guidance="cfg:scale=4.0").prompts_key == "guided"
+
+
+def test_on_the_fly_tuning_runs_under_the_runs_guidance(cache):
+    """The boss sampler tunes under the run's stack (CFG: two evaluations per fine step) and
+    stores the table under it; a run with another stack tunes again (mutant: the old unguided
+    tuning records 'none' and one evaluation per step)."""
+    from flowkit.boss import tuning
+
+    pipe = flowkit.load("tiny")
+    seen = []
+    real = tuning.tune_table
+
+    def spy(problem, *args, **kwargs):
+        table = real(problem, *args, **kwargs)
+        seen.append((kwargs["guidance"], table.nfe))
+        return table
+
+    with mock.patch("flowkit.boss.tuning.tune_table", side_effect=spy), \
+            mock.patch("flowkit.boss.tune_table", side_effect=spy):
+        for guidance in ("cfg:scale=3", "cfg:scale=3", "none"):
+            flowkit.sample(pipe, ["a red circle"], sampler=Boss(k_max=4, samples=2), steps=2, guidance=guidance,
+                           seed=0, output_type="latent")
+    assert [g for g, _ in seen] == ["cfg:scale=3.0", "none"]  # the second CFG run reused its table
+    assert seen[0][1] == 2 * 4 * 2 and seen[1][1] == 4 * 2  # samples x fine steps x branches
 
 
 def test_boss_grid_spec_errors():

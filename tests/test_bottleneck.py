@@ -3,6 +3,9 @@ transition (resampled clean image re-noised with each sample's own fresh noise),
 notified of stage changes, runs on each family's tiny pipeline, and clear errors for
 impossible configurations."""
 
+import dataclasses
+import math
+
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
@@ -84,7 +87,7 @@ def test_stage_shapes_and_flux_token_counts():
     (dict(starts=[0.9, 0.8, 0.5]), "from noise"),
     (dict(ends=[0.8, 0.0, 0.0]), "only the last"),
     (dict(shifts=[1, -1, 1]), "shift must be > 0"),
-    (dict(scales=[1, 1]), "give fractions, starts, ends, shifts"),
+    (dict(scales=[1, 1]), "give fractions, starts, ends for every stage"),
     (dict(scales=[1, 0.5, 1], fractions=[0.5, 0.5]), "different lengths"),
     (dict(steps=[1, 2]), "whole number of steps"),
     (dict(preset="sdxl"), "preset"),
@@ -171,13 +174,22 @@ def _record_inputs(network):
     return seen, network.register_forward_pre_hook(hook, with_kwargs=True)
 
 
-@pytest.mark.parametrize("family, expected", [
-    ("shapes", [(3, 32, 32)] * 2 + [(3, 16, 16)] * 4 + [(3, 32, 32)] * 2),
-    ("sd", [(4, 16, 16)] * 2 + [(4, 8, 8)] * 4 + [(4, 16, 16)] * 2),
-    ("sd3", [(4, 16, 16)] * 2 + [(4, 8, 8)] * 4 + [(4, 16, 16)] * 2),
-    ("flux", [(64, 16)] * 2 + [(16, 16)] * 4 + [(64, 16)] * 2),  # packed tokens: 8x8, then 4x4 patches of 4 ch
+def flux_rule(tokens):
+    """e^mu of FLUX's linear mu rule (0.5 at 256 tokens, 1.15 at 4096), written out."""
+    return math.exp(0.5 + (1.15 - 0.5) / (4096 - 256) * (tokens - 256))
+
+
+@pytest.mark.parametrize("family, expected, shifts", [
+    ("shapes", [(3, 32, 32)] * 2 + [(3, 16, 16)] * 4 + [(3, 32, 32)] * 2, [1.0] * 3),
+    ("sd", [(4, 16, 16)] * 2 + [(4, 8, 8)] * 4 + [(4, 16, 16)] * 2, [1.0] * 3),
+    ("sd3", [(4, 16, 16)] * 2 + [(4, 8, 8)] * 4 + [(4, 16, 16)] * 2, [3.0] * 3),  # the scheduler's shift=3
+    ("flux", [(64, 16)] * 2 + [(16, 16)] * 4 + [(64, 16)] * 2,  # packed tokens: 8x8, then 4x4 patches of 4 ch
+     [flux_rule(64), flux_rule(16), flux_rule(64)]),
 ])
-def test_bottleneck_on_each_family(family, expected):
+def test_bottleneck_on_each_family(family, expected, shifts):
+    """Each stage is shifted by the model's own rule at its size (SD3's static shift, FLUX's
+    dynamic one from the stage's token count, 1 for the UNets: the negative control).
+    Mutant caught: the default preset's shift 1 in every stage whatever the model (sd3, flux)."""
     pipe = flowkit.load("tiny") if family == "shapes" else tiny_pipes.cached(family)
     net = pipe.unet if family in ("shapes", "sd") else pipe.transformer
     seen, handle = _record_inputs(net)
@@ -190,7 +202,7 @@ def test_bottleneck_on_each_family(family, expected):
     assert seen == expected
     if family != "flux":
         assert [r.shape for r in out.stats.steps] == expected
-    stages = PRESETS["default"]
+    stages = [dataclasses.replace(s, shift=v) for s, v in zip(PRESETS["default"], shifts)]
     walked = [stage_times(s, k, start=out.stats.grid[0] if i == 0 else None)
               for i, (s, k) in enumerate(zip(stages, [2, 4, 2]))]
     assert out.stats.grid == torch.cat(walked).tolist()  # the three stages' times, each with its end
@@ -216,3 +228,56 @@ def test_a_resolution_the_model_cannot_take_is_refused():
     with pytest.raises(InputError, match="multiples of 4"):  # the shapes UNet downsamples twice
         flowkit.sample(flowkit.load("tiny"), PROMPTS, sampler="bottleneck:scales=[1;0.1875;1]", steps=3,
                        guidance="none", output_type="latent")
+
+
+# -- each stage's shift: the model's own rule ----------------------------------------------------
+
+def _flux_grid():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from flowkit.timegrid import TimeGrid
+
+    return TimeGrid.from_scheduler(FlowMatchEulerDiscreteScheduler(
+        shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+        max_image_seq_len=4096), pass_sigmas=True)
+
+
+@pytest.mark.parametrize("px, full, half", [(1024, 3.16, 1.88), (768, 2.33, 1.74), (512, 1.88, 1.65)])
+def test_flux_preset_follows_fluxs_rule_at_every_size(px, full, half):
+    """The flux preset at 1024 / 768 / 512 px on a FLUX scheduler: each stage's shift is
+    e^mu from its own token count ((px/16)^2 at full size, a quarter of it at half size).
+    Mutant caught: the shifts fixed at FLUX's 1024 px values (3.16 / 1.88) at every size."""
+    smp = Bottleneck(preset="flux")
+    shape = (16, px // 8, px // 8)  # FLUX latents: 8x VAE, then 2x2 packing
+    grid = _flux_grid()
+    shapes = stage_shapes(shape, smp.stages, 2)
+    shifts = [s.shift for s in smp.resolved(shapes, 2, grid)]
+    tokens = [(h // 2) * (w // 2) for _, h, w in shapes]
+    assert tokens == [(px // 16) ** 2, (px // 32) ** 2, (px // 16) ** 2]
+    assert shifts == pytest.approx([flux_rule(n) for n in tokens], rel=1e-12)
+    assert [round(v, 2) for v in shifts] == [full, half, full]  # the issue's numbers
+    plan = smp.plan(28, shape, 2, model_grid=grid)  # the walked times use them
+    counts = split_steps(28, smp.stages)
+    for (shp, ts), s, k, v in zip(plan, smp.stages, counts, shifts):
+        assert torch.equal(ts, stage_times(dataclasses.replace(s, shift=v), k))
+
+
+def test_model_shift_rules():
+    """SD3's static shift, FLUX's dynamic one, 1 for a DDPM scheduler and a plain grid, an
+    explicit stage shift over the model's."""
+    from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
+
+    from flowkit.samplers.bottleneck import model_shift
+    from flowkit.timegrid import TimeGrid
+
+    assert model_shift(TimeGrid.from_scheduler(FlowMatchEulerDiscreteScheduler(shift=3.0)), 4096) == 3.0
+    assert model_shift(_flux_grid(), 4096) == pytest.approx(math.exp(1.15))
+    linear = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, time_shift_type="linear")
+    assert model_shift(TimeGrid.from_scheduler(linear), 4096) == pytest.approx(1.15)
+    assert model_shift(TimeGrid.from_scheduler(DDIMScheduler()), 4096) == 1.0
+    assert model_shift(TimeGrid.uniform()) == 1.0 and model_shift(None) == 1.0
+    assert model_shift(TimeGrid.shifted(2.5)) == 2.5
+    with pytest.raises(InputError, match="token count"):
+        model_shift(_flux_grid(), None)
+    own = Bottleneck(shifts=[2.0, 2.0, 2.0])
+    assert [s.shift for s in own.resolved([(16, 8, 8)] * 3, 2, _flux_grid())] == [2.0] * 3

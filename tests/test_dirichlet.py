@@ -9,6 +9,8 @@ from scipy import stats
 
 from flowkit.conditioning import Conditioning
 from flowkit.context import Context
+from flowkit.denoiser import Denoiser
+from flowkit.errors import InputError
 from flowkit.guidance import CFG, GuidanceStack
 from flowkit.paths.categorical import dirichlet_from_normal
 from flowkit.paths.dirichlet import DirichletPath, c_factor_row
@@ -139,20 +141,103 @@ def test_classifier_tilt_is_exact_on_a_two_class_world():
     tilted = path.classifier_tilt(uncond, x, point, grad)
     torch.testing.assert_close(tilted, per_class[:, 1], atol=1e-9, rtol=0)
     assert (path.classifier_tilt(uncond, x, point, 0.5 * grad) - per_class[:, 1]).abs().max() > 1e-3
-    # alpha = 1: no information, no change
+    # alpha = 1: g / (alpha - 1) is 0/0; the path refuses rather than guess (the guidance takes the limit)
     at_one = path.at(torch.ones(B, dtype=torch.float64))
-    torch.testing.assert_close(path.classifier_tilt(uncond, x, at_one, grad), uncond)
+    with pytest.raises(InputError, match="0/0 at alpha = 1"):
+        path.classifier_tilt(uncond, x, at_one, grad)
+
+
+class TwoClassWorld(Denoiser):
+    """The two-class world as a model: the exact unconditional denoiser (classes equally likely)
+    and its exact noisy classifier p(y | x_t), in float64."""
+
+    classifier = "exact"  # what the guidance's refusal checks for
+
+    def __init__(self, path, log_q):
+        super().__init__(path, "probs")
+        self.log_q = log_q
+
+    def classifier_logits(self, x, t):
+        return _log_evidence(self.log_q, x.double(), self.path.alpha(t.double())[:, None, None, None])
+
+    def per_class(self, x, t):
+        return torch.stack([self.path.posterior(self.log_q[y], x, t) for y in (0, 1)], 1)  # [B, 2, L, K]
+
+    def forward(self, x_native, timestep, cond):
+        t = self.path.time_of(timestep.double())
+        w = torch.softmax(self.classifier_logits(x_native, t), -1)
+        return (w[:, :, None, None] * self.per_class(x_native, t)).sum(1).float()
+
+
+def guided_errors(steps=10, n=16, guidance=None):
+    """Errors [steps] of the classifier-guided probabilities (scale 1, target class 1) against
+    the exact class-1 denoiser at each step of a run, the first at alpha = 1."""
+    from flowkit.guidance import DirichletClassifierGuidance
+
+    K, L = 4, 4  # exact_run's sequences have 4 positions
+    path = DirichletPath(K)
+    world = TwoClassWorld(path, _two_class_world(K, L))
+    errors = []
+
+    def check(ctx, step, x, pred):
+        exact = world.per_class(pred.x.double(), pred.point.t)[:, 1]  # at the state the step was taken from
+        errors.append(float((pred.probs.double() - exact).abs().max()))
+
+    stack = GuidanceStack([guidance or DirichletClassifierGuidance(scale=1.0, target=1)])
+    exact_run(path, world, n, steps, stack=stack, callback=check)
+    return errors
+
+
+def test_classifier_guidance_is_exact_from_the_first_step():
+    """At alpha = 1 (t = 1, every run's first step) the tilt is the limit dg/dalpha of the
+    classifier's gradient, which on the two-class world gives the class's prior exactly.
+    Mutant caught: the correction set to 0 at alpha = 1 (error 0.485 on the first step)."""
+    errors = guided_errors()
+    assert len(errors) == 10
+    assert errors[0] < 1e-3, errors  # the limit's forward difference over 1e-4 in alpha: O(1e-4)
+    assert max(errors[1:]) < 1e-6, errors  # alpha > 1: the closed form (float32 state)
 
 
 # -- sampling the toy task with the exact denoiser -----------------------------------------
 
+def toy_task_check(K, path=None, n=20000, steps=20):
+    """(KL of the tokens, max |z| of the state's means, NFE) for the exact denoiser on the toy
+    task. The z-scores compare the mean of every coordinate x_lj of the state at the last
+    evaluation (alpha = 7.65) with its exact value under the path's marginal,
+    E[x_lj] = (q_lj alpha + 1 - q_lj) / (alpha + K - 1), in standard errors: the tokens alone
+    are drawn from the exact posterior of whatever state was reached, so they hide a wrong
+    transport (KL 0.003-0.016 with the velocity halved or doubled, under the old bound 0.01)."""
+    task = ToyTask(K)
+    path = path or DirichletPath(K)
+    last = {}
+
+    def keep(ctx, i, x, pred):
+        if i == steps - 1:
+            last["x"], last["t"] = pred.x.double(), pred.point.t[0]
+
+    x, st = exact_run(path, task.exact_denoiser(path), n, steps, callback=keep)
+    alpha = float(path.alpha(last["t"]))
+    q = torch.from_numpy(task.probs)
+    mean = (q * alpha + 1 - q) / (alpha + K - 1)
+    z = (last["x"].mean(0) - mean).abs() / (last["x"].std(0) / n ** 0.5)
+    return task.kl(x.argmax(-1)), float(z.max()), st.nfe
+
+
+def check_toy_task(K, path=None):
+    kl, z, nfe = toy_task_check(K, path)
+    assert kl < 0.0015 and z < 5.0, (kl, z)
+    return nfe
+
+
 @pytest.mark.parametrize("K", [4, 20])
 def test_exact_denoiser_samples_the_toy_task(K):
+    """KL below 0.0015 (the exact sampler's expected KL is (K - 1) / 2n: 7.5e-5 and 4.8e-4;
+    measured 1.5e-4 and 3.7e-4) and every coordinate's mean within 5 standard errors of the
+    path's marginal (measured 3.0). Mutants caught (tests/test_mutants.py): the velocity
+    halved (KL 0.0034, z 10-21) or doubled (KL 0.007-0.016, z 16-37)."""
+    nfe = check_toy_task(K)
+    assert nfe == [20] * 20000
     task = ToyTask(K)
-    path = DirichletPath(K)
-    x, st = exact_run(path, task.exact_denoiser(path), 20000, 20)
-    assert task.kl(x.argmax(-1)) < 0.01
-    assert st.nfe == [20] * 20000
     # negative control: without the transport the state stays flat and the final draw is wrong
     still = DirichletPath(K)
     still.velocity = lambda p, xx, a: torch.zeros_like(xx, dtype=torch.float64)

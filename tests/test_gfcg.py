@@ -167,3 +167,62 @@ def test_refusals_and_bad_parameters():
         GUIDANCE.create("gfcg", {"classifier": "custom"})
     assert GuidanceStack([gfcg(fixed([0.0, 1.0]), targets=[0])]).describe() == \
         "gfcg:classifier=custom,label_to_prompt=custom,targets=[0]"
+
+
+# -- a classifier that reads the image, and which x0 it reads ----------------------------------
+
+def reading_classifier(seen, k=1.5):
+    """Logits [k (mean(x0) + 1), 0, -1] per image: the target 0 is more probable the brighter
+    the clean-image estimate, the reference is always class 1 and the confusion is
+    rho = exp(-k (mean(x0) + 1)). The images it is shown are appended to `seen`."""
+    def classify(x):
+        seen.append(x.detach().double().clone())
+        m = x.double().flatten(1).mean(dim=1)
+        return torch.stack([k * (m + 1), torch.zeros_like(m), -torch.ones_like(m)], dim=1)
+
+    return classify
+
+
+def gfcg_reading_check(w=2.0, scale=1.0, threshold=0.1, k=1.5):
+    """(max error of the images the classifier saw, of the final state) against a hand loop:
+    at evaluation i >= 1 the classifier sees clamp(x0_hat, -1, 1), x0_hat = x - t v of the
+    previous evaluation's guided and pushed velocity v; the push scale is
+    s = scale * clip((min(rho, 1) - threshold) / (1 - threshold), 0, 1) (0.28 to 0.59 here, never
+    saturated), and v = v_u + w (v_c - v_u) + s (v_c - v_ref) with the reference class 1's
+    branch. The classifier sees float32 images, so agreement is to about 1e-7."""
+    seen = []
+    x_run, stats, _ = _sample([CFG(scale=w), gfcg(reading_classifier(seen, k), scale=scale, threshold=threshold,
+                                                  targets=[0])])
+    x = _noise()  # the run starts at noise * ts[0] = noise
+    ts = TimeGrid.uniform().build(STEPS, PATH)
+    c, u = conds(x.shape[0])["cond"], conds(x.shape[0])["uncond"]
+    r = Conditioning({"shift": torch.full((x.shape[0],), SHIFTS[1], dtype=torch.float64)})
+    shown, x0_hat = [], None
+    for i in range(STEPS):
+        t = ts[i]
+        vc, vu, vr = (gaussian_velocity(x, t.expand(x.shape[0]) * 1000, b) for b in (c, u, r))
+        v = vu + w * (vc - vu)
+        if x0_hat is not None:
+            img = x0_hat.clamp(-1.0, 1.0)
+            shown.append(img)
+            rho = torch.exp(-k * (img.mean(dim=1) + 1)).clamp(max=1.0)
+            s = scale * ((rho - threshold) / (1 - threshold)).clamp(0.0, 1.0)
+            v = v + s[:, None] * (vc - vr)
+        x0_hat = x - t * v
+        x = x + (ts[i + 1] - t) * v
+    assert len(seen) == len(shown) == STEPS - 1
+    img_err = max(float((a - b).abs().max()) for a, b in zip(seen, shown))
+    return img_err, float((x_run - x).abs().max())
+
+
+def test_gfcg_classifies_the_previous_guided_clean_image():
+    """With a classifier that reads the image, the classified image is the previous
+    evaluation's guided and pushed clean-image estimate, and the run follows the hand loop.
+    Mutants caught (tests/test_mutants.py): classifying the conditional branch's x0 instead of
+    the guided one, or the estimate of the evaluation before the previous one."""
+    check_gfcg_reading()
+
+
+def check_gfcg_reading():
+    img_err, x_err = gfcg_reading_check()
+    assert img_err < 1e-5 and x_err < 1e-5, (img_err, x_err)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from analytic import conds, context, denoiser, gaussian_velocity
+from analytic import MU, S, conds, context, denoiser, gaussian_velocity
 from flowkit.conditioning import Conditioning
 from flowkit.context import Context
 from flowkit.denoiser import FunctionDenoiser
@@ -39,6 +39,8 @@ def _manual_cfg_euler(noise, steps, w):
 
 @pytest.mark.parametrize("space", ["model_output", "x0", "epsilon", "velocity"])
 def test_cfg_matches_the_formula_in_every_space(space):
+    """Without a rescale CFG is affine, combined on the raw output whatever the space (so this
+    runs one code path; the spaces' own code is tested with the rescale below)."""
     x, stats, noise, _ = _run([CFG(scale=3.0, space=space)])
     ref = _manual_cfg_euler(noise, 6, 3.0)
     assert torch.allclose(x, ref, atol=1e-9)
@@ -46,6 +48,82 @@ def test_cfg_matches_the_formula_in_every_space(space):
     assert not torch.allclose(_manual_cfg_euler(noise, 6, 2.5), x, atol=1e-3)
     assert stats.nfe == [12, 12, 12]
     assert stats.forward_calls == 6  # both branches in one forward pass per step
+
+
+PATTERN = torch.tensor([1.0, -0.5, 2.0, 0.3, -1.2], dtype=torch.float64)
+
+
+def patterned_velocity(x, timestep, cond, s=S):
+    """The analytic world's exact velocity with the branch's shift spread over the dimensions
+    (data mean MU + shift * PATTERN): cond and uncond then differ per dimension, so CFG's
+    rescale is not the identity (on the plain world every branch's velocity is A x plus a
+    scalar, and the per-sample std matching does nothing in any space)."""
+    t = (timestep / 1000).view(-1, 1).to(x.dtype)
+    m = MU + cond["shift"].view(-1, 1).to(x.dtype) * PATTERN
+    x0 = m + (1 - t) * s * s / ((1 - t) ** 2 * s * s + t * t) * (x - (1 - t) * m)
+    return (x - (1 - t) * x0) / t - x0
+
+
+def _served_as(kind):
+    """The patterned world's model serving `kind` predictions (the velocity converted by hand)."""
+    def fn(x, timestep, cond):
+        v = patterned_velocity(x, timestep, cond)
+        t = (timestep / 1000).view(-1, 1).to(x.dtype)
+        return {"velocity": v, "x0": x - t * v, "epsilon": x + (1 - t) * v}[kind]
+
+    return FunctionDenoiser(fn, PATH, kind)
+
+
+def cfg_rescale_run(space, kind, steps=6, w=3.0, phi=0.7, batch=3):
+    """(flowkit's final state, the hand-written one) for CFG with guidance_rescale=phi measured
+    in `space`, on the patterned world served as `kind` predictions, from t = 0.9 (the noise
+    space is singular at t = 1 on the linear path). By hand: v_g = v_u + w (v_c - v_u); the
+    guided and conditional predictions written in the space (x0 = x - t v, eps = x + (1 - t) v),
+    the guided one's per-sample std matched to the conditional one's, mixed by phi, and
+    brought back to a velocity for the Euler step."""
+    noise = randn_per_sample((5,), generators_for(0, range(batch))).double()
+    ts = torch.linspace(0.9, 0.0, steps + 1, dtype=torch.float64)
+    ctx = context(batch, steps, [CFG(scale=w, guidance_rescale=phi, space=space)], den=_served_as(kind))
+    x_run, _ = integrate(Euler(), ctx, noise, ts)
+    where = kind if space == "model_output" else space
+    to_space = {"velocity": lambda x, t, v: v, "x0": lambda x, t, v: x - t * v,
+                "epsilon": lambda x, t, v: x + (1 - t) * v}[where]
+    to_velocity = {"velocity": lambda x, t, p: p, "x0": lambda x, t, p: (x - p) / t,
+                   "epsilon": lambda x, t, p: (p - x) / (1 - t)}[where]
+    x = ts[0] * noise  # the run starts at noise * ts[0]
+    c, u = conds(batch)["cond"], conds(batch)["uncond"]
+    for i in range(steps):
+        t = ts[i]
+        vc, vu = (patterned_velocity(x, t.expand(batch) * 1000, k) for k in (c, u))
+        g, cc = to_space(x, t, vu + w * (vc - vu)), to_space(x, t, vc)
+        g = phi * g * (cc.std(dim=1, keepdim=True) / g.std(dim=1, keepdim=True)) + (1 - phi) * g
+        x = x + (ts[i + 1] - t) * to_velocity(x, t, g)
+    return x_run, x
+
+
+CFG_SPACE_CASES = [(space, kind) for kind in ("velocity", "x0", "epsilon")
+                   for space in ("model_output", "x0", "epsilon", "velocity")]
+
+
+@pytest.mark.parametrize("space, kind", CFG_SPACE_CASES)
+def test_cfg_rescale_is_measured_in_its_space(space, kind):
+    """With guidance_rescale > 0 the space matters (the rescale is not affine), so every space
+    runs its own conversions, for models serving velocity, x0 and noise. Mutants caught
+    (tests/test_mutants.py): a wrong conversion to one space, the space ignored."""
+    check_cfg_rescale(space, kind)
+
+
+def check_cfg_rescale(space, kind):
+    x_run, x_hand = cfg_rescale_run(space, kind)
+    assert torch.allclose(x_run, x_hand, atol=1e-9), (x_run - x_hand).abs().max()
+
+
+def test_cfg_rescale_spaces_differ():
+    """Negative control: the spaces give different results, so the test above can tell them apart."""
+    finals = {space: cfg_rescale_run(space, "velocity")[0] for space in ("x0", "epsilon", "velocity")}
+    assert not torch.allclose(finals["x0"], finals["epsilon"], atol=1e-3)
+    assert not torch.allclose(finals["x0"], finals["velocity"], atol=1e-3)
+    assert not torch.allclose(finals["epsilon"], finals["velocity"], atol=1e-3)
 
 
 def test_unbatched_branches_give_the_same_result_with_more_calls():

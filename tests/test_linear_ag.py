@@ -192,3 +192,64 @@ def test_coefficient_files_load_or_fail_with_input_error(tmp_path_factory, data)
     for step in range(50):  # whatever loaded is usable
         w = coef.at(step)
         assert w is None or len(w) == 1 + 2 * coef.history
+
+
+# -- the supplied branch uses the right steps' history -----------------------------------------
+
+def _varied_velocity(x, timestep, cond):
+    """A Gaussian world whose branches differ in mean per dimension and in spread, so that
+    u - c depends on the state and changes direction from step to step (on the plain
+    analytic world it is one fixed vector times a function of t)."""
+    t = (timestep / 1000).view(-1, 1).to(x.dtype)
+    pattern = torch.tensor([1.0, -0.5, 2.0, 0.3, -1.2], dtype=x.dtype)
+    m = 0.7 + cond["shift"].view(-1, 1).to(x.dtype) * pattern
+    s = cond["spread"].view(-1, 1).to(x.dtype)
+    x0 = m + (1 - t) * s * s / ((1 - t) ** 2 * s * s + t * t) * (x - (1 - t) * m)
+    return (x - (1 - t) * x0) / t - x0
+
+
+def linear_ag_history_check(steps=8, batch=3):
+    """(max error of the supplied uncond against the hand formula, min cosine between
+    consecutive steps' u - c): a run of CFG + LinearAG (K = 2, fixed coefficients, every other
+    step predicted) on the varied world, recorded per step; at each predicted step t the
+    supplied u_t must be w . [c_t, c_{t-1}, u_{t-1}, c_{t-2}, u_{t-2}] of the recorded outputs
+    (u_{t-1} itself predicted or evaluated)."""
+    from flowkit.conditioning import Conditioning
+    from flowkit.context import Context
+    from flowkit.denoiser import FunctionDenoiser
+    from flowkit.seeding import generators_for
+
+    w = [0.9, -0.3, 0.4, 0.2, -0.1]
+    coef = LinearAGCoefficients(history=2, weights=[w])
+    rec = TrajectoryRecorder()
+    stack = [CFG(scale=3.0), LinearAG(coefficients=coef, every=2, stop=1.0), rec]
+    full = lambda v: torch.full((batch,), v, dtype=torch.float64)  # noqa: E731
+    conds = {"cond": Conditioning({"shift": full(0.0), "spread": full(0.5)}),
+             "uncond": Conditioning({"shift": full(1.0), "spread": full(1.2)})}
+    ctx = Context(FunctionDenoiser(_varied_velocity, PATH, "velocity"), GuidanceStack(stack), conds,
+                  generators_for(0, range(batch)), steps)
+    _, stats = integrate(Euler(), ctx, ctx.randn((5,)).double(), TimeGrid.uniform().build(steps, PATH))
+    predicted = [i for i, r in enumerate(stats.steps) if r.branches.get("uncond", 0) == 0]
+    assert predicted == [3, 5, 7], predicted
+    c, u = (v.double() for v in rec.trajectories())  # [B, S, 5]
+    err = 0.0
+    for t in predicted:
+        feats = [c[:, t], c[:, t - 1], u[:, t - 1], c[:, t - 2], u[:, t - 2]]
+        err = max(err, float((u[:, t] - sum(wj * f for wj, f in zip(w, feats))).abs().max()))
+    d = u - c
+    cos = min(float(torch.nn.functional.cosine_similarity(d[:, i].flatten(), d[:, i - 1].flatten(), dim=0))
+              for i in range(1, steps))
+    return err, cos
+
+
+def test_supplied_uncond_uses_the_previous_steps_outputs():
+    """On a world where u - c changes from step to step, every supplied u_t is the affine map
+    of step t's c and steps t-1 and t-2's outputs. Mutant caught (tests/test_mutants.py): the
+    history misaligned by one step (step j's entry holding step j-1's outputs)."""
+    check_linear_ag_history()
+
+
+def check_linear_ag_history():
+    err, cos = linear_ag_history_check()
+    assert err < 1e-12, err
+    assert cos < 0.99, cos  # the world's u - c really turns between steps

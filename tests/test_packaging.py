@@ -256,6 +256,18 @@ from analytic import context
 
 import flowkit_dummy_plugin as plugin
 
+# `flowkit list` and the sweep test see the plugin's classes
+import contextlib, io
+from flowkit.cli import main
+buf = io.StringIO()
+with contextlib.redirect_stdout(buf):
+    main(["list", "--json"])
+listed = json.loads(buf.getvalue())
+import test_sweep
+in_sweep = [c for c in test_sweep.cases() if "dummy" in c[0] or "dummy" in c[1]]
+swept = [test_sweep.check_combination(s, g, "shapes-tiny") for s, g in
+         [("dummy-euler", "dummy-guidance"), ("dummy-euler", "cfg"), ("heun", "dummy-guidance")]]
+
 noise = randn_per_sample((8,), generators_for(0, range(3))).double()
 ts = TimeGrid.uniform().build(6, LinearPath())
 x_ref, _ = integrate(Euler(), context(3, 6, [CFG(scale=2.0)]), noise, ts)
@@ -270,6 +282,9 @@ print(json.dumps({{
     "same_as_euler": bool(torch.equal(x_ref, x_dummy)),
     "nfe": stats.nfe,
     "plugin_file": plugin.__file__,
+    "listed": listed,
+    "swept": swept,
+    "in_sweep": in_sweep,
 }}))
 """
     info = _run_python(code, [plugin_site], cwd=tmp_path)
@@ -281,6 +296,9 @@ print(json.dumps({{
     assert info["stack"] == ["CFG", "DummyGuidance"]
     assert info["same_as_euler"], "the plugin's Euler loop should match flowkit's Euler exactly"
     assert info["nfe"] == [12, 12, 12]
+    # a new module in a plugin package shows up in `flowkit list` and in the sweep, and runs there
+    assert "dummy-euler" in info["listed"]["samplers"] and "dummy-guidance" in info["listed"]["guidance"]
+    assert len(info["in_sweep"]) > 0 and info["swept"] == ["ran", "ran", "ran"]
 
 
 # --------------------------------------------------------------------------- (d) CI torch

@@ -112,8 +112,13 @@ class ModelAdapter(ABC):
         return TimeGrid.uniform()
 
     def kit(self) -> ModelKit:
-        """What this model's world hands methods (classifier, ...); empty by default."""
-        return ModelKit()
+        """What this model family (and its world) hands methods: `to_pixels` and
+        `token_groups` for every family; a world's classifier, counter, ... where it has them."""
+        return ModelKit(family=self.family, to_pixels=self.to_pixels, token_groups=self.token_groups,
+                        text_tokens=self._text_tokens)
+
+    def _text_tokens(self, prompt: str) -> tuple[int, ...]:
+        return self.word_tokens(prompt, (0, len(prompt)))
 
     @abstractmethod
     def decode(self, x: Tensor, output_type: str) -> Any:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import re
 from typing import Any, Sequence
@@ -138,7 +139,7 @@ class ShapesAdapter(ModelAdapter):
         return out
 
     def kit(self) -> ModelKit:
-        return shapes_kit()
+        return dataclasses.replace(super().kit(), **_shapes_world_kit())
 
     # -- the drop-in protocol -------------------------------------------------------------
     def encode_call(self, kw, need_uncond: bool, num_images_per_prompt: int):
@@ -164,28 +165,29 @@ class ShapesAdapter(ModelAdapter):
         return ImagePipelineOutput(images=images) if return_dict else (images,)
 
 
-@functools.lru_cache(maxsize=1)
 def shapes_kit() -> ModelKit:
-    """The shapes world's kit: its shipped classifier over the 12 (shape, colour) groups, the
-    groups a caption asks for, and a caption with one group asked as another."""
+    """The shapes world's part of a kit (without a model: no to_pixels or token groups)."""
+    return ModelKit(**_shapes_world_kit())
+
+
+@functools.lru_cache(maxsize=1)
+def _shapes_world_kit() -> dict[str, Any]:
+    """The shapes world's classifier over the 12 (shape, colour) groups, the groups a caption
+    asks for, a caption with one group asked as another, and the counter of each group."""
     from flowkit.worlds import shapes as world
 
     def asked(prompts: Sequence[str]) -> Tensor:
         return torch.tensor(world.asked_groups(prompts), dtype=torch.long).reshape(len(prompts), -1)
 
-    return ModelKit(classifier=_shapes_class_logits, num_classes=len(world.GROUPS), class_kind="(shape, colour) groups",
-                    asked_classes=asked,
-                    reference_prompt=world.swap_group)
+    def counts(prompts: Sequence[str]) -> Tensor:
+        return torch.tensor(world.asked_counts(prompts), dtype=torch.float32).reshape(len(prompts), -1)
 
+    # the classifier and the counter are the ones the world's rewards (flowkit.rewards) read
+    from flowkit.worlds.shapes_rewards import class_logits, group_counts
 
-@functools.lru_cache(maxsize=4)
-def _classifier_on(device: str) -> Any:
-    from flowkit.worlds.shapes_nets import load_classifier
+    def classifier(images: Tensor) -> Tensor:  # inference only (GFCG reads probabilities)
+        with torch.no_grad():
+            return class_logits(images)
 
-    return load_classifier().to(device)
-
-
-def _shapes_class_logits(images: Tensor) -> Tensor:
-    """The shipped classifier's class logits [B, 12] of images in [-1, 1], without gradients."""
-    with torch.no_grad():
-        return _classifier_on(str(images.device)).class_logits(images.float())
+    return dict(classifier=classifier, num_classes=len(world.GROUPS), class_kind="(shape, colour) groups",
+                asked_classes=asked, reference_prompt=world.swap_group, counter=group_counts, asked_counts=counts)

@@ -16,6 +16,7 @@ attention maps through the run's store, `ctx.attention` (see flowkit.attention.s
 from flowkit.attention.control import (
     AttentionController,
     active_kernel,
+    checkpoint_contexts,
     controller,
     install,
     layers,
@@ -41,6 +42,7 @@ __all__ = [
     "DEFAULT_KERNEL",
     "KERNELS",
     "active_kernel",
+    "checkpoint_contexts",
     "check_kernel",
     "controller",
     "install",

@@ -41,6 +41,10 @@ class FlowKitProcessor:
         """Whether this module's calls have a cross-attention map."""
         return False
 
+    def query(self, query: Tensor) -> Tensor:
+        """The projected queries [B, L, C] as the controller hands them on (blurred in a SEG forward)."""
+        return self.controller.query(self.layer, query)
+
     def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None,
                cross: tuple[slice, slice] | None = None) -> Tensor:
         """[B, H, Lq, D] attention output; `cross`: (image-query rows, text-key columns) of a map."""
@@ -70,7 +74,7 @@ class UNetAttnProcessor(FlowKitProcessor):
             attention_mask = attention_mask.view(batch, attn.heads, -1, attention_mask.shape[-1])
         if attn.group_norm is not None:
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-        query = attn.to_q(hidden_states)
+        query = self.query(attn.to_q(hidden_states))
         context = hidden_states
         if cross:
             context = attn.norm_encoder_hidden_states(encoder_hidden_states) if attn.norm_cross else encoder_hidden_states
@@ -106,7 +110,8 @@ class JointAttnProcessor(FlowKitProcessor):
         def heads(t: Tensor) -> Tensor:
             return t.view(batch, -1, attn.heads, d).transpose(1, 2)  # [B, H, L, d]
 
-        q, k, v = heads(attn.to_q(hidden_states)), heads(attn.to_k(hidden_states)), heads(attn.to_v(hidden_states))
+        q = heads(self.query(attn.to_q(hidden_states)))
+        k, v = heads(attn.to_k(hidden_states)), heads(attn.to_v(hidden_states))
         if attn.norm_q is not None:
             q = attn.norm_q(q)
         if attn.norm_k is not None:
@@ -149,7 +154,7 @@ class FluxAttnProcessor(FlowKitProcessor):
             if has_text:
                 eq, ek, ev = attn.to_added_qkv(encoder_hidden_states).chunk(3, dim=-1)
         else:
-            q, k, v = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+            q, k, v = self.query(attn.to_q(hidden_states)), attn.to_k(hidden_states), attn.to_v(hidden_states)
             if has_text:
                 e = encoder_hidden_states
                 eq, ek, ev = attn.add_q_proj(e), attn.add_k_proj(e), attn.add_v_proj(e)

@@ -22,12 +22,15 @@ import math
 from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, ContextManager, Iterable, Iterator, Sequence
 
 import torch
 from torch import Tensor
 
-from flowkit.errors import InputError, closest
+from flowkit.errors import InputError, UnsupportedError, closest
+
+if TYPE_CHECKING:
+    from flowkit.perturbation import Perturbation
 
 __all__ = ["AttentionMap", "AttentionStore", "resolve_layers"]
 
@@ -111,6 +114,7 @@ class _Scope:
     call: int
     layout: list[tuple[str | None, Tensor]] | None
     latent_hw: tuple[int, ...] | None
+    perturbation: "Perturbation | None" = None
 
 
 class AttentionStore:
@@ -124,26 +128,35 @@ class AttentionStore:
         self.layers = list(layers)
         self.counts: Counter[str] = Counter()
         self.maps: list[AttentionMap] = []
-        self._requests: dict[str, tuple[frozenset[int] | None, str]] = {}
+        # layer -> (steps or None: all, heads, branches or None: any call)
+        self._requests: dict[str, tuple[frozenset[int] | None, str, frozenset[str] | None]] = {}
         self._scope: _Scope | None = None
         self._calls: Counter[int] = Counter()  # forwards opened per step
+        self.replaying = False  # a checkpointed call is being recomputed in the backward pass
+        # the network's way to apply a perturbation for one forward (set by the run's session)
+        self.perturber: Callable[["Perturbation"], ContextManager[Any]] | None = None
 
     # -- requests ----------------------------------------------------------------------
     def request(self, layers: str | Iterable[str], steps: int | Iterable[int] | None = None, *,
-                heads: str = "mean") -> list[str]:
+                heads: str = "mean", branches: Iterable[str] | None = None) -> list[str]:
         """Capture `layers` (names or globs) at global `steps` (None: every step); returns the names.
-        heads: "mean" keeps [n, Lq, Lk] maps averaged over heads, "all" keeps [n, H, Lq, Lk]."""
+        heads: "mean" keeps [n, Lq, Lk] maps averaged over heads, "all" keeps [n, H, Lq, Lk];
+        branches: capture only the calls that evaluate one of these branches (None: any call),
+        e.g. a module's own extra evaluation and not the step's batched forward."""
         if heads not in HEADS:
             raise InputError(f"heads must be 'mean' or 'all', got {heads!r}")
         names = resolve_layers(layers, self.layers)
         when = _steps(steps)
+        which = None if branches is None else frozenset([branches] if isinstance(branches, str) else branches)
         for name in names:
             old = self._requests.get(name)
             if old is not None and old[1] != heads:
                 raise InputError(f"layer {name!r} is already captured with heads={old[1]!r}")
             merged = None if when is None or (old is not None and old[0] is None) else \
                 when | (old[0] if old is not None else frozenset())
-            self._requests[name] = (merged, heads)
+            merged_branches = None if which is None or (old is not None and old[2] is None) else \
+                which | (old[2] if old is not None else frozenset())
+            self._requests[name] = (merged, heads, merged_branches)
         return names
 
     def cancel(self, layers: str | Iterable[str] | None = None) -> None:
@@ -154,16 +167,41 @@ class AttentionStore:
     # -- the forward scope (opened by the sampling loop) ---------------------------------
     @contextmanager
     def forward(self, step: int, layout: Sequence[tuple[str | None, Tensor]] | None = None,
-                latent_hw: Sequence[int] | None = None) -> Iterator[None]:
-        """Tag the captures of one network call: global step, (branch, sample rows) per block of rows."""
+                latent_hw: Sequence[int] | None = None, *,
+                perturbation: "Perturbation | None" = None) -> Iterator[None]:
+        """Tag the captures of one network call: global step, (branch, sample rows) per block of rows;
+        with `perturbation`, the network is perturbed for this call (flowkit.perturbation)."""
+        if perturbation is not None and self.perturber is None:
+            raise UnsupportedError(f"this run's network cannot be perturbed ({perturbation.describe()}): "
+                                   "flowkit's attention processors are not installed on it")
         call = self._calls[step]
         self._calls[step] += 1
         lay = None if layout is None else [(b, torch.as_tensor(r).flatten().cpu()) for b, r in layout]
-        outer, self._scope = self._scope, _Scope(step, call, lay, tuple(latent_hw) if latent_hw is not None else None)
+        outer, self._scope = self._scope, _Scope(step, call, lay, tuple(latent_hw) if latent_hw is not None else None,
+                                                 perturbation)
+        try:
+            if perturbation is None:
+                yield
+            else:
+                with self.perturber(perturbation):
+                    yield
+        finally:
+            self._scope = outer
+
+    @property
+    def scope(self) -> "_Scope | None":
+        """The network call being run (None outside the loop's calls)."""
+        return self._scope
+
+    @contextmanager
+    def replay(self, scope: "_Scope | None") -> Iterator[None]:
+        """Recompute the call `scope` (activation checkpointing's backward pass): the same
+        layers are captured (same kernels), but no map is recorded and no call counted again."""
+        outer, self._scope, self.replaying = self._scope, scope, True
         try:
             yield
         finally:
-            self._scope = outer
+            self._scope, self.replaying = outer, False
 
     def wants(self, layer: str) -> bool:
         """Whether the current call of `layer` is to be captured."""
@@ -171,12 +209,16 @@ class AttentionStore:
         if scope is None:
             return False
         req = self._requests.get(layer)
-        return req is not None and (req[0] is None or scope.step in req[0])
+        if req is None or not (req[0] is None or scope.step in req[0]):
+            return False
+        return req[2] is None or any(branch in req[2] for branch, _ in (scope.layout or []))
 
     def record(self, layer: str, probs: Tensor) -> None:
         """Keep the probabilities [rows, H, Lq, Lk] of a captured call, split by branch."""
         scope = self._scope
         assert scope is not None, "record() outside a forward scope"
+        if self.replaying:
+            return
         if self._requests[layer][1] == "mean":
             probs = probs.mean(dim=1)
         layout = scope.layout or [(None, torch.arange(probs.shape[0]))]
@@ -203,6 +245,8 @@ class AttentionStore:
             raise InputError(f"step {step} of layer {layer!r} has {len(calls)} captured forwards; call={call} is out of range")
         return next(m for m in found if m.call == want)
 
-    def clear(self, before_step: int | None = None) -> None:
-        """Drop captured maps (of steps before `before_step`, or all), releasing their graphs."""
-        self.maps = [] if before_step is None else [m for m in self.maps if m.step >= before_step]
+    def clear(self, before_step: int | None = None, *, branch: str | None = None) -> None:
+        """Drop captured maps (of steps before `before_step`, or all; of `branch` only, or of
+        every branch), releasing their graphs."""
+        self.maps = [m for m in self.maps if not ((before_step is None or m.step < before_step)
+                                                  and (branch is None or m.branch == branch))]

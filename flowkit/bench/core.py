@@ -37,14 +37,20 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from flowkit.bench.cache import ResultCache, check_name, to_jsonable, write_json_atomic
+from flowkit.bench.cache import (
+    ResultCache,
+    check_name,
+    config_hash,
+    to_jsonable,
+    write_json_atomic,
+)
 from flowkit.bench.stats import (
     Interval,
     bootstrap_mean,
     paired_bootstrap,
     paired_bootstrap_set,
 )
-from flowkit.bench.verdict import Claim, verdict
+from flowkit.bench.verdict import Claim, rate_bound, verdict
 from flowkit.errors import InputError, closest
 from flowkit.registry import EXPERIMENTS
 
@@ -138,6 +144,9 @@ class BenchRun:
         cache: ResultCache | None = None,
         n_boot: int = 2000,
         max_samples: int | None = None,
+        previous: Mapping[str, Any] | None = None,
+        adopt: Sequence[str] = (),
+        progress_path: str | os.PathLike[str] | None = None,
     ):
         if max_samples is not None and (not isinstance(max_samples, (int, np.integer)) or max_samples < 1):
             raise InputError(f"max_samples must be a positive integer, got {max_samples!r}")
@@ -150,6 +159,14 @@ class BenchRun:
         self.rows: list[Row] = []
         self.info: dict[str, Any] = {}
         self.samples: dict[str, list[dict[str, Any]]] = {}
+        self.arm_keys: dict[str, str] = {}  # arm -> hash of its cache key, written to the JSON
+        self.previous = previous  # the committed results of this experiment, whose samples seed the cache
+        self.adopt = set(adopt)  # arms of a legacy results file (no arm keys) to take over by name
+        # NAME.progress.json: every finished chunk of every arm (with its key), written as the run
+        # goes, so a run cut short by the end of a session resumes in the next from a commit
+        self.progress_path = None if progress_path is None else Path(progress_path)
+        self._progress: dict[str, Any] = {}
+        self._progress_written = 0.0
 
     def n(self, *, full: int, quick: int) -> int:
         """`quick` in a quick run, `full` otherwise."""
@@ -185,11 +202,95 @@ class BenchRun:
         if name in self.samples:
             raise InputError(f"arm {name!r} already ran in experiment {self.name!r}; give each arm its own name")
         key = {"arm": name, "seed": self.seed, "config": dict(config)}
+        self.arm_keys[name] = config_hash(key)
+        self._seed_from_previous(name, key, chunk)
+        self._seed_from_progress(name, key)
         t0 = time.perf_counter()
-        results = self.cache.run_cached_chunks(self.name, key, n, fn, chunk=chunk)
+        try:
+            results = self.cache.run_cached_chunks(self.name, key, n, fn, chunk=chunk,
+                                                   on_chunk=lambda a, b, part: self._note_progress(name, a, b, part))
+        finally:  # also when the run is cut short: what is done is kept
+            self._write_progress(force=True)
         log.info("bench %s: arm %s, %d samples in %.1fs", self.name, name, n, time.perf_counter() - t0)
         self.samples[name] = results
         return results
+
+    def carry_over(self, method: str, metric: str, baseline_name: str, why: str) -> Row | None:
+        """The committed run's row (method, metric, baseline), added again where this run cannot
+        compute it (`why`), marked with the date it was measured; None if there is none."""
+        prev = self.previous or {}
+        for d in prev.get("rows") or []:
+            if isinstance(d, dict) and (d.get("method"), d.get("metric"), d.get("baseline")) == \
+                    (method, metric, baseline_name):
+                row = Row.from_dict(d)
+                if "as measured on" not in row.notes:  # a row carried over before keeps its first date
+                    row.notes = "; ".join(n for n in (row.notes, f"as measured on {prev.get('date')} ({why})") if n)
+                self.rows.append(row)
+                return row
+        self.info.setdefault("rows_not_computed", []).append(f"{method} / {metric} vs {baseline_name}: {why}")
+        return None
+
+    # -- progress files -----------------------------------------------------------------------
+    def _note_progress(self, arm: str, start: int, stop: int, part: list[dict[str, Any]]) -> None:
+        if self.progress_path is None:
+            return
+        entry = self._progress.setdefault(arm, {"key": self.arm_keys[arm], "chunks": {}})
+        entry["chunks"][f"{start}-{stop}"] = part
+        self._write_progress()
+
+    def _write_progress(self, force: bool = False) -> None:
+        """Merge this process's finished chunks into the progress file (at most every 30 s)."""
+        if self.progress_path is None or not self._progress or (
+                not force and time.monotonic() - self._progress_written < 30.0):
+            return
+        on_disk = _read_progress(self.progress_path, self.seed, self.quick)
+        for arm, entry in self._progress.items():
+            old = on_disk.get(arm)
+            if old is not None and old.get("key") == entry["key"]:
+                entry["chunks"] = {**old["chunks"], **entry["chunks"]}
+            on_disk[arm] = entry
+        write_json_atomic(self.progress_path, to_jsonable({"experiment": self.name, "seed": self.seed,
+                                                           "quick": self.quick, "arms": on_disk}, "progress"))
+        self._progress_written = time.monotonic()
+
+    def _seed_from_progress(self, name: str, key: Mapping[str, Any]) -> None:
+        """Put the chunks a progress file holds for this arm's key into the cache."""
+        if self.progress_path is None:
+            return
+        entry = _read_progress(self.progress_path, self.seed, self.quick).get(name)
+        if not entry or entry.get("key") != self.arm_keys[name]:
+            return
+        seeded = 0
+        for bounds, part in entry.get("chunks", {}).items():
+            start, _, stop = str(bounds).partition("-")
+            if start.isdigit() and stop.isdigit() and isinstance(part, list):
+                seeded += self.cache.seed_chunk(self.name, key, int(start), int(stop), part) * len(part)
+        if seeded:
+            log.info("bench %s: arm %s, %d samples taken from the progress file", self.name, name, seeded)
+
+    def _seed_from_previous(self, name: str, key: Mapping[str, Any], chunk: int) -> None:
+        """Put the committed per-sample results of arm `name` into the cache, where they are
+        the results of the same key (the JSON records each arm's key hash), so a run in a new
+        session computes only what is missing. A legacy file without keys is trusted only for
+        the arms named in `adopt` (recorded in `info["adopted"]`)."""
+        prev = self.previous
+        if not prev or prev.get("quick") != self.quick or prev.get("seed") != self.seed:
+            return
+        results = (prev.get("samples") or {}).get(name)
+        if not isinstance(results, list) or not results:
+            return
+        keys = prev.get("arm_keys")
+        if isinstance(keys, dict):
+            if keys.get(name) != self.arm_keys[name]:
+                return
+        elif name not in self.adopt:
+            return
+        else:
+            self.info.setdefault("adopted", {})[name] = prev.get("date")
+        ordered = [r for i, r in enumerate(results) if isinstance(r, dict) and r.get("index", i) == i]
+        written = self.cache.seed_chunks(self.name, key, ordered[:len(ordered)], chunk=chunk)
+        if written:
+            log.info("bench %s: arm %s, %d samples taken from the committed results", self.name, name, written)
 
     def compare(
         self,
@@ -212,9 +313,14 @@ class BenchRun:
         interval = paired_bootstrap(treatment, baseline, stat=claim.stat, n_boot=self.n_boot, seed=self.seed)
         t = np.asarray(treatment, dtype=np.float64)
         b = np.asarray(baseline, dtype=np.float64)
+        bound = rate_bound(t, b, top=100.0 if units == "%" else 1.0)
+        if bound is not None:
+            stuck = (f"both arms at {bound:g}{units} on every sample: nothing can move, the row says nothing "
+                     "about the claim (it needs prompts or sets with room to move)")
+            notes = f"{notes}; {stuck}" if notes else stuck
         return self._add(method, metric, claim, interval, baseline_name=baseline_name, treatment_mean=float(t.mean()),
                          baseline_mean=float(b.mean()), units=units, notes=notes, treatment_values=t.tolist(),
-                         baseline_values=b.tolist(), per_sample=self._per_sample(per_sample, interval.n))
+                         baseline_values=b.tolist(), per_sample=self._per_sample(per_sample, interval.n), bound=bound)
 
     def compare_set(
         self,
@@ -260,8 +366,10 @@ class BenchRun:
                          per_sample=self._per_sample(per_sample, interval.n))
 
     def _add(self, method: str, metric: str, claim: Claim, interval: Interval, *, baseline_name: str,
-             treatment_mean: float, baseline_mean: float | None, units: str, notes: str, **values: Any) -> Row:
-        """Record the row of `claim` judged on `interval` (values: the per-sample columns)."""
+             treatment_mean: float, baseline_mean: float | None, units: str, notes: str,
+             bound: float | None = None, **values: Any) -> Row:
+        """Record the row of `claim` judged on `interval` (values: the per-sample columns;
+        bound: the floor or ceiling both arms sit at, which makes the row uninformative)."""
         row = Row(
             experiment=self.name,
             method=method,
@@ -274,7 +382,7 @@ class BenchRun:
             estimate=interval.estimate,
             low=interval.low,
             high=interval.high,
-            verdict=verdict(claim, interval, baseline_mean=baseline_mean),
+            verdict=verdict(claim, interval, baseline_mean=baseline_mean, bound=bound),
             units=units,
             stat=interval.stat,
             ci=interval.ci,
@@ -311,6 +419,7 @@ class BenchResult:
     date: str
     seconds: float
     path: Path | None = None
+    arm_keys: dict[str, str] = field(default_factory=dict)
 
     @property
     def verdicts(self) -> dict[str, str]:
@@ -336,6 +445,7 @@ class BenchResult:
             "rows": [r.to_dict() for r in self.rows],
             "info": to_jsonable(self.info, "info"),
             "samples": to_jsonable(self.samples, "samples"),
+            "arm_keys": dict(self.arm_keys),  # each arm's cache key: a later session seeds its cache from here
         }
 
     @classmethod
@@ -408,6 +518,24 @@ def _versions() -> dict[str, str | None]:
     return out
 
 
+def _read_progress(path: Path, seed: int, quick: bool) -> dict[str, Any]:
+    """The arms of a progress file written by a run of the same seed and size ({} if none)."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(data, dict) or data.get("seed") != seed or data.get("quick") != quick:
+        return {}
+    arms = data.get("arms")
+    return dict(arms) if isinstance(arms, dict) else {}
+
+
+def progress_path(out_dir: str | os.PathLike[str], name: str, quick: bool = False) -> Path:
+    """Where a run keeps its finished chunks while it runs: `out_dir/NAME.progress.json` (removed
+    once the run writes its results)."""
+    return Path(out_dir) / (f"{name}.quick.progress.json" if quick else f"{name}.progress.json")
+
+
 def result_path(out_dir: str | os.PathLike[str], name: str, quick: bool = False) -> Path:
     """Where `run_experiment` writes: `out_dir/NAME.json`, or `NAME.quick.json` for a quick run
     (so a smoke run never overwrites the full results the docs are built from)."""
@@ -423,6 +551,7 @@ def run_experiment(
     seed: int | None = None,
     n_boot: int = 2000,
     max_samples: int | None = None,
+    adopt: Sequence[str] = (),
 ) -> BenchResult:
     """Run the experiment `name` and write its JSON (unless out_dir is None).
 
@@ -430,12 +559,23 @@ def run_experiment(
     cache_root: the result cache's root (default `$FLOWKIT_CACHE/bench`).
     seed: overrides the experiment's registered base seed.
     max_samples: caps every arm's sample count (see `BenchRun.sample_count`).
+    The committed results in out_dir (NAME.json) seed the cache: arms whose recorded key is
+    the run's own are not computed again (a long run spans sessions through the committed
+    file); `adopt` names arms to take over from a file written before keys were recorded.
+    While it runs, out_dir/NAME.progress.json keeps every finished chunk (commit it when a
+    session ends mid-run: the next run takes them back).
     """
     from flowkit.limits import MAX_SEED, check_optional_int
 
     exp = get_experiment(name)
     check_optional_int("seed", seed, 0, MAX_SEED)
     check_optional_int("max_samples", max_samples, 1)
+    previous = None
+    if out_dir is not None:
+        try:
+            previous = json.loads(result_path(out_dir, name, quick).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            previous = None
     bench = BenchRun(
         name,
         quick=quick,
@@ -443,6 +583,9 @@ def run_experiment(
         cache=ResultCache(cache_root),
         n_boot=n_boot,
         max_samples=max_samples,
+        previous=previous if isinstance(previous, dict) else None,
+        adopt=adopt,
+        progress_path=None if out_dir is None else progress_path(out_dir, name, quick),
     )
     t0 = time.perf_counter()
     exp.fn(bench)
@@ -457,8 +600,10 @@ def run_experiment(
         versions=_versions(),
         date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         seconds=round(time.perf_counter() - t0, 3),
+        arm_keys=bench.arm_keys,
     )
     if out_dir is not None:
         result.path = result_path(out_dir, name, quick)
         write_json_atomic(result.path, result.to_dict(), indent=1)
+        progress_path(out_dir, name, quick).unlink(missing_ok=True)  # the results hold it all now
     return result

@@ -3,7 +3,10 @@
 A `Claim` says what should hold for the paired statistic (treatment minus baseline, or
 their ratio) or for a single arm's mean. `verdict` reads it against a bootstrap
 `Interval`: "met" when the whole interval agrees with the claim, "missed" when the whole
-interval contradicts it, "inconclusive" when the interval straddles the boundary.
+interval contradicts it, "inconclusive" when the interval straddles the boundary, and
+"uninformative" when both arms of a paired comparison sit at the same floor or ceiling on
+every sample (a rate at 0% or 100% in both arms, `rate_bound`): nothing could move, so the
+interval [0, 0] would "meet" a no-worse claim and "miss" a higher one while saying nothing.
 
 Kinds (for a difference the reference is 0, for a ratio of means it is 1):
 
@@ -32,12 +35,12 @@ from typing import Any, Literal
 from flowkit.bench.stats import STATS, Interval
 from flowkit.errors import InputError
 
-__all__ = ["Claim", "ClaimKind", "Verdict", "KINDS", "VERDICTS", "verdict"]
+__all__ = ["Claim", "ClaimKind", "Verdict", "KINDS", "VERDICTS", "verdict", "rate_bound"]
 
 ClaimKind = Literal["lower", "higher", "no_worse", "equivalent", "at_most", "at_least"]
-Verdict = Literal["met", "missed", "inconclusive"]
+Verdict = Literal["met", "missed", "inconclusive", "uninformative"]
 KINDS: tuple[str, ...] = ("lower", "higher", "no_worse", "equivalent", "at_most", "at_least")
-VERDICTS: tuple[str, ...] = ("met", "missed", "inconclusive")
+VERDICTS: tuple[str, ...] = ("met", "missed", "inconclusive", "uninformative")
 _TARGET_KINDS = ("at_most", "at_least")
 
 
@@ -116,11 +119,30 @@ class Claim:
         return asdict(self)
 
 
-def verdict(claim: Claim, interval: Interval, *, baseline_mean: float | None = None) -> Verdict:
-    """"met", "missed" or "inconclusive" for `claim` given `interval`.
+def rate_bound(treatment: Any, baseline: Any, *, top: float = 1.0) -> float | None:
+    """The bound both arms sit at, 0 or `top` (100 for percentages), when every value of both
+    paired arms equals it (nothing can move: a floor or a ceiling); else None."""
+    import numpy as np
+
+    t, b = np.asarray(treatment, dtype=np.float64), np.asarray(baseline, dtype=np.float64)
+    if t.size == 0 or b.size == 0:
+        return None
+    for bound in (0.0, float(top)):
+        if bool((t == bound).all() and (b == bound).all()):
+            return bound
+    return None
+
+
+def verdict(claim: Claim, interval: Interval, *, baseline_mean: float | None = None,
+            bound: float | None = None) -> Verdict:
+    """"met", "missed", "inconclusive" or "uninformative" for `claim` given `interval`.
 
     baseline_mean: needed when the claim's margin is relative.
+    bound: the floor or ceiling both arms sit at (`rate_bound`), if they do: a comparison
+    there is "uninformative" whatever the interval (single-arm targets are still judged).
     """
+    if bound is not None and claim.kind not in _TARGET_KINDS:
+        return "uninformative"
     low, high = interval.low, interval.high
     if not (math.isfinite(low) and math.isfinite(high)) or low > high:
         raise InputError(f"cannot judge a claim on interval [{low}, {high}]")

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from flowkit.conditioning import Conditioning
-from flowkit.sampler_base import Sampler
+from flowkit.sampler_base import Sampler, euler_walk
 
 __all__ = ["Problem", "Trajectories", "local_cost", "endpoint_cost", "fingerprint", "COST_KINDS"]
 
@@ -53,14 +53,12 @@ class _Recorder(Sampler):
 
     def sample(self, model, x, ts):
         self.xs = [x]
-        for i in range(len(ts) - 1):
-            t, t_next = float(ts[i]), float(ts[i + 1])
-            pred = model(x, t)
-            v = pred.velocity.to(x.dtype)
-            self.vs.append(v)
-            x = model.end_step(x + (t_next - t) * v, pred)
-            self.xs.append(x)
-        return x
+
+        def keep(x_next: Tensor, pred: Any) -> None:
+            self.vs.append(pred.velocity.to(x_next.dtype))
+            self.xs.append(x_next)
+
+        return euler_walk(model, x, ts, on_step=keep)[0]
 
 
 @dataclass
@@ -84,6 +82,9 @@ class Problem:
     generators: list[torch.Generator]
     device: torch.device = torch.device("cpu")
     encode: Callable | None = None
+    prompts: list[str] | None = None  # the rows' captions (modules that read them: GFCG, counting)
+    kit: Any = None  # the model's ModelKit (FRAP, counting, reward guidance, GFCG)
+    attention: Any = None  # the run's attention store (FRAP, counting's region masks)
     nfe: int = field(default=0)
 
     @property
@@ -97,7 +98,9 @@ class Problem:
 
         conds = {k: (Conditioning.cat([v] * repeat) if repeat > 1 else v) for k, v in self.conds.items()}
         ctx = Context(self.denoiser, self.stack, conds, list(self.generators) * repeat, len(ts) - 1,
-                      device=self.device, encode=self.encode)
+                      device=self.device, encode=self.encode, kit=self.kit,
+                      prompts=(list(self.prompts) * repeat if self.prompts else None))
+        ctx.attention = self.attention
         ctx.grid = ts
         rec = _Recorder()
         integrate(rec, ctx, x.to(self.device), ts)

@@ -70,6 +70,11 @@ class BossTable:
         self.shape = tuple(int(v) for v in self.shape)
         if self.cost.shape != (len(self.fine), len(self.fine)):
             raise InputError(f"a BOSS table's cost matrix {self.cost.shape} does not fit its {len(self.fine)} grid times")
+        for k, grid in self.grids.items():  # stored grids are used without the DP: check them
+            g = np.asarray(grid, dtype=np.float64)
+            if len(g) != int(k) + 1 or not np.isfinite(g).all() or not (np.diff(g) < 0).all():
+                raise InputError(f"a BOSS table's stored {k}-step grid is not {int(k) + 1} strictly decreasing "
+                                 f"times: {list(grid)}; re-tune the table")
 
     @property
     def k_max(self) -> int:
@@ -77,7 +82,10 @@ class BossTable:
 
     def path(self, steps: int) -> list[int]:
         """Indices into the fine grid of the best `steps`-step path."""
-        return best_path(self.cost, steps)[0]
+        try:
+            return best_path(self.cost, steps)[0]
+        except InputError as e:
+            raise InputError(f"BOSS table {self.file_name} (model {self.model or self.fingerprint}): {e}") from None
 
     def times(self, steps: int) -> torch.Tensor:
         """The BOSS grid for `steps` steps: steps + 1 descending flowkit times (float64)."""
@@ -153,16 +161,18 @@ def resolve_table(ref: str) -> BossTable:
 
 
 def find_table(fingerprint: str, shape: tuple[int, ...], cost_kind: str, *, auto: bool | None = None,
-               min_steps: int = 1) -> BossTable | None:
+               min_steps: int = 1, guidance: str | None = None) -> BossTable | None:
     """The table of this model, latent shape and cost kind whose fine grid has at least
-    `min_steps` steps: a tuned one from the cache (newest first), then a shipped one, then an
-    on-the-fly one from the cache (prompt set 'auto'). `auto` restricts the search to auto
-    (True) or tuned (False) tables."""
+    `min_steps` steps, tuned under `guidance` (the stack's spec; None: any): a tuned one from
+    the cache (newest first), then a shipped one, then an on-the-fly one from the cache
+    (prompt set 'auto'). `auto` restricts the search to auto (True) or tuned (False) tables.
+    The step sizes that are best depend on the guidance (CFG bends the trajectories), so a
+    table tuned without guidance is not taken for a guided run, nor the other way round."""
     shape = tuple(int(v) for v in shape)
 
     def fits(t: BossTable) -> bool:
         return (t.fingerprint == fingerprint and t.shape == shape and t.cost_kind == cost_kind
-                and t.k_max >= min_steps)
+                and t.k_max >= min_steps and (guidance is None or t.guidance == guidance))
 
     dims = "x".join(str(v) for v in shape)
     cached = []

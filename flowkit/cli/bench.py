@@ -30,6 +30,9 @@ def build_parser(prog: str = "flowkit bench") -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None, help=f"override the experiment's base seed (0 to {MAX_SEED})")
     p.add_argument("--max-samples", type=int, default=None, metavar="N",
                    help="cap every arm at N samples (recorded in the result; a later run adds the rest from the cache)")
+    p.add_argument("--adopt", default=None, metavar="ARM[,ARM...]",
+                   help="take these arms' samples from a results file written before arm keys were recorded "
+                        "(recorded in the result's info)")
     p.add_argument(
         "--docs", default=None, metavar="FILE",
         help="after the run, regenerate the experiment sections of FILE (e.g. docs/benchmarks.md) from --out",
@@ -56,8 +59,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         check_int("--seed", args.seed, 0, MAX_SEED)
     out = check_out("--out", args.out)
     check_writable(out, "--out")
+    adopt = [a.strip() for a in args.adopt.split(",") if a.strip()] if args.adopt else []
     result = run_experiment(args.name, quick=args.quick, out_dir=args.out, cache_root=args.cache, seed=args.seed,
-                            max_samples=args.max_samples)
+                            max_samples=args.max_samples, adopt=adopt)
     print(format_result(result))
     print(f"\nwrote {result.path}")
     if args.docs:

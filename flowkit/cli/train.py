@@ -19,8 +19,10 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Train a target, resuming from OUT/latest.pt unless --no-resume.")
     t.add_argument("-h", "--help", action=_HelpWithTargets, help="show this help (with the targets) and exit")
-    t.add_argument("target", metavar="TARGET", help="what to train: one of the targets listed below")
-    t.add_argument("-o", "--out", default=None, metavar="DIR", help="checkpoint folder (default checkpoints/TARGET)")
+    t.add_argument("target", metavar="TARGET", help="what to train: one of the targets listed below, or "
+                   "name:key=value,... for a target with options (alignprop:reward=count,truncation=fixed,k=2)")
+    t.add_argument("-o", "--out", default=None, metavar="DIR",
+                   help="checkpoint folder (default checkpoints/TARGET, options included as a slug)")
     t.add_argument("--steps", type=int, default=None, help="total steps (the target's curriculum follows)")
     t.add_argument("--batch-size", type=int, default=None)
     t.add_argument("--lr", type=float, default=None)
@@ -83,7 +85,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = dataclasses.replace(cfg, **overrides)
     if "steps" in overrides and hasattr(task, "total_steps"):
         task.total_steps = cfg.steps  # the target's curriculum is laid out over the whole run
-    out = check_out("--out", args.out) or Path("checkpoints") / args.target
+    out = check_out("--out", args.out)
+    if out is None:
+        from flowkit.storage import slug
+
+        out = Path("checkpoints") / (args.target if ":" not in args.target else slug(args.target, 120))
     if args.export_only:
         from flowkit.train.loop import export_checkpoint
 

@@ -34,7 +34,10 @@ Guidance (Sec. 3.4). The conditional scores are grad_x log Dir(x; 1 + (alpha-1) 
 s = (alpha - 1) (p / x - mean(p / x)) and it maps back to probabilities in closed form
 (eq. 19-20 solved): p = x * (1 + (s - <x, s>) / (alpha - 1)). Classifier guidance adds
 gamma * grad_x log p(y | x) to the score, which in probability space is
-p + gamma / (alpha - 1) * x * (g - <x, g>): no division by x, finite on the faces.
+p + gamma / (alpha - 1) * x * (g - <x, g>): no division by x, finite on the faces. At
+alpha = 1 this is 0/0 with the finite limit gamma * x * (h - <x, h>), h = dg/dalpha at 1 (on
+an exact two-class world it gives the class's prior exactly): the guidance takes it from the
+classifier at two alphas.
 """
 
 from __future__ import annotations
@@ -181,13 +184,20 @@ class DirichletPath(DiscretePath):
         return xx * (1.0 + s - (xx * s).sum(dim=-1, keepdim=True))
 
     def classifier_tilt(self, probs: Tensor, x: Tensor, point: PathPoint, grad: Tensor) -> Tensor:
-        """p + x (g - <x, g>) / (alpha - 1): probabilities of the score s(p) + g; unchanged at
-        alpha = 1, where every class has the same flat Dirichlet and the score carries nothing."""
+        """p + x (g - <x, g>) / (alpha - 1): probabilities of the score s(p) + g, for alpha > 1.
+
+        At alpha = 1 the quotient is 0/0 (x carries no class information, so a true classifier's
+        g vanishes) and its limit is d g / d alpha at 1, which g alone cannot give: the caller
+        evaluates the classifier above 1 (`DirichletClassifierGuidance` takes the forward
+        difference) and passes that point. A point at alpha <= 1 is refused, never treated as 0.
+        """
         a = point.alpha.double().to(x.device).reshape(-1, 1, 1)
+        if not bool((a > 1.0).all()):
+            raise InputError("the Dirichlet classifier tilt is g / (alpha - 1), 0/0 at alpha = 1: evaluate the "
+                             "classifier at alpha > 1 and pass that point (the limit is dg/dalpha at 1)")
         xx, g = x.double(), grad.double()
         step = xx * (g - (xx * g).sum(dim=-1, keepdim=True))
-        scale = torch.where(a > 1.0, 1.0 / (a - 1.0).clamp_min(1e-12), torch.zeros_like(a))
-        return probs.double() + scale * step
+        return probs.double() + step / (a - 1.0)
 
     def __repr__(self) -> str:
         return f"DirichletPath(num_categories={self.num_categories}, alpha_max={self.alpha_max:g})"

@@ -135,6 +135,22 @@ def asked_groups(prompts: Sequence[str | None], max_groups: int = 2) -> list[lis
     return out
 
 
+def asked_counts(prompts: Sequence[str | None]) -> list[list[int]]:
+    """Per prompt, the count it asks of each group of `GROUPS` (0 where it asks for none; a
+    prompt that is not a caption of this world asks for nothing)."""
+    out = []
+    for text in prompts:
+        row = [0] * len(GROUPS)
+        try:
+            groups = parse_caption(text) if isinstance(text, str) else ()
+        except ValueError:
+            groups = ()
+        for g in groups:
+            row[GROUPS.index(g.key)] = g.count
+        out.append(row)
+    return out
+
+
 def swap_group(text: str, target: int, reference: int) -> str:
     """The caption `text` with its group `GROUPS[target]` asked as `GROUPS[reference]`
     instead, counts kept: ('two red circles and a blue square', circle-red, circle-green)

@@ -92,7 +92,11 @@ class ShapesBench:
     # -- rows -------------------------------------------------------------------------------
     def fsd_row(self, method: str, treatment: list[dict], baseline: list[dict], claim: Claim,
                 baseline_name: str) -> Row:
-        """FSD(treatment) vs FSD(baseline), each against the renders of the same captions."""
+        """FSD(treatment) vs FSD(baseline), each against the renders of the same captions. An arm
+        taken over from committed results has no features (they stay in the cache): the row is
+        then the committed run's, or none."""
+        if any("features" not in r for r in [*treatment, *baseline]):
+            return self.bench.carry_over(method, "FSD", baseline_name, "features of committed arms are not stored")
         return self.bench.compare_set(method, "FSD", claim=claim, statistic=fsd_statistic(treatment, baseline),
                                       n=len(treatment), baseline_name=baseline_name,
                                       notes="Frechet distance to renders of the same captions")
@@ -123,9 +127,10 @@ class ShapesBench:
                                   baseline=column(baseline, "nfe"), baseline_name=baseline_name)
 
 
-def cosine_recorder():
-    """A guidance module that records, per step, the x0-space cosine of cond and uncond
-    (Adaptive Guidance's statistic) under plain CFG; `.cosines` [N, S] after a run."""
+def cosine_recorder(space: str = "x0"):
+    """A guidance module that records, per step, the cosine of cond and uncond in `space`
+    (x0: flowkit's Adaptive Guidance statistic; epsilon: the paper's literal one) under plain
+    CFG; `.cosines` [N, S] after a run."""
     from flowkit.guidance.adaptive import cosine
     from flowkit.guidance_base import Guidance
 
@@ -138,7 +143,8 @@ def cosine_recorder():
             self.rows: list[torch.Tensor] = []
 
         def after_step(self, ctx, x, pred, preds) -> None:
-            self.rows.append(cosine(preds["cond"].x0, preds["uncond"].x0).cpu())
+            c, u = preds["cond"], preds["uncond"]
+            self.rows.append((cosine(c.x0, u.x0) if space == "x0" else cosine(c.eps, u.eps)).cpu())
 
         @property
         def cosines(self) -> np.ndarray:

@@ -18,7 +18,13 @@ Design (paired: same prompts and seeds, CFG w = 4, 30 Euler steps):
   test_dropin_cfg_cutoff.py) with k chosen so that it spends AG's mean NFE: caption
   accuracy higher and FSD lower;
 - LinearAG (every other unconditional evaluation of the first half predicted) vs CFG:
-  NFE lower, caption accuracy within 2 points and FSD within 5%.
+  NFE lower, caption accuracy within 2 points and FSD within 5%;
+- LinearAG on top of AG (`cfg+adaptive+linear-ag`, the paper's combination) vs AG alone:
+  NFE lower, caption accuracy within 2 points;
+- AG on the paper's literal statistic (cosine of the noise predictions, `space=epsilon`,
+  its gamma calibrated to the same 25% on its own cosines) vs AG on x0 cosines: caption
+  accuracy and FSD (flowkit's default is x0: on noise predictions the cosine is near 1
+  from the first step).
 """
 
 from __future__ import annotations
@@ -49,19 +55,20 @@ EQUAL_POINTS = Claim("equivalent", margin=2.0)
 EQUAL_FSD = Claim("equivalent", margin=0.05, relative=True)
 
 
-def _calibration(shapes: ShapesBench, n: int) -> np.ndarray:
-    """CFG's per-step x0 cosines [n, S] on the calibration seeds."""
+def _calibration(shapes: ShapesBench, n: int, space: str = "x0") -> np.ndarray:
+    """CFG's per-step cosines of cond and uncond in `space` [n, S] on the calibration seeds."""
     from flowkit.guidance import CFG
 
     bench = shapes.bench
 
     def fn(indices: list[int]) -> list[dict[str, Any]]:
-        rec = cosine_recorder()
+        rec = cosine_recorder(space)
         rows = shapes.run_fn([CFG(scale=SCALE), rec], seed=bench.seed + CAL_SEED_OFFSET)(indices)
         return [{"index": r["index"], "prompt": r["prompt"], "cosines": c.tolist()} for r, c in zip(rows, rec.cosines)]
 
-    config = {**shapes.base, "guidance": f"cfg:scale={SCALE}", "record": "x0 cosine", "seed_offset": CAL_SEED_OFFSET}
-    results = bench.arm("calibration", config, fn, n=n)
+    config = {**shapes.base, "guidance": f"cfg:scale={SCALE}", "record": f"{space} cosine",
+              "seed_offset": CAL_SEED_OFFSET}
+    results = bench.arm("calibration" if space == "x0" else f"calibration-{space}", config, fn, n=n)
     return np.asarray([r["cosines"] for r in results])
 
 
@@ -112,9 +119,31 @@ def adaptive(bench: BenchRun) -> None:
     shapes.rate_row("LinearAG", "caption accuracy", "whole_caption", lag, cfg, EQUAL_POINTS, base)
     shapes.fsd_row("LinearAG", lag, cfg, EQUAL_FSD, base)
 
+    # the paper's combination: LinearAG on top of AG
+    ag_spec = f"adaptive:gamma={gamma!r},min_guided_steps={MIN_GUIDED}"
+    both = shapes.arm("adaptive+linear-ag", f"cfg:scale={SCALE}+{ag_spec}+linear-ag:coefficients={json.dumps(lag_path)}",
+                      n, label=f"cfg:scale={SCALE}+{ag_spec}+linear-ag:coefficients=sha256:{digest}")
+    shapes.nfe_row("AG+LinearAG", both, ag, Claim("lower", stat="ratio_of_means"), "AG")
+    shapes.rate_row("AG+LinearAG", "caption accuracy", "whole_caption", both, ag, EQUAL_POINTS, "AG")
+    shapes.rate_row("AG+LinearAG", "caption accuracy", "whole_caption", both, cfg, EQUAL_POINTS, base)
+
+    # the paper's literal statistic: cosines of the noise predictions
+    eps_cosines = _calibration(shapes, n_cal, "epsilon")
+    gamma_eps = calibrate_gamma(eps_cosines, SAVING, MIN_GUIDED)
+    ag_eps = shapes.arm("adaptive-eps", f"cfg:scale={SCALE}+adaptive:gamma={gamma_eps!r},"
+                        f"min_guided_steps={MIN_GUIDED},space=epsilon", n)
+    shapes.nfe_row("AG (noise cosine)", ag_eps, ag, Claim("equivalent", margin=0.05, stat="ratio_of_means"),
+                   "AG (x0 cosine)")
+    shapes.rate_row("AG (noise cosine)", "caption accuracy", "whole_caption", ag_eps, ag, EQUAL_POINTS,
+                    "AG (x0 cosine)")
+    shapes.fsd_row("AG (noise cosine)", ag_eps, ag, EQUAL_FSD, "AG (x0 cosine)")
+
     cal_nfe = ag_nfe(cosines, gamma, MIN_GUIDED)
     shapes.show("AG", f"cfg:scale={SCALE}+adaptive:gamma={gamma!r},min_guided_steps={MIN_GUIDED}",
                 base, f"cfg:scale={SCALE}")
     bench.info.update({"n": n, "n_calibration": n_cal, "cfg_scale": SCALE, "gamma": gamma,
                        "calibration_saving": float(1 - cal_nfe.mean() / (2 * S)), "cutoff_steps": k,
-                       "linear-ag": f"every=2, first half, history {bench.n(full=2, quick=1)}"})
+                       "linear-ag": f"every=2, first half, history {bench.n(full=2, quick=1)}",
+                       "gamma_epsilon": gamma_eps,
+                       "calibration_saving_epsilon": float(1 - ag_nfe(eps_cosines, gamma_eps, MIN_GUIDED).mean() / (2 * S)),
+                       "guided_steps_quartiles": [float(v) for v in np.percentile(column(ag, "nfe") - S, [25, 50, 75])]})
