@@ -367,6 +367,22 @@ def test_generate_twice_into_one_folder_keeps_every_image(loads, tmp_path, capsy
     assert [ln.split()[0] for ln in stdout.splitlines()[:3]] == [str(out / n) for n in list(files)[2:]]
 
 
+def test_a_number_taken_meanwhile_is_skipped_not_overwritten(loads, tmp_path, capsys, monkeypatch):
+    """Item 1: the folder's next free number is read once, at the start; another writer (a second
+    `generate` into the same folder) may take a number meanwhile. Writing never replaces a file:
+    the image takes the next number instead (planted here by a stale count of 0)."""
+    import flowkit.cli.generate as generate
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "00000-a-cat.png").write_bytes(b"written by another generate meanwhile")
+    monkeypatch.setattr(generate, "_next_number", lambda folder: 0)
+    assert run(["generate", "a cat", *GEN, "--out", out], capsys)[0] == 0
+    files = _files(out)
+    assert list(files) == ["00000-a-cat.png", "00001-a-cat.png"]
+    assert files["00000-a-cat.png"] == b"written by another generate meanwhile"
+
+
 def test_png_text_chunks_say_how_to_make_the_image_again(loads, tmp_path, capsys):
     """Item 1: the PNG held no metadata, so an image could not be regenerated from itself. Its
     text chunks now hold prompt, negative prompt, seed (and the image's index and noise seed),
