@@ -11,6 +11,10 @@ a finite grid (the stub checks; before issue 22, --steps 99999999999999999999, a
 prompt or --grid dynamic:1e300 got there and crashed the run). Anything else escaping
 `main` is a traceback a user would see.
 
+The parser is built once for the module (`flowkit.cli.build_parser` memoised; building it
+is most of a call's cost, and parsing leaves it unchanged), so 10,000 examples take well
+under a minute on one core.
+
 Paths are single relative names (no '/', '~' or '..'): the checks create output folders,
 and they are created inside this module's temporary folder.
 """
@@ -19,6 +23,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import io
 import math
 import os
@@ -49,9 +54,15 @@ def stubs(tmp_path_factory):
     def reached(*args, **kwargs):
         raise Reached()
 
+    import flowkit.cli
+    import flowkit.cli.bench
+
     old = os.getcwd()
     os.chdir(folder)
-    patches = [mock.patch("flowkit.loading.load", return_value=PIPE),
+    patches = [mock.patch("flowkit.cli.build_parser", functools.lru_cache(maxsize=None)(flowkit.cli.build_parser)),
+               mock.patch("flowkit.cli.bench.build_parser",
+                          functools.lru_cache(maxsize=None)(flowkit.cli.bench.build_parser)),
+               mock.patch("flowkit.loading.load", return_value=PIPE),
                mock.patch("flowkit.sample", side_effect=runnable),
                mock.patch("flowkit.batch.runner._load", side_effect=reached),
                mock.patch("flowkit.tune.tune_boss", side_effect=reached),
