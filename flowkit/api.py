@@ -9,6 +9,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor
 
+from flowkit import limits as L
 from flowkit.adapters.base import adapt
 from flowkit.context import Context
 from flowkit.errors import InputError, SpecError
@@ -128,19 +129,25 @@ def sample(
         from flowkit.attention import check_kernel
 
         check_kernel(attention)
-    prompt_list = [prompts] if isinstance(prompts, str) else list(prompts)
-    if not prompt_list or not all(isinstance(p, str) for p in prompt_list):
-        raise InputError("give at least one prompt, as a string or a list of strings")
-    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
-        raise InputError(f"steps must be an integer >= 1, got {steps!r}")
-    if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
-        raise InputError(f"num_images_per_prompt must be an integer >= 1, got {num_images_per_prompt!r}")
+    # every argument checked before any work, against the limits of every surface (flowkit.limits)
+    prompt_list = L.check_texts("prompts", prompts)
+    L.check_int("steps", steps, 1, L.MAX_STEPS)
+    L.check_int("seed", seed, 0, L.MAX_SEED)
+    L.check_int("num_images_per_prompt", num_images_per_prompt, 1, L.MAX_IMAGES)
+    L.check_int("start_index", start_index, 0, L.MAX_SEED)
+    L.check_optional_int("height", height, 1, L.MAX_SIZE)
+    L.check_optional_int("width", width, 1, L.MAX_SIZE)
+    L.check_optional_int("length", length, 1, L.MAX_SIZE)
+    if len(prompt_list) * num_images_per_prompt > L.MAX_IMAGES:
+        raise InputError(f"{len(prompt_list)} prompts x {num_images_per_prompt} images per prompt is more than "
+                         f"{L.MAX_IMAGES} images in one call: split the call")
+    generators = L.check_generators(generators)
     prompt_list = [p for p in prompt_list for _ in range(num_images_per_prompt)]
     n = len(prompt_list)
     if negative_prompt is None:
         negatives = None
     else:
-        negs = [negative_prompt] if isinstance(negative_prompt, str) else list(negative_prompt)
+        negs = L.check_texts("negative_prompt", negative_prompt)
         if len(negs) == 1:
             negs = negs * (n // num_images_per_prompt)
         if len(negs) * num_images_per_prompt != n:

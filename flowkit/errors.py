@@ -15,7 +15,10 @@ __all__ = [
     "InputError",
     "WeightsError",
     "closest",
+    "clip",
 ]
+
+CLIP = 80  # characters of a user's input that an error message repeats
 
 
 class FlowkitError(ValueError):
@@ -51,6 +54,20 @@ class WeightsError(FlowkitError):
 
 
 def closest(name: str, known: Iterable[str]) -> str:
-    """' (did you mean X?)' for the closest known name, or ''."""
-    match = difflib.get_close_matches(name, list(known), n=1, cutoff=0.5)
-    return f" (did you mean {match[0]!r}?)" if match else ""
+    """' (did you mean X?)' for the closest known name, or '' (case is ignored: 'CFG' finds 'cfg')."""
+    known = [str(k) for k in known]
+    by_lower: dict[str, str] = {}
+    for k in known:
+        by_lower.setdefault(k.lower(), k)
+    match = difflib.get_close_matches(str(name)[:200].lower(), list(by_lower), n=1, cutoff=0.5)
+    return f" (did you mean {by_lower[match[0]]!r}?)" if match else ""
+
+
+def clip(text: str, limit: int = CLIP) -> str:
+    """`text` cut to `limit` characters (middle elided, with the count), for error messages that
+    repeat a user's input: a 10,000-character value is not echoed whole."""
+    text = str(text)
+    if len(text) <= limit:
+        return text
+    keep = max(limit - 20, 10)
+    return f"{text[:keep // 2 + keep % 2]}...({len(text)} characters)...{text[len(text) - keep // 2:]}"

@@ -24,11 +24,14 @@ from __future__ import annotations
 
 import html
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from flowkit.errors import FlowkitError, InputError, WeightsError
+from flowkit.errors import FlowkitError, InputError, WeightsError, clip
+from flowkit.limits import MAX_COLUMNS, MAX_IMAGES, MAX_SEED, MAX_SIZE, MAX_STEPS, check_int, check_text, kind, \
+    read_bounded
 from flowkit.storage import slug
 
 __all__ = ["show", "curve", "SETTINGS", "GalleryEntry", "read_entries", "read_curves", "build_gallery", "svg_chart"]
@@ -54,16 +57,15 @@ def show(bench: Any, method: str, settings: Mapping[str, Any], *, baseline: str,
     settings / baseline_settings: `flowkit.sample` options (spec strings, steps, size, ...).
     prompts: one strip of `columns` images per prompt and arm; seed: default the bench's.
     """
-    if not prompts or not all(isinstance(p, str) for p in prompts):
+    if isinstance(prompts, str) or not prompts or not all(isinstance(p, str) for p in prompts):
         raise InputError("show() needs a list of prompt strings")
-    if not isinstance(columns, int) or not 1 <= columns <= 16:
-        raise InputError(f"columns must be an integer from 1 to 16, got {columns!r}")
     entry = {
         "method": str(method), "baseline": str(baseline), "model": str(model), "prompts": list(prompts),
-        "columns": columns, "seed": int(bench.seed if seed is None else seed),
+        "columns": columns, "seed": bench.seed if seed is None else seed,
         "settings": _check_settings(settings, "settings"),
         "baseline_settings": _check_settings(baseline_settings, "baseline_settings"),
     }
+    _check_entry(entry)  # the checks `flowkit gallery` makes when it reads the entry back
     bench.info.setdefault("gallery", []).append(entry)
     return entry
 
@@ -125,21 +127,31 @@ def _results(results: Path, quick: bool) -> list[tuple[str, Path, dict[str, Any]
     out = []
     for name, path in sorted(chosen.items()):
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = json.loads(read_bounded(path, "bench results").decode("utf-8"))
         except (OSError, ValueError) as e:
-            raise InputError(f"cannot read bench results {str(path)!r}: {e}") from None
+            raise InputError(f"cannot read bench results {clip(str(path))!r}: {clip(str(e), 200)}") from None
+        if not isinstance(data, dict):
+            raise InputError(f"{path}: expected a JSON object (written by flowkit bench), got {kind(data)}")
         out.append((name, path, data))
     return out
+
+
+def _info_list(path: Path, data: dict[str, Any], key: str) -> list[Any]:
+    info = data.get("info")
+    value = info.get(key) if isinstance(info, dict) else None
+    if value is not None and not isinstance(value, list):
+        raise InputError(f"{path}: info.{key} must be a list, got {kind(value)}")
+    return value or []
 
 
 def read_curves(results: Path, *, quick: bool = False) -> list[tuple[str, str, str, dict[str, Any]]]:
     """(experiment, description, results file name, curve) of every recorded curve."""
     out = []
     for name, path, data in _results(results, quick):
-        for c in (data.get("info") or {}).get("curves") or []:
+        for c in _info_list(path, data, "curves"):
             if not isinstance(c, dict) or not isinstance(c.get("series"), dict) or not c.get("title"):
                 raise InputError(f"{path}: a curve needs a title and series (written by flowkit.gallery.curve)")
-            out.append((data.get("experiment", name), data.get("description", ""), path.name, c))
+            out.append((str(data.get("experiment", name)), str(data.get("description", "")), path.name, c))
     return out
 
 
@@ -148,22 +160,64 @@ def read_entries(results: Path, *, quick: bool = False) -> list[GalleryEntry]:
     exists, if `quick`), in experiment order."""
     entries = []
     for name, path, data in _results(results, quick):
-        for k, entry in enumerate((data.get("info") or {}).get("gallery") or []):
+        for k, entry in enumerate(_info_list(path, data, "gallery")):
             try:
                 _check_entry(entry)
-            except InputError as e:
-                raise InputError(f"{path}: gallery entry {k}: {e}") from None
-            entries.append(GalleryEntry(data.get("experiment", name), data.get("description", ""), path.name,
-                                        entry, _verdicts(data.get("rows") or [], entry["method"])))
+            except FlowkitError as e:
+                raise type(e)(f"{path}: gallery entry {k}: {e}") from None
+            rows = data.get("rows") if isinstance(data.get("rows"), list) else []
+            entries.append(GalleryEntry(str(data.get("experiment", name)), str(data.get("description", "")),
+                                        path.name, entry, _verdicts([r for r in rows if isinstance(r, dict)],
+                                                                    entry["method"])))
     return entries
 
 
 def _check_entry(entry: Any) -> None:
+    """Every field of a gallery entry, against the limits of every surface (flowkit.limits):
+    all entries are checked before the first image is drawn."""
     need = ("method", "baseline", "model", "prompts", "columns", "seed", "settings", "baseline_settings")
     if not isinstance(entry, dict) or any(k not in entry for k in need):
         raise InputError(f"expected an object with {', '.join(need)} (written by flowkit.gallery.show)")
-    _check_settings(entry["settings"], "settings")
-    _check_settings(entry["baseline_settings"], "baseline_settings")
+    for key in ("method", "baseline", "model"):
+        if not isinstance(entry[key], str) or not entry[key]:
+            raise InputError(f"{key} must be a non-empty string, got {kind(entry[key])}")
+    prompts = entry["prompts"]
+    if not isinstance(prompts, list) or not prompts:
+        raise InputError(f"prompts must be a non-empty list of strings, got {kind(prompts)}")
+    for k, p in enumerate(prompts):
+        check_text(f"prompts[{k}]", p)
+    check_int("columns", entry["columns"], 1, MAX_COLUMNS)
+    check_int("seed", entry["seed"], 0, MAX_SEED)
+    if len(prompts) * entry["columns"] > MAX_IMAGES:
+        raise InputError(f"{len(prompts)} prompts x {entry['columns']} columns is more than {MAX_IMAGES} images")
+    for what in ("settings", "baseline_settings"):
+        _check_values(_check_settings(entry[what], what), what)
+
+
+def _check_values(settings: Mapping[str, Any], what: str) -> None:
+    """The values of an arm's settings, as flowkit.sample will take them (specs are built)."""
+    from flowkit.api import build_guidance, build_sampler
+    from flowkit.timegrid import TimeGrid
+
+    for key, value in settings.items():
+        where = f"{what}.{key}"
+        if key == "steps":
+            check_int(where, value, 1, MAX_STEPS)
+        elif key in ("height", "width"):
+            check_int(where, value, 1, MAX_SIZE)
+        elif key == "negative_prompt":
+            check_text(where, value)
+        elif value is not None and not isinstance(value, str):
+            raise InputError(f"{where} must be a spec string, got {kind(value)}")
+        try:
+            if key == "sampler" and value is not None:
+                build_sampler(value)
+            elif key == "guidance":
+                build_guidance(value, 1.0)
+            elif key == "grid" and value is not None:
+                TimeGrid.parse(value)
+        except FlowkitError as e:
+            raise type(e)(f"{where}: {e}") from None
 
 
 # --------------------------------------------------------------------------- drawing
@@ -304,26 +358,28 @@ def _blocks(sections: list[tuple[GalleryEntry, str, list[dict[str, Any]]]], curv
 
 def _markdown(sections: list[tuple[GalleryEntry, str, list[dict[str, Any]]]], source: str,
               curves: Curves = ()) -> str:
+    """index.md; every text from the results files is escaped as index.html escapes it (no raw
+    HTML, no markdown of its own): see `_md`."""
     lines = ["# flowkit gallery", "",
-             f"Built by `flowkit gallery` from the bench results in `{source}`. Each row is one prompt; "
+             f"Built by `flowkit gallery` from the bench results in {_md(source)}. Each row is one prompt; "
              "the baseline's images and the method's start from the same noise (same seeds), so they "
              "differ only by the method.", ""]
     experiment = None
     for name, description, results_file, kind, payload in _blocks(sections, curves):
         if name != experiment:
             experiment = name
-            lines += [f"## {experiment}", "", description, "", f"Results: `{results_file}`.", ""]
+            lines += [f"## {_md(experiment)}", "", _md(description), "", f"Results: {_md(results_file)}.", ""]
         if kind == "curve":
             c, path = payload
             lines += [f"### {_md(c['title'])}", "", f"![{_md(c['title'])}]({path})", ""]
             continue
         entry, model, rows = payload
         e = entry.entry
-        lines += [f"### {e['method']} vs {e['baseline']}", "",
-                  f"Model `{model}`, seed {e['seed']}, {e['columns']} seeds per prompt. "
-                  f"{e['method']}: `{_settings_text(e['settings'])}`; "
-                  f"{e['baseline']}: `{_settings_text(e['baseline_settings'])}`.", ""]
-        lines += [f"- {v}" for v in entry.verdicts] + ([""] if entry.verdicts else [])
+        lines += [f"### {_md(e['method'])} vs {_md(e['baseline'])}", "",
+                  f"Model {_md(model)}, seed {int(e['seed'])}, {int(e['columns'])} seeds per prompt. "
+                  f"{_md(e['method'])}: {_md(_settings_text(e['settings']))}; "
+                  f"{_md(e['baseline'])}: {_md(_settings_text(e['baseline_settings']))}.", ""]
+        lines += [f"- {_md(v)}" for v in entry.verdicts] + ([""] if entry.verdicts else [])
         lines += [f"| prompt | {_md(e['baseline'])} | {_md(e['method'])} |", "|---|---|---|"]
         for r in rows:
             lines.append(f"| {_md(r['prompt'])} | ![{_md(e['baseline'])}]({r['baseline']}) | "
@@ -332,8 +388,14 @@ def _markdown(sections: list[tuple[GalleryEntry, str, list[dict[str, Any]]]], so
     return "\n".join(lines)
 
 
-def _md(text: str) -> str:
-    return html.escape(str(text), quote=False).replace("|", "\\|").replace("\n", " ")
+_MD_SPECIAL = re.compile(r"([\\`*_\[\]|])")
+
+
+def _md(text: Any) -> str:
+    """Text for index.md: HTML escaped (as index.html does), markdown's own characters
+    backslash-escaped, on one line."""
+    escaped = html.escape(" ".join(str(text).split("\n")), quote=False)
+    return _MD_SPECIAL.sub(r"\\\1", escaped)
 
 
 def _html(sections: list[tuple[GalleryEntry, str, list[dict[str, Any]]]], source: str, curves: Curves = ()) -> str:
@@ -390,14 +452,18 @@ def build_gallery(results: str | Path = "docs/results", out: str | Path = "galle
     if load is None:
         from flowkit.loading import load
     pipes: dict[str, Any] = {}
-    sections = []
-    for entry in entries:
+    for entry in entries:  # every model loads before the first image is drawn
         name = model or entry.entry["model"]
         if name not in pipes:
             try:
                 pipes[name] = load(name)
             except WeightsError as e:
                 raise WeightsError(f"{e} (to try the gallery with the untrained model, pass --model tiny)") from None
+            except FlowkitError as e:
+                raise type(e)(f"{entry.source}: {entry.entry['method']}: {e}") from None
+    sections = []
+    for entry in entries:
+        name = model or entry.entry["model"]
         sections.append((entry, name, _draw(entry, pipes[name], out)))
     drawn = list(zip(curves, _draw_curves(curves, out)))
     write_atomic(out / "index.md", _markdown(sections, str(results), drawn).encode("utf-8"))

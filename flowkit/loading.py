@@ -21,10 +21,10 @@ from flowkit.checksums import (
     verify_manifest,
     write_manifest,
 )
-from flowkit.errors import UnknownNameError, WeightsError, closest
+from flowkit.errors import UnknownNameError, WeightsError, clip, closest
 from flowkit.storage import weights_dir
 
-__all__ = ["load", "load_model", "DEFAULT_MODEL", "FALLBACK_MODEL", "BUILTIN_MODELS", "weights_dir", "sha256_file", "load_unet_strict", "save_shapes",
+__all__ = ["load", "load_model", "check_builtin_size", "DEFAULT_MODEL", "FALLBACK_MODEL", "BUILTIN_MODELS", "weights_dir", "sha256_file", "load_unet_strict", "save_shapes",
            "load_shapes", "SHAPES_FILES"]
 
 # the files of a shapes model folder (the shipped one, or one written by `save_shapes`)
@@ -41,6 +41,15 @@ BUILTIN_MODELS = {
 SEQUENCE_MODELS = ("dna", "dna-distilled", "simplex")
 DEFAULT_MODEL = "shapes"  # what the command line and batch runs load when no model is named
 FALLBACK_MODEL = "tiny"  # ... and what they load instead when its weights are not installed
+
+
+def check_builtin_size(name: str, height: int, width: int) -> None:
+    """The size rules of a built-in image model (`shapes`, `tiny`), checked without loading it:
+    the same check its adapter makes once loaded (InputError). Other models: nothing here."""
+    if name in ("shapes", "tiny"):
+        from flowkit.adapters.shapes import check_shapes_size
+
+        check_shapes_size(height, width)
 
 
 def load_unet_strict(folder: Path):
@@ -162,6 +171,47 @@ def load_model(name: str | None = None, *, on_fallback: Callable[[str], None] | 
         return load(FALLBACK_MODEL), FALLBACK_MODEL
 
 
+# libraries whose classes a model_index.json may name; anything else is code from the folder or
+# a package flowkit does not vet, which it will not import
+_COMPONENT_LIBRARIES = ("diffusers", "transformers")
+
+
+def _check_model_index(path: Path) -> None:
+    """Refuse (WeightsError) a model_index.json that is not a JSON object, names a pipeline
+    class diffusers does not have, or names custom code (a [module, class] pipeline, or a
+    component from a library other than diffusers and transformers): no code from a model
+    folder ever runs."""
+    import diffusers
+
+    from flowkit.limits import read_bounded
+
+    index = path / "model_index.json"
+    try:
+        data = json.loads(read_bounded(index, "model_index.json").decode("utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        raise WeightsError(f"{clip(str(index))} is not valid JSON ({clip(str(e), 120)}): the folder is damaged; "
+                           "save the pipeline again with save_pretrained") from None
+    if not isinstance(data, dict):
+        raise WeightsError(f"{clip(str(index))} must hold a JSON object, got {type(data).__name__}")
+    name = data.get("_class_name")
+    if isinstance(name, list):
+        raise WeightsError(f"{clip(str(index))} names a custom pipeline {clip(str(name))}: flowkit runs no code "
+                           "from a model folder; save the model with a diffusers pipeline class")
+    if not isinstance(name, str) or not name.endswith("Pipeline") or not hasattr(diffusers, name):
+        known = [n for n in dir(diffusers) if n.endswith("Pipeline")]
+        raise WeightsError(f"{clip(str(index))}: unknown pipeline class {clip(repr(name))}"
+                           f"{closest(str(name), known)}; flowkit loads diffusers' own pipeline classes")
+    for key, value in data.items():
+        if key.startswith("_") or not isinstance(value, list):
+            continue
+        if len(value) != 2 or value == [None, None]:
+            continue
+        library, cls = value
+        if library not in _COMPONENT_LIBRARIES:
+            raise WeightsError(f"{clip(str(index))}: component {clip(key)!r} is {clip(str(value))}, custom code "
+                               f"flowkit does not run; components come from {' or '.join(_COMPONENT_LIBRARIES)}")
+
+
 def _load_folder(path: Path, **kwargs: Any):
     """A local diffusers pipeline folder of a family flowkit samples (SD 1.x/2.x, SDXL, SD3,
     FLUX); other pipelines are refused with the list of supported families."""
@@ -171,7 +221,19 @@ def _load_folder(path: Path, **kwargs: Any):
 
     if not (path / "model_index.json").is_file():
         raise WeightsError(f"{path} is not a diffusers pipeline folder (no model_index.json)")
-    pipe = DiffusionPipeline.from_pretrained(str(path), local_files_only=True, **kwargs)
+    from diffusers.utils import logging as diffusers_logging
+
+    _check_model_index(path)
+    bar = diffusers_logging.is_progress_bar_enabled()
+    diffusers_logging.disable_progress_bar()  # "Loading pipeline components": not on a command's stderr
+    try:
+        pipe = DiffusionPipeline.from_pretrained(str(path), local_files_only=True, **kwargs)
+    except Exception as e:  # noqa: BLE001 - diffusers and transformers raise many kinds for a broken folder
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise WeightsError(f"cannot load the diffusers folder {clip(str(path))}: {clip(first, 200)}") from None
+    finally:
+        if bar:
+            diffusers_logging.enable_progress_bar()
     adapt(pipe)  # UnsupportedError naming the supported families
     if hasattr(pipe, "set_progress_bar_config"):
         pipe.set_progress_bar_config(disable=True)

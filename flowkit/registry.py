@@ -20,7 +20,7 @@ import pkgutil
 from importlib import metadata
 from typing import Any, Generic, Iterator, TypeVar
 
-from flowkit.errors import UnknownNameError, closest
+from flowkit.errors import UnknownNameError, closest, clip
 from flowkit.spec import Param, params_of
 
 __all__ = ["Registry", "Param", "params_of", "SAMPLERS", "GUIDANCE", "REWARDS", "MODEL_FAMILIES", "TRAIN_TARGETS",
@@ -99,7 +99,7 @@ class Registry(Generic[T]):
         except (KeyError, TypeError):
             known = ", ".join(sorted(self._entries))
             raise UnknownNameError(
-                f"unknown {self.kind} {str(name)!r:.80}{closest(str(name), self._entries)}; known: {known}"
+                f"unknown {self.kind} {clip(str(name))!r}{closest(str(name), self._entries)}; known: {known}"
             ) from None
 
     def items(self) -> list[tuple[str, T]]:

@@ -59,6 +59,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Protocol, Sequence
 
 from flowkit.errors import SpecError, UnknownNameError, closest
+from flowkit.limits import read_bounded
 
 __all__ = [
     "SpecItem",
@@ -476,8 +477,7 @@ def _item_from_mapping(entry: Any, where: str) -> SpecItem:
 def load_spec_file(path: str | os.PathLike[str]) -> list[SpecItem]:
     """Read a JSON spec file: a list of ``{"name": ..., "params": {...}}`` objects."""
     try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
+        text = read_bounded(path, "spec file").decode("utf-8")
     except (OSError, UnicodeError, ValueError) as e:
         raise SpecError(f"cannot read spec file {os.fspath(path)!r}: {e}") from None
     return _items_from_json_text(text, f"spec file {os.fspath(path)!r}")

@@ -6,6 +6,9 @@
 - `write_atomic` / `write_json_atomic`: a temporary file beside the target, flushed to disk,
   then renamed over it, so a reader (or a resume after kill -9) sees the old file or the
   new one, never half of one;
+- `write_new`: the same, but never over an existing file (FileExistsError instead);
+- `image_bytes` / `image_format`: an image encoded in the format its file name asks for,
+  with its generation settings as metadata (PNG text chunks, a JPEG comment);
 - `slug`: a file-name part made from free text.
 """
 
@@ -16,11 +19,12 @@ import os
 import re
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from flowkit.errors import InputError
 
-__all__ = ["cache_root", "weights_dir", "write_atomic", "write_json_atomic", "json_text", "slug", "TEMP_PREFIX"]
+__all__ = ["cache_root", "weights_dir", "write_atomic", "write_new", "write_json_atomic", "json_text", "slug",
+           "TEMP_PREFIX", "image_format", "image_bytes"]
 
 TEMP_PREFIX = ".flowkit-tmp-"  # every temporary file flowkit writes starts with this
 
@@ -65,6 +69,73 @@ def write_atomic(path: str | os.PathLike[str], data: bytes) -> None:
         raise
 
 
+def write_new(path: str | os.PathLike[str], data: bytes) -> None:
+    """Write `data` to `path` atomically (temporary file, fsync, then a hard link), never over
+    an existing file: FileExistsError if `path` is taken, even by a writer racing this one.
+    Other OSError -> InputError naming the path."""
+    path = Path(path)
+    tmp = _temporary(path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, path)  # fails if path exists: no overwrite, even in a race
+        except FileExistsError:
+            raise
+        except OSError:  # a file system without hard links: check, then rename (a race may still lose)
+            if os.path.lexists(path):
+                raise FileExistsError(f"{path} exists") from None
+            os.replace(tmp, path)
+    except FileExistsError:
+        _discard(tmp)
+        raise
+    except OSError as e:
+        _discard(tmp)
+        raise InputError(f"cannot write {str(path)!r}: {e.strerror or e}") from None
+    except BaseException:
+        _discard(tmp)
+        raise
+    _discard(tmp)
+
+
+def image_format(path: str | os.PathLike[str]) -> str | None:
+    """The PIL format a file name's extension asks for ("PNG" for x.png, "JPEG" for x.jpg),
+    if PIL can write it; None otherwise."""
+    from PIL import Image
+
+    Image.init()
+    fmt = Image.registered_extensions().get(Path(path).suffix.lower())
+    return fmt if fmt in Image.SAVE else None
+
+
+def image_bytes(image: Any, fmt: str = "PNG", metadata: Mapping[str, Any] | None = None) -> bytes:
+    """A PIL image encoded as `fmt`; `metadata` (name -> value; None values are left out) goes into PNG text chunks
+    (UTF-8, read back with `Image.open(path).text`) or, for JPEG, a JSON comment."""
+    import io
+    import json
+
+    kwargs: dict[str, Any] = {}
+    text = {str(k): str(v) for k, v in (metadata or {}).items() if v is not None}
+    if fmt == "PNG" and text:
+        from PIL.PngImagePlugin import PngInfo
+
+        info = PngInfo()
+        for key, value in text.items():
+            info.add_itxt(key, value)
+        kwargs["pnginfo"] = info
+    elif fmt == "JPEG":
+        if image.mode not in ("RGB", "L"):
+            image = image.convert("RGB")
+        kwargs["quality"] = 95
+        if text:
+            kwargs["comment"] = json.dumps(text, ensure_ascii=False).encode("utf-8")
+    buf = io.BytesIO()
+    image.save(buf, format=fmt, **kwargs)
+    return buf.getvalue()
+
+
 def _discard(tmp: Path) -> None:
     try:
         tmp.unlink(missing_ok=True)
@@ -85,10 +156,14 @@ def json_text(obj: Any, indent: int | None = None) -> str:
 
 
 def write_json_atomic(path: str | os.PathLike[str], obj: Any, *, indent: int | None = None) -> None:
-    """Write `obj` as JSON to `path` atomically, creating its folder (see `json_text` for `indent`)."""
+    """Write `obj` as JSON to `path` atomically, creating its folder (see `json_text` for `indent`);
+    OSError -> InputError naming the path."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:  # a read-only location, a file in the way
+        raise InputError(f"cannot write {str(path)!r}: {e.strerror or e}") from None
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(json_text(obj, indent))
@@ -96,6 +171,9 @@ def write_json_atomic(path: str | os.PathLike[str], obj: Any, *, indent: int | N
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        _discard(Path(tmp))
+        raise InputError(f"cannot write {str(path)!r}: {e.strerror or e}") from None
     except BaseException:
         _discard(Path(tmp))
         raise

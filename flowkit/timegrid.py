@@ -20,13 +20,14 @@ float64. Kinds:
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import torch
 from torch import Tensor
 
-from flowkit.errors import InputError, SpecError
+from flowkit.errors import InputError, SpecError, clip
 from flowkit.paths.base import Path
 from flowkit.paths.shift import dynamic_shift, flux_mu, static_shift
 from flowkit.registry import GRID_KINDS
@@ -34,6 +35,7 @@ from flowkit.registry import GRID_KINDS
 __all__ = ["TimeGrid", "Schedule", "CORE_KINDS", "grid_kinds"]
 
 CORE_KINDS = ("uniform", "shift", "dynamic", "sigmas", "scheduler")
+MAX_MU = 20.0  # |mu| of a dynamic grid: e^mu scales the odds of t; beyond this every step but one is at t ~ 0 or 1
 
 
 def grid_kinds() -> tuple[str, ...]:
@@ -73,8 +75,11 @@ class TimeGrid:
     def __post_init__(self) -> None:
         if self.kind not in CORE_KINDS and self.kind not in GRID_KINDS:
             raise SpecError(f"unknown time grid {self.kind!r}; use one of {', '.join(grid_kinds())}")
-        if self.kind == "shift" and not self.shift > 0:
-            raise SpecError(f"grid shift must be > 0, got {self.shift}")
+        if self.kind == "shift" and not (math.isfinite(self.shift) and self.shift > 0):
+            raise SpecError(f"grid shift must be a finite number > 0, got {self.shift}")
+        if self.kind == "dynamic" and self.mu is not None and not (math.isfinite(self.mu) and abs(self.mu) <= MAX_MU):
+            raise SpecError(f"grid mu must be a finite number from -{MAX_MU:g} to {MAX_MU:g} (FLUX's runs from 0.5 "
+                            f"to 1.15), got {self.mu:g}")
         if self.registered and not self.sigmas and not self.name:
             raise SpecError(GRID_KINDS.get(self.kind).missing)
         if self.kind == "sigmas" or (self.registered and self.sigmas):
@@ -141,10 +146,12 @@ class TimeGrid:
                 return cls.from_times([float(v) for v in arg.replace(",", ";").split(";") if v.strip()])
             if kind not in CORE_KINDS and kind in GRID_KINDS:
                 return cls(kind, name=arg.strip() or None)
+        except SpecError as e:
+            raise SpecError(f"bad time grid {clip(str(text))!r}: {e}") from None
         except ValueError as e:
-            raise SpecError(f"bad time grid {text!r}: {e}") from None
+            raise SpecError(f"bad time grid {clip(str(text))!r}: {clip(str(e), 200)}") from None
         extra = "".join(f", {k}:{GRID_KINDS.get(k).argument}" for k in grid_kinds() if k not in CORE_KINDS)
-        raise SpecError(f"bad time grid {text!r}; use uniform, shift:S, dynamic[:MU], sigmas:T1;T2;...{extra}")
+        raise SpecError(f"bad time grid {clip(str(text))!r}; use uniform, shift:S, dynamic[:MU], sigmas:T1;T2;...{extra}")
 
     # -- the grid -----------------------------------------------------------------
     def build(self, steps: int, path: Path, *, image_seq_len: int | None = None) -> Tensor:

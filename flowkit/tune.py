@@ -13,7 +13,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Sequence
 
-from flowkit.errors import InputError
+from flowkit.errors import InputError, clip
+from flowkit.limits import read_bounded
 
 __all__ = ["load_prompts", "tune_boss"]
 
@@ -27,14 +28,16 @@ def load_prompts(spec: str | None) -> list[str]:
         return [text for text, _ in prompt_set(name)]
     try:
         path = Path(name).expanduser()
-        lines = path.read_text(encoding="utf-8").splitlines() if path.is_file() else None
+        lines = read_bounded(path, "--prompts").decode("utf-8").splitlines() if path.is_file() else None
     except (OSError, ValueError, UnicodeDecodeError) as e:
-        raise InputError(f"--prompts: cannot read {name!r}: {e}") from None
+        if isinstance(e, InputError):
+            raise
+        raise InputError(f"--prompts: cannot read {clip(name)!r}: {clip(str(e), 200)}") from None
     if lines is None:
-        raise InputError(f"--prompts: {name!r} is neither a file nor a prompt set ({', '.join(PROMPT_SETS)})")
+        raise InputError(f"--prompts: {clip(name)!r} is neither a file nor a prompt set ({', '.join(PROMPT_SETS)})")
     prompts = [ln.strip() for ln in lines if ln.strip()]
     if not prompts:
-        raise InputError(f"--prompts: {name!r} holds no prompts")
+        raise InputError(f"--prompts: {clip(name)!r} holds no prompts")
     return prompts
 
 

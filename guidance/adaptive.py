@@ -8,7 +8,10 @@ sample stops evaluating the unconditional branch for the rest of the run, so its
 drop. The similarity is computed on x0 predictions: on noise predictions it is about 1
 from the first step and the policy degenerates into conditional-only sampling.
 
-gamma > 1 never fires (plain CFG); gamma = -1 fires right after `min_guided_steps`.
+gamma is a cosine threshold, so it lies in [-1, 1]: -1 fires right after
+`min_guided_steps`, 1 only where the two predictions coincide (to rounding). A value
+outside [-1, 1] is refused (it would mean "never" or "always" in a way no cosine can):
+for plain CFG, leave the module out.
 
 LinearAG, the paper's replacement of unconditional evaluations by a fitted affine map of
 past outputs, is the companion policy `linear-ag` (guidance/linear_ag.py), a module of its
@@ -43,8 +46,9 @@ class AdaptiveGuidance(Guidance):
                  space: Literal["x0", "epsilon", "model_output"] = "x0",
                  start: float = 0.0, stop: float = 1.0):
         super().__init__(start=start, stop=stop)
-        if not -1.0 <= gamma:
-            raise ValueError(f"gamma is a cosine threshold >= -1, got {gamma}")
+        if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not -1.0 <= gamma <= 1.0:
+            raise ValueError(f"gamma is a cosine threshold from -1 to 1 (1: fire only where cond and uncond "
+                             f"coincide; for plain CFG leave adaptive out), got {gamma!r}")
         if not isinstance(min_guided_steps, int) or min_guided_steps < 0:
             raise ValueError(f"min_guided_steps must be an integer >= 0, got {min_guided_steps!r}")
         if space not in ("x0", "epsilon", "model_output"):

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import math
 from typing import Any
 
 import torch
@@ -38,7 +39,8 @@ from flowkit.guidance.cfg import CFG
 
 from flowkit.adapters.base import adapt
 from flowkit.api import build_guidance, build_sampler, sample_from_noise, wants_uncond, with_reward
-from flowkit.errors import InputError, UnsupportedError, closest
+from flowkit.errors import InputError, UnsupportedError, clip, closest
+from flowkit.limits import MAX_IMAGES, MAX_STEPS, check_int, check_texts, kind
 from flowkit.guidance_base import GuidanceStack
 from flowkit.sampler_base import Sampler
 
@@ -189,10 +191,9 @@ class FlowKitPipeline:
         h0, w0 = adapter.default_size()
         h, w = kw.get("height") or h0, kw.get("width") or w0
         kw["height"], kw["width"] = h, w
+        _check_call(kw)  # the wrapped pipeline's own checks, as errors that say what to change
         adapter.latent_shape(h, w)  # flowkit's size rules first (FLUX: no silent resize)
-        n_per = kw.get("num_images_per_prompt") or 1
-        if not isinstance(n_per, int) or n_per < 1:
-            raise InputError(f"num_images_per_prompt must be an integer >= 1, got {n_per!r}")
+        n_per = 1 if kw.get("num_images_per_prompt") is None else kw["num_images_per_prompt"]
         adapter.check_call(kw)
         stack = self._stack(kw, given, adapter.family)
         need_uncond = wants_uncond(stack)
@@ -214,7 +215,7 @@ class FlowKitPipeline:
         if kw.get("callback_on_step_end") is not None:
             callback = self._callback(kw, adapter)
         x, stats, ctx = sample_from_noise(
-            adapter, conds, noise, sampler=self.sampler, stack=stack, steps=int(kw.get("num_inference_steps") or 1),
+            adapter, conds, noise, sampler=self.sampler, stack=stack, steps=kw.get("num_inference_steps") or 1,
             grid=None, height=h, width=w, generators=_per_sample_generators(generator, batch),
             callback=callback, sigmas=kw.get("sigmas"), mu=kw.get("mu"),
             step_generator=generator, attention=self.attention, prompts=_row_prompts(kw, n_per, batch))
@@ -260,6 +261,8 @@ class FlowKitPipeline:
                 scale = _stack_scale(ctx.stack)
                 pipe._guidance_scale = scale
             outputs = user(pipe, step, timestep, tensors) or {}
+            if not isinstance(outputs, dict):
+                raise InputError(f"callback_on_step_end must return a dict of tensors (or None), got {kind(outputs)}")
             for name, value in outputs.items():
                 if name != "latents" and not _unchanged(value, tensors.get(name)):
                     raise UnsupportedError(f"the callback changed {name!r}; FlowKitPipeline takes new latents and "
@@ -269,9 +272,40 @@ class FlowKitPipeline:
             new = outputs.get("latents", latents)
             if new is latents:
                 return None
+            if not isinstance(new, torch.Tensor) or new.shape != latents.shape:
+                got = f"a tensor of shape {tuple(new.shape)}" if isinstance(new, torch.Tensor) else kind(new)
+                raise InputError(f"the callback returned latents as {got}: return a tensor of shape "
+                                 f"{tuple(latents.shape)}, as it was given")
             return adapter.from_pipeline_latents(new.to(device=x.device, dtype=x.dtype), x, t_next, frame)
 
         return fn
+
+
+def _check_call(kw: dict) -> None:
+    """What the wrapped pipeline's own checks refuse, refused here with a flowkit InputError
+    (no silent correction: 0 steps is not 1 step): prompts, steps, images per prompt,
+    generators, guidance scales."""
+    if kw.get("prompt_embeds") is None:
+        check_texts("prompt", kw.get("prompt"))
+    for name in ("prompt_2", "prompt_3", "negative_prompt", "negative_prompt_2", "negative_prompt_3"):
+        if kw.get(name) is not None:
+            check_texts(name, kw[name])
+    steps = kw.get("num_inference_steps")
+    if steps is not None or kw.get("sigmas") is None:  # user sigmas may set the number of steps (diffusers)
+        check_int("num_inference_steps", steps, 1, MAX_STEPS)
+    if kw.get("num_images_per_prompt") is not None:
+        check_int("num_images_per_prompt", kw["num_images_per_prompt"], 1, MAX_IMAGES)
+    generator = kw.get("generator")
+    gens = generator if isinstance(generator, (list, tuple)) else [generator]
+    if generator is not None and not all(isinstance(g, torch.Generator) for g in gens):
+        bad = next(g for g in gens if not isinstance(g, torch.Generator))
+        raise InputError(f"generator must be a torch.Generator or a list of them (one per image), got {kind(bad)}: "
+                         "e.g. generator=torch.Generator().manual_seed(0)")
+    for name in ("guidance_scale", "true_cfg_scale"):
+        value = kw.get(name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or not math.isfinite(value)):
+            raise InputError(f"{name} must be a finite number, got {clip(repr(value))}")
 
 
 def _skip_layer_guidance(kw: dict, scale: float) -> Any:

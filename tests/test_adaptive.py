@@ -22,10 +22,23 @@ def _sample(modules, steps=STEPS, **kw):
     return x, stats, ctx
 
 
-def test_gamma_above_one_is_exactly_cfg():
-    x, stats, _ = _sample([CFG(scale=3.0), AdaptiveGuidance(gamma=1.5)])
+def test_gamma_one_is_exactly_cfg():
+    x, stats, _ = _sample([CFG(scale=3.0), AdaptiveGuidance(gamma=1.0)])
     x_cfg, s_cfg, _ = _sample([CFG(scale=3.0)])
     assert torch.equal(x, x_cfg) and stats.nfe == s_cfg.nfe == [2 * STEPS] * 3
+
+
+@pytest.mark.parametrize("gamma", [1.5, -1.01, float("nan"), float("inf"), 2])
+def test_gamma_outside_the_cosine_range_is_refused(gamma):
+    """Issue 22 item 8: `adaptive:gamma=5` (a threshold no cosine reaches) was accepted and
+    silently meant plain CFG; now a SpecError names the range, on the spec surface too."""
+    from flowkit.api import build_guidance
+    from flowkit.errors import SpecError
+
+    with pytest.raises(ValueError, match="from -1 to 1"):
+        AdaptiveGuidance(gamma=gamma)
+    with pytest.raises(SpecError, match="from -1 to 1" if abs(gamma) < 10 else "non-finite|finite"):
+        build_guidance(f"cfg+adaptive:gamma={gamma}", 1.0)
 
 
 @pytest.mark.parametrize("k", [0, 1, 3])

@@ -316,13 +316,20 @@ def test_resume_skips_done_refuses_other_settings_unless_force(loads, tmp_path, 
     prompts.write_text("a\nB\nc\n")  # the file changed: line 2 only
     code, _, err = batch([prompts, "--out", out, *SMALL], capsys)
     assert code == 2 and "prompts" in err
-    code, summary, _ = batch([prompts, "--out", out, *SMALL, "--force"], capsys)
+    code, summary, err = batch([prompts, "--out", out, *SMALL, "--force"], capsys)
     assert code == 0 and summary["generated"] == [1]
-    assert sorted(p.name for p in out.glob("*.png")) == ["000000-a.png", "000001-b.png", "000002-c.png"]
+    # the old image of line 2 is kept (an orphan, reported); the new one takes the next free name
+    assert sorted(p.name for p in out.glob("*.png")) == ["000000-a.png", "000001-b-2.png", "000001-b.png",
+                                                         "000002-c.png"]
+    assert summary["orphans"] == ["000001-b.png"] and "1 finished image no longer belongs" in err
     assert [r["prompt"] for r in records(out)] == ["a", "B", "c"]
+    assert [r["file"] for r in records(out)] == ["000000-a.png", "000001-b-2.png", "000002-c.png"]
+    assert [(r["prompt"], r["file"]) for r in map(json.loads, (out / "orphans.jsonl").read_text().splitlines())] \
+        == [("b", "000001-b.png")]
 
     code, summary, _ = batch([prompts, "--out", out, *SMALL, "--no-resume"], capsys)
     assert code == 0 and summary["generated"] == [0, 1, 2]
+    assert len(summary["orphans"]) == 3 and len(list(out.glob("*.png"))) == 7  # nothing deleted
 
     from flowkit.batch.files import lock_folder
 
@@ -332,3 +339,104 @@ def test_resume_skips_done_refuses_other_settings_unless_force(loads, tmp_path, 
         assert code == 2 and "another `flowkit batch` is writing to" in err
     finally:
         held.close()
+
+
+# --------------------------------------------------------------------------- issue 22: no user file touched
+
+
+def test_foreign_files_and_finished_images_survive_a_forced_resume_with_a_shorter_file(loads, tmp_path, capsys):
+    """Item 2: the stale-temporary clean-up deleted any `.NAME.DIGITS.tmp` (a user's
+    `.notes.2024.tmp`, `.thesis.1.tmp`), and `--force` with a shorter prompt file deleted the
+    images of the dropped lines. Now a run deletes only its own temporaries; every foreign
+    file stays byte for byte, even one named like a batch image, and every finished image
+    stays: the dropped lines' images are reported as orphans and listed in orphans.jsonl."""
+    out = tmp_path / "out"
+    out.mkdir()
+    foreign = {".notes.2024.tmp": b"notes", ".thesis.1.tmp": b"thesis", "notes.txt": b"mine",
+               "000001-2-red-circles.png": b"a user's own file with a batch-like name",
+               ".flowkit-tmp-notes.txt": b"prefix, but not a flowkit temporary name", "sub": None}
+    for name, data in foreign.items():
+        (out / name).mkdir() if data is None else (out / name).write_bytes(data)
+    (out / ".flowkit-tmp-000009-x.png.4242.tmp").write_bytes(b"a killed writer's temporary")  # flowkit's own
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("".join(f"{k} red circles\n" for k in range(1, 7)))
+    code, summary, err = batch([prompts, "--out", out, *SMALL, "--batch-size", "4"], capsys)
+    assert code == 0 and summary["generated"] == list(range(6)), err
+    recs = records(out)
+    assert recs[1]["file"] == "000001-2-red-circles-2.png"  # the user's file kept its name
+    finished = {r["file"]: (out / r["file"]).read_bytes() for r in recs}
+    assert not (out / ".flowkit-tmp-000009-x.png.4242.tmp").exists()
+
+    prompts.write_text("1 red circles\n2 red circles\nthree blue squares\n")  # lines 4-6 dropped, line 3 changed
+    code, summary, err = batch([prompts, "--out", out, *SMALL, "--force"], capsys)
+    assert code == 0 and summary["generated"] == [2], err
+    assert sorted(summary["orphans"]) == sorted(r["file"] for r in recs[2:])
+    assert "4 finished images no longer belong to this run" in err and "orphans.jsonl" in err
+    for name, data in foreign.items():
+        assert (out / name).is_dir() if data is None else (out / name).read_bytes() == data, name
+    for name, data in finished.items():
+        assert (out / name).read_bytes() == data, name
+    orphans = [json.loads(line) for line in (out / "orphans.jsonl").read_text().splitlines()]
+    assert sorted(r["file"] for r in orphans) == sorted(summary["orphans"])
+    assert [r["prompt"] for r in records(out)] == ["1 red circles", "2 red circles", "three blue squares"]
+    assert len(list(out.glob("*.png"))) == 6 + 1 + 1  # finished, the new line 3, the user's own
+
+    code, summary, err = batch([prompts, "--out", out, *SMALL], capsys)  # a resume reports nothing new
+    assert code == 0 and summary["generated"] == [] and summary["orphans"] == [] and "orphan" not in err
+
+
+def test_batch_images_record_their_settings_in_png_text(loads, tmp_path, capsys):
+    """Item 1, batch side: a batch image carries the same text chunks as generate's, with the
+    item's own seed (seed column: seed_index 0, the image of `generate PROMPT --seed s`)."""
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "a red circle", "seed": 7, "negative_prompt": "blue"}\n')
+    assert batch([prompts, "--out", tmp_path / "out", *SMALL], capsys)[0] == 0
+    [rec] = records(tmp_path / "out")
+    with Image.open(tmp_path / "out" / rec["file"]) as im:
+        text = dict(im.text)
+    assert {k: text[k] for k in ("prompt", "negative_prompt", "seed", "seed_index", "steps", "size", "model")} == {
+        "prompt": "a red circle", "negative_prompt": "blue", "seed": "7", "seed_index": "0", "steps": "2",
+        "size": "16x16", "model": "tiny"}
+    assert text["noise_seed"] == str(seed_for(7, 0)) and text["guidance"].startswith("cfg:scale=")
+
+
+@pytest.mark.parametrize("line, words", [
+    ('{"prompt": "a", "seed": "3"}', 'seed must be a JSON number, not a string: write 3 without quotes'),
+    ('{"prompt": "a", "steps": "2"}', 'steps must be a JSON number'),
+    ('{"prompt": "a", "prompt": "b"}', 'the key \'prompt\' appears twice'),
+    ('{"prompt": "a", "steps": 10001}', 'steps must be an integer from 1 to 10000'),
+    ('{"prompt": "a", "size": "99999x32"}', 'size must be from 1 to 8192 px'),
+])
+def test_jsonl_numbers_as_strings_and_duplicate_keys_are_refused_with_file_and_line(line, words):
+    """Item 8: JSONL `"seed": "3"` and `"steps": "2"` were silently converted and a duplicate
+    "prompt" key kept the last one; steps up to 100,000 and sizes up to 100,000 px passed.
+    Each is now a line error (file:LINE in the run's message). CSV cells stay text."""
+    parsed = parse_prompt_lines(f'{{"prompt": "ok"}}\n{line}\n'.encode(), ".jsonl")
+    [err] = parsed.errors
+    assert err.line == 2 and words in err.message, err.message
+    csv = parse_prompt_lines(b"prompt,seed,steps\na,3,2\n", ".csv")
+    assert (csv.items[0].seed, csv.items[0].steps) == (3, 2)
+
+
+def test_a_prompt_file_linked_to_dev_zero_stops_at_the_limit(loads, tmp_path, capsys):
+    """Item 4: a prompt file that is a link to /dev/zero was read until memory ran out (5.5 GB);
+    now reading stops at the limit (64 MiB) with one line, before the model loads."""
+    link = tmp_path / "zero.txt"
+    link.symlink_to("/dev/zero")
+    loads.reset_mock()
+    code, _, err = batch([link, "--out", tmp_path / "out", *SMALL], capsys)
+    assert code == 2 and err.count("\n") == 1 and "larger than 64 MiB" in err and not loads.called
+
+
+def test_ctrl_c_in_batch_says_how_to_resume(loads, tmp_path, capsys, monkeypatch):
+    """Item 9: Ctrl-C in `batch` printed only "interrupted"; it now says that the finished
+    images are kept and that the same command resumes."""
+    import flowkit.batch.runner as runner
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a\nb\n")
+    monkeypatch.setattr(runner, "_sample_shard", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    code, _, err = batch([prompts, "--out", tmp_path / "out", *SMALL], capsys)
+    assert code == 130
+    assert err.splitlines()[-1] == (f"flowkit: interrupted; the finished images are kept in {tmp_path / 'out'}: "
+                                    "run the same command again to resume (it makes only the missing ones)")

@@ -4,6 +4,7 @@ run_experiment and the markdown report. Every file goes under tmp_path."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -739,3 +740,26 @@ def test_a_claim_left_by_a_dead_process_is_taken_over(tmp_path):
         assert held.held and (tmp_path / "fit.json.claim").exists()
         assert not CacheClaim(tmp_path / "fit.json").try_acquire()  # the same process, another claimant
     assert not (tmp_path / "fit.json.claim").exists()
+
+
+def test_run_experiment_refuses_a_negative_seed_before_running(tmp_path):
+    """Item 5: `bench selftest --quick --seed -1` ran the experiment into numpy's
+    `ValueError: expected non-negative integer`; the seed is now checked first."""
+    with pytest.raises(InputError, match="seed must be an integer from 0 to"):
+        run_experiment("selftest", quick=True, out_dir=tmp_path, cache_root=tmp_path / "c", seed=-1)
+    assert not list(tmp_path.iterdir())
+
+
+def test_memory_bench_measures_a_child_processes_own_peak():
+    """The `memory` experiment's meter: a child that holds 200 MiB more reads about 200 MiB
+    more, whatever its parent holds (the kernel's ru_maxrss of a child counts the parent's
+    memory at fork, so the child reports its own VmHWM). The experiment runs `generate -n N`
+    in such children: `flowkit bench memory --quick`."""
+    from flowkit.bench.experiments.memory import peak_rss_mib
+
+    small, _ = peak_rss_mib(["-c", "pass"], dict(os.environ))
+    big, _ = peak_rss_mib(["-c", "x = bytearray(200 * 2**20)\nx[::4096] = b'1' * len(x[::4096])"], dict(os.environ))
+    assert small < 100 and 180 < big - small < 240, (small, big)
+    with pytest.raises(RuntimeError, match="exited with status 3"):
+        peak_rss_mib(["-c", "raise SystemExit(3)"], dict(os.environ))
+    assert "memory" in available()

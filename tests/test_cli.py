@@ -117,9 +117,8 @@ def test_generate_matches_flowkit_sample(generated, loads):
     pipe = flowkit.loading.load("tiny")
     for i, path in enumerate(generated["files"]):
         out = flowkit.sample(pipe, "two blue squares", seed=3, steps=2, start_index=i)
-        buf = io.BytesIO()
-        out.images[0].save(buf, format="PNG")
-        assert Path(path).read_bytes() == buf.getvalue()
+        with Image.open(path) as im:
+            assert im.tobytes() == out.images[0].tobytes()
 
 
 def test_same_seed_same_bytes_other_seed_differs(generated, tmp_path, capsys):
@@ -162,7 +161,7 @@ def test_explicit_model_does_not_fall_back(loads, tmp_path, capsys):
 BAD = {
     "unknown sampler": (["--sampler", "eulr"], "unknown sampler 'eulr'"),
     "unknown guidance key": (["--guidance", "cfg:scael=3"], "unknown option 'scael'"),
-    "zero steps": (["--steps", "0"], "--steps must be an integer >= 1"),
+    "zero steps": (["--steps", "0"], "--steps must be an integer from 1 to 10000, got 0"),
     "size not a multiple of 4": (["--height", "30", "--width", "30"], "multiples of 4"),
     "height without width": (["--height", "32"], "both --height and --width"),
     "unknown model": (["--model", "shapez"], "unknown model 'shapez' (did you mean 'shapes'?)"),
@@ -340,3 +339,297 @@ def test_fuzz_generate_options_parse_or_exit_2(argv):
             return
     assert isinstance(opts, GenerateOptions)
     assert opts.steps >= 1 and opts.seed >= 0 and opts.num_images >= 1 and opts.prompts
+
+
+# --------------------------------------------------------------------------- issue 22: no image lost
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_generate_twice_into_one_folder_keeps_every_image(loads, tmp_path, capsys):
+    """Item 1: `generate "a cat" --seed 1` then `--seed 2` both wrote flowkit-out/00000-a-cat.png,
+    the second over the first. Each image now takes the folder's next free number: after runs
+    of 1, 1 and 3 images the folder holds 5 files, and the first run's file is unchanged."""
+    out = tmp_path / "out"
+    assert run(["generate", "a cat", *GEN, "--seed", "1", "--out", out], capsys)[0] == 0
+    first = _files(out)
+    assert list(first) == ["00000-a-cat.png"]
+    assert run(["generate", "a cat", *GEN, "--seed", "2", "--out", out], capsys)[0] == 0
+    code, stdout, _ = run(["generate", "a dog", *GEN, "--seed", "2", "-n", "3", "--out", out], capsys)
+    assert code == 0
+    files = _files(out)
+    assert list(files) == ["00000-a-cat.png", "00001-a-cat.png", "00002-a-dog.png", "00003-a-dog.png",
+                           "00004-a-dog.png"]
+    assert files["00000-a-cat.png"] == first["00000-a-cat.png"]  # not overwritten
+    assert len(set(files.values())) == 5
+    assert [ln.split()[0] for ln in stdout.splitlines()[:3]] == [str(out / n) for n in list(files)[2:]]
+
+
+def test_a_number_taken_meanwhile_is_skipped_not_overwritten(loads, tmp_path, capsys, monkeypatch):
+    """Item 1: the folder's next free number is read once, at the start; another writer (a second
+    `generate` into the same folder) may take a number meanwhile. Writing never replaces a file:
+    the image takes the next number instead (planted here by a stale count of 0)."""
+    import flowkit.cli.generate as generate
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "00000-a-cat.png").write_bytes(b"written by another generate meanwhile")
+    monkeypatch.setattr(generate, "_next_number", lambda folder: 0)
+    assert run(["generate", "a cat", *GEN, "--out", out], capsys)[0] == 0
+    files = _files(out)
+    assert list(files) == ["00000-a-cat.png", "00001-a-cat.png"]
+    assert files["00000-a-cat.png"] == b"written by another generate meanwhile"
+
+
+def test_png_text_chunks_say_how_to_make_the_image_again(loads, tmp_path, capsys):
+    """Item 1: the PNG held no metadata, so an image could not be regenerated from itself. Its
+    text chunks now hold prompt, negative prompt, seed (and the image's index and noise seed),
+    sampler, guidance, steps, size, model and flowkit version; feeding them back to
+    flowkit.sample gives the same pixels."""
+    out = tmp_path / "out"
+    code, stdout, _ = run(["generate", "two red circles", "--model", "tiny", "--steps", "2", "--seed", "9", "-n", "2",
+                           "--sampler", "heun", "--guidance", "cfg:scale=3", "--negative-prompt", "blue",
+                           "--height", "16", "--width", "24", "--grid", "shift:2", "--out", out, "--json"], capsys)
+    assert code == 0
+    path = Path(json.loads(stdout)["files"][1])
+    with Image.open(path) as im:
+        text, pixels = dict(im.text), im.tobytes()
+    assert text == {"prompt": "two red circles", "negative_prompt": "blue", "seed": "9", "seed_index": "1",
+                    "noise_seed": str(flowkit.seed_for(9, 1)), "sampler": "heun", "guidance": "cfg:scale=3.0",
+                    "steps": "2", "size": "16x24", "grid": "shift:2", "model": "tiny", "flowkit": flowkit.__version__}
+    h, w = map(int, text["size"].split("x"))
+    again = flowkit.sample(flowkit.loading.load(text["model"]), text["prompt"], seed=int(text["seed"]),
+                           start_index=int(text["seed_index"]), sampler=text["sampler"], guidance=text["guidance"],
+                           steps=int(text["steps"]), negative_prompt=text["negative_prompt"], height=h, width=w,
+                           grid=text["grid"])
+    assert again.images[0].tobytes() == pixels
+
+
+def test_out_file_is_not_overwritten_without_force(loads, tmp_path, capsys):
+    """Item 1: `--out one.png` silently replaced an existing file. Now it exits 2 before the
+    model loads, the file untouched; --force overwrites."""
+    target = tmp_path / "one.png"
+    target.write_bytes(b"my own picture")
+    loads.reset_mock()
+    code, out, err = run(["generate", "x", *GEN, "--out", target], capsys)
+    assert code == 2 and out == "" and not loads.called
+    assert err == f"flowkit: error: --out {str(target)!r} exists: pass --force to overwrite it, or give another name\n"
+    assert target.read_bytes() == b"my own picture"
+    assert run(["generate", "x", *GEN, "--out", target, "--force"], capsys)[0] == 0
+    with Image.open(target) as im:
+        assert im.format == "PNG"
+
+
+def test_out_names_the_image_format_or_is_refused(loads, tmp_path, capsys, monkeypatch):
+    """Item 8: `--out x.jpg` made a folder named x.jpg/ with a PNG inside; `--out ''` wrote into
+    the current folder. Now x.jpg is a JPEG (its settings in the JPEG comment), x.webp a WebP,
+    a file extension PIL cannot write (x.txt) and an empty --out are refused before loading."""
+    monkeypatch.chdir(tmp_path)
+    for name, fmt in (("x.jpg", "JPEG"), ("y.WEBP", "WEBP"), ("sub/z.png", "PNG")):
+        assert run(["generate", "a cat", *GEN, "-o", name], capsys)[0] == 0
+        assert (tmp_path / name).is_file()
+        with Image.open(tmp_path / name) as im:
+            assert im.format == fmt and im.size == (32, 32)
+    with Image.open(tmp_path / "x.jpg") as im:
+        assert json.loads(im.info["comment"])["prompt"] == "a cat"
+    loads.reset_mock()
+    for out, words in (("x.txt", "cannot write .txt files"), ("", "--out is empty"), ("  ", "--out is empty")):
+        code, stdout, err = run(["generate", "a cat", *GEN, "--out", out], capsys)
+        assert code == 2 and stdout == "" and words in err and err.count("\n") == 1
+    assert not loads.called and sorted(p.name for p in tmp_path.iterdir()) == ["sub", "x.jpg", "y.WEBP"]
+
+
+def test_generate_writes_each_micro_batch_and_keeps_them_on_ctrl_c(loads, tmp_path, capsys, monkeypatch):
+    """Item 3: `generate -n N` ran one batch of N and wrote nothing until the end, so Ctrl-C lost
+    everything (and memory grew with N). Now flowkit.sample is called per micro-batch of
+    --batch-size, each image is written at once, and an interrupt in the third micro-batch
+    leaves the four finished images and says so (exit 130)."""
+    import flowkit.api
+
+    real, sizes = flowkit.api.sample, []
+
+    def sample(pipe, prompts, **kwargs):
+        sizes.append(len(prompts))
+        if len(sizes) == 3:
+            raise KeyboardInterrupt
+        return real(pipe, prompts, **kwargs)
+
+    monkeypatch.setattr(flowkit, "sample", sample)
+    out = tmp_path / "out"
+    code, stdout, err = run(["generate", "a cat", "a dog", *GEN, "-n", "3", "--batch-size", "2", "--out", out],
+                            capsys)
+    assert code == 130 and sizes == [2, 2, 2]
+    assert sorted(p.name for p in out.iterdir()) == ["00000-a-cat.png", "00001-a-cat.png", "00002-a-cat.png",
+                                                     "00003-a-dog.png"]
+    assert len(stdout.splitlines()) == 4  # each path printed as it was written
+    assert err == f"flowkit: interrupted: 4 of 6 images written in {out}\n"
+
+
+def test_generate_shows_a_progress_bar_over_images(loads, tmp_path, capsys):
+    """Item 3: -n N showed no progress at all; --progress draws a bar over images."""
+    code, _, err = run(["generate", "a cat", *GEN, "-n", "5", "--batch-size", "2", "--progress", "--out", tmp_path],
+                       capsys)
+    assert code == 0 and "generate" in err and "5/5" in err and "img" in err
+
+
+# --------------------------------------------------------------------------- issue 22: limits, one line, no traceback
+
+
+def _dir_with_index(tmp_path: Path, name: str, text: str) -> Path:
+    folder = tmp_path / name
+    folder.mkdir()
+    (folder / "model_index.json").write_text(text)
+    return folder
+
+
+PRE_LOAD = {  # checked before any model loads: (argv after the command, words of the one-line error)
+    "steps past the limit": (["generate", "x", "--steps", "4294967297"], "--steps must be an integer from 1 to 10000"),
+    "steps overflowing C": (["generate", "x", "--steps", "99999999999999999999"], "from 1 to 10000"),
+    "seed past 2^63": (["generate", "x", "--seed", str(2**63)], "--seed must be an integer from 0 to"),
+    "too many images": (["generate", "x", "-n", "100001"], "-n/--num-images must be an integer from 1 to 100000"),
+    "too many images in all": (["generate", "x", "y", "-n", "60000"], "120000 images"),
+    "batch size zero": (["generate", "x", "--batch-size", "0"], "--batch-size must be"),
+    "height past the limit": (["generate", "x", "--height", "99999", "--width", "32"], "--height must be an integer from 1 to 8192"),
+    "size not a multiple of 4": (["generate", "x", "--height", "30", "--width", "30"], "multiples of 4"),
+    "dynamic without mu": (["generate", "x", "--grid", "dynamic"], "--grid dynamic:0.5"),
+    "dynamic mu overflowing exp": (["generate", "x", "--grid", "dynamic:1e300"], "mu must be a finite number"),
+    "dynamic mu infinite": (["generate", "x", "--grid", "dynamic:inf"], "mu must be a finite number"),
+    "shift infinite": (["generate", "x", "--grid", "shift:inf"], "shift must be a finite number"),
+    "boss grid on a non-table file": (["generate", "x", "--grid", "boss:{notes}"], "cannot read BOSS table"),
+    "non-UTF-8 prompt": (["generate", "a \udcff cat"], "is not valid UTF-8 text"),
+    "non-UTF-8 negative prompt": (["generate", "x", "--negative-prompt", "\udcfe"], "not valid UTF-8"),
+    "guidance in capitals": (["generate", "x", "--guidance", "CFG"], "(did you mean 'cfg'?)"),
+    "gamma beyond a cosine": (["generate", "x", "--guidance", "cfg+adaptive:gamma=5"], "from -1 to 1"),
+    "batch steps past the limit": (["batch", "{prompts}", "--out", "b", "--steps", "10001"], "--steps must be"),
+    "batch empty out": (["batch", "{prompts}", "--out", ""], "--out is empty"),
+    "batch grid dynamic": (["batch", "{prompts}", "--out", "b", "--grid", "dynamic"], "--grid dynamic:0.5"),
+    "tune k-max past the limit": (["tune", "boss", "--k-max", "99999999999"], "--k-max must be an integer from 2 to 1000"),
+    "tune samples past the limit": (["tune", "boss", "--samples", "100001"], "--samples must be"),
+    "tune out is a folder": (["tune", "boss", "--out", "{folder}"], "is a folder: give a file name"),
+    "tune a sequence model": (["tune", "boss", "--model", "dna"], "BOSS step sizes are tuned for an image model"),
+    "bench negative seed": (["bench", "selftest", "--quick", "--seed", "-1", "--out", "{folder}"], "--seed must be"),
+    "bench empty out": (["bench", "selftest", "--quick", "--out", ""], "--out is empty"),
+    "gallery empty out": (["gallery", "--out", "", "--model", "tiny"], "--out is empty"),
+}
+
+
+@pytest.mark.parametrize("name", list(PRE_LOAD))
+def test_bad_numbers_and_names_fail_before_loading_in_one_line(name, loads, tmp_path, capsys, monkeypatch):
+    """Items 4, 5, 8, 9: each of these crashed with a traceback (OverflowError, math range error,
+    a tokenizer TypeError, IsADirectoryError, ValueError from numpy), ran into a 34 GB
+    allocation, failed only after the model loaded, gave misleading advice (dynamic:inf:
+    'lower the guidance scale'), or was silently accepted (gamma=5). Each now exits 2 with one
+    line naming the option and its limit, before any model loads."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "notes.txt").write_text("not a table\n")
+    (tmp_path / "p.txt").write_text("a red circle\n")
+    (tmp_path / "folder").mkdir()
+    subs = {"{notes}": str(tmp_path / "notes.txt"), "{prompts}": str(tmp_path / "p.txt"),
+            "{folder}": str(tmp_path / "folder")}
+    argv, words = PRE_LOAD[name]
+    argv = [subs.get(a, a.replace("{notes}", subs["{notes}"])) for a in argv]
+    if argv[0] in ("generate", "batch", "tune") and "--model" not in argv:
+        argv += ["--model", "tiny"]
+    loads.reset_mock()
+    code, out, err = run(argv, capsys)
+    assert (code, out) == (2, ""), err
+    assert err.startswith("flowkit: error: ") and err.count("\n") == 1 and "Traceback" not in err
+    assert words in err, err
+    assert not loads.called
+    assert "lower the guidance scale" not in err
+
+
+def test_long_input_is_cut_in_the_error_message(loads, capsys):
+    """Item 9: a 10,000-character input was echoed whole in the error line."""
+    for argv in (["generate", "x", "--model", "m" * 10_000], ["generate", "x", "--model", "tiny", "--grid", "g" * 10_000],
+                 ["generate", "x", "--model", "tiny", "--sampler", "s" * 10_000],
+                 ["batch", "p" * 10_000 + ".txt", "--out", "o", "--model", "tiny"]):
+        code, _, err = run(argv, capsys)
+        assert code == 2 and err.count("\n") == 1 and len(err) < 400, (argv[:3], len(err))
+        assert "10000 characters" in err or "10004 characters" in err
+
+
+def test_read_only_output_location_is_one_line_before_work(loads, tmp_path, capsys):
+    """Item 5: with --out on a read-only file system, generate/batch/tune/bench crashed with a
+    traceback: the clean-up in the error handler unlinked a file that was never written, and
+    on a read-only mount even that raises (EROFS). Each now exits 2 with one line, before the
+    model loads (generate, batch, tune) or the experiment runs (bench)."""
+    from readonly import read_only
+
+    ro = tmp_path / "ro"
+    (ro / "sub").mkdir(parents=True)
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a\n")
+    cases = {
+        "generate": ["generate", "x", *GEN, "--out", ro / "sub"],
+        "generate one file": ["generate", "x", *GEN, "--out", ro / "one.png"],
+        "generate new folder": ["generate", "x", *GEN, "--out", ro / "new"],
+        "batch": ["batch", prompts, "--out", ro / "sub", "--model", "tiny"],
+        "tune": ["tune", "boss", "--model", "tiny", "--steps", "2", "--k-max", "2", "--samples", "1",
+                 "--out", ro / "t.json"],
+        "bench": ["bench", "selftest", "--quick", "--out", ro / "sub", "--cache", tmp_path / "cache"],
+    }
+    with pytest.MonkeyPatch.context() as m:
+        read_only(m, ro)
+        for what, argv in cases.items():
+            loads.reset_mock()
+            code, out, err = run(argv, capsys)
+            assert (code, out) == (2, ""), (what, err)
+            assert err.count("\n") == 1 and "Read-only file system" in err, (what, err)
+            assert not loads.called, what
+    assert sorted(p.name for p in ro.rglob("*")) == ["sub"]
+
+
+@pytest.mark.parametrize("index, words", [
+    ("", "is not valid JSON"),
+    ("[1, 2]", "must hold a JSON object"),
+    ('{"_class_name": "NoSuchPipeline"}', "unknown pipeline class 'NoSuchPipeline'"),
+    ('{"_class_name": ["pipeline", "EvilPipeline"]}', "custom pipeline"),
+    ('{"_class_name": "StableDiffusionPipeline", "unet": ["evil_module", "EvilUNet"]}', "custom code"),
+    ('{"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"]}',
+     "cannot load the diffusers folder"),
+])
+def test_a_broken_diffusers_folder_is_a_weights_error(index, words, tmp_path, capsys):
+    """Item 5: `--model DIR` with an empty model_index.json, an unknown `_class_name` or custom
+    code crashed inside diffusers (OSError, AttributeError, TypeError) or would import code from
+    the folder; each is now a WeightsError naming the problem, one line on the command line.
+    No stub here: the real loader runs."""
+    folder = _dir_with_index(tmp_path, "model", index)
+    (folder / "evil_module.py").write_text("raise SystemExit('custom code ran')\n")
+    with pytest.raises(WeightsError, match=re.escape(words)):
+        flowkit.load(folder)
+    code, _, err = run(["generate", "x", "--model", folder, "--out", tmp_path / "o"], capsys)
+    assert code == 2 and err.count("\n") == 1 and words in err
+
+
+# --------------------------------------------------------------------------- issue 22: friction
+
+
+def test_help_shows_defaults_short_out_and_train_targets(capsys):
+    """Item 9: --steps showed no default in --help, -o was not the short form of --out, and
+    `flowkit train --help` did not list the targets."""
+    from flowkit.train import targets
+
+    code, out, _ = run(["generate", "--help"], capsys)
+    assert code == 0 and "(default: 30)" in " ".join(out.split()) and "-o FILE_OR_DIR, --out FILE_OR_DIR" in out
+    code, out, _ = run(["batch", "--help"], capsys)
+    assert code == 0 and "(default: 30)" in " ".join(out.split()) and "-o DIR, --out DIR" in out
+    for command in (["tune", "--help"], ["gallery", "--help"], ["train", "--help"]):
+        code, out, _ = run(command, capsys)
+        assert code == 0 and "-o " in out, command
+    code, out, _ = run(["train", "--help"], capsys)
+    assert code == 0 and "targets:" in out
+    for name, description in targets().items():
+        assert re.search(rf"^  {re.escape(name)} +{re.escape(description)}$", out, re.M), name
+    code, out, _ = run(["bench", "--help"], capsys)
+    assert code == 0 and "-o OUT, --out OUT" in out
+
+
+def test_python_dash_m_flowkit_bench_reports_bad_input_in_one_line(tmp_path):
+    """Item 5: `python -m flowkit.bench selftest --quick --seed -1` ended in a numpy traceback."""
+    res = subprocess.run([sys.executable, "-m", "flowkit.bench", "selftest", "--quick", "--seed", "-1", "--out",
+                          str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert res.stderr.strip().splitlines()[-1].startswith("flowkit: error: --seed must be")

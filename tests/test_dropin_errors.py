@@ -73,3 +73,33 @@ def test_bad_latents_shape_and_pipeline_sampler_with_flowkit_grid():
     fk = FlowKitPipeline.from_pipe(tp.cached("sd"), sampler=Euler(grid="shift:2"))
     with pytest.raises(UnsupportedError, match="drop the flowkit grid"):
         fk("a red cat", sigmas=[14.6, 1.0, 0.0], **tp.SIZE)
+
+
+def _junk_latents(pipe, step, timestep, tensors):
+    return {"latents": "junk"}
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    (dict(num_inference_steps=0), "num_inference_steps must be an integer from 1 to 10000, got 0"),
+    (dict(num_inference_steps=2.5), "num_inference_steps must be an integer from 1 to 10000, got 2.5"),
+    (dict(num_inference_steps=None), "num_inference_steps must be an integer"),
+    (dict(num_images_per_prompt=0), "num_images_per_prompt must be an integer from 1 to 100000, got 0"),
+    (dict(prompt=[]), "prompt is empty"),
+    (dict(prompt=5), "prompt must be a string or a list of strings, got an int"),
+    (dict(prompt=None), "prompt must be a string or a list of strings, got None"),
+    (dict(generator="seed"), "generator must be a torch.Generator or a list of them"),
+    (dict(generator=[torch.Generator(), 3]), "got an int"),
+    (dict(guidance_scale="7"), "guidance_scale must be a finite number"),
+    (dict(callback_on_step_end=_junk_latents, callback_on_step_end_tensor_inputs=["latents"]),
+     "the callback returned latents as a str: return a tensor of shape (1, 4, 16, 16)"),
+    (dict(callback_on_step_end=lambda *a: [1]), "callback_on_step_end must return a dict"),
+])
+def test_call_arguments_are_checked_as_the_wrapped_pipeline_checks_them(fk, kwargs, words):
+    """Item 7: the drop-in ran 1 step for num_inference_steps=0 and 2 for 2.5, made one image for
+    num_images_per_prompt=0, and fk([]), fk(5), generator="seed" and a callback returning
+    {"latents": "junk"} ended in IndexError / TypeError / AttributeError. Each is now an
+    InputError that says what to give."""
+    kwargs = {"prompt": "a red cat", "num_inference_steps": 1, "output_type": "latent", **tp.SIZE, **kwargs}
+    with pytest.raises(InputError) as info:
+        fk(**kwargs)
+    assert words in str(info.value), str(info.value)

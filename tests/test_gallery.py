@@ -15,7 +15,7 @@ import flowkit.loading
 from flowkit.bench import BenchResult, BenchRun, Claim, ResultCache
 from flowkit.bench.cache import write_json_atomic
 from flowkit.cli import main
-from flowkit.errors import InputError
+from flowkit.errors import FlowkitError, InputError
 from flowkit.gallery import build_gallery, show
 import tiny_pipes
 
@@ -107,3 +107,60 @@ def test_show_checks_its_settings():
     with pytest.raises(InputError, match="prompt strings"):
         show(bench, "m", {}, baseline="b", baseline_settings={}, prompts=[])
     assert "gallery" not in bench.info
+
+
+def _entry(**changes):
+    entry = {"method": "m", "baseline": "b", "model": "tiny", "prompts": ["a red circle"], "columns": 1, "seed": 0,
+             "settings": dict(METHOD), "baseline_settings": dict(BASE)}
+    entry.update(changes)
+    return entry
+
+
+def _write_entries(folder: Path, entries: list) -> None:
+    folder.mkdir()
+    write_json_atomic(folder / "a-good.json", {"experiment": "a-good", "info": {"gallery": [_entry()]}})
+    write_json_atomic(folder / "b-bad.json", {"experiment": "b-bad", "info": {"gallery": entries}})
+
+
+@pytest.mark.parametrize("changes, words", [
+    (dict(columns=1_000_000), "columns must be an integer from 1 to 16, got 1000000"),
+    (dict(columns="4"), "columns must be an integer from 1 to 16, got '4'"),
+    (dict(seed=-1), "seed must be an integer from 0 to"),
+    (dict(prompts="a red circle"), "prompts must be a non-empty list of strings, got a str"),
+    (dict(prompts=["a", 3]), "prompts[1] must be a string, got an int"),
+    (dict(settings={**METHOD, "steps": 1_000_000_000}), "settings.steps must be an integer from 1 to 10000"),
+    (dict(settings={**METHOD, "height": 99_999}), "settings.height must be an integer from 1 to 8192"),
+    (dict(baseline_settings={**BASE, "guidance": "cgf"}), "baseline_settings.guidance: unknown guidance"),
+    (dict(settings={**METHOD, "grid": "dynamic:1e300"}), "settings.grid: bad time grid"),
+    (dict(method=["x"]), "method must be a non-empty string"),
+])
+def test_gallery_entries_are_checked_before_any_image_is_drawn(loads, tmp_path, changes, words):
+    """Items 4 and 5: gallery entries were barely checked: `"columns": 1000000` exhausted 24 GB
+    of memory, `"steps": 1000000000` ran without end, and `"seed": -1` or `"prompts": "str"`
+    crashed with a traceback after the earlier entries' images were written. Every entry is
+    now checked against the limits of every surface before the first image; the error names
+    the file, the entry and the field."""
+    results, out = tmp_path / "results", tmp_path / "gallery"
+    _write_entries(results, [_entry(), _entry(**changes)])
+    loads.reset_mock()
+    with pytest.raises(FlowkitError) as info:
+        build_gallery(results, out, model="tiny")
+    assert words in str(info.value) and "b-bad.json: gallery entry 1" in str(info.value), str(info.value)
+    assert not out.exists() and not loads.called
+
+
+def test_index_md_escapes_html_as_index_html_does(loads, tmp_path):
+    """Item 9: index.md wrote experiment, method, baseline, model, description and settings
+    text from the results files raw (only prompts were escaped), so a name like
+    `<img src=x onerror=alert(1)>` became live HTML in a rendered index.md; index.html escaped
+    it. Both now escape every such text."""
+    results, out = tmp_path / "results", tmp_path / "gallery"
+    evil = "<img src=x onerror=alert(1)>"
+    results.mkdir()
+    write_json_atomic(results / "x.json", {"experiment": f"exp {evil}", "description": f"d {evil}", "info": {
+        "gallery": [_entry(method=f"m {evil}", baseline=f"b `{evil}`",
+                           settings={**METHOD, "negative_prompt": evil})]}})
+    build_gallery(results, out, model="tiny")
+    md, page = (out / "index.md").read_text(), (out / "index.html").read_text()
+    assert "<img src=x" not in md and "<img src=x" not in page
+    assert md.count("&lt;img src=x onerror=alert(1)&gt;") >= 5

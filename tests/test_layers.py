@@ -21,7 +21,8 @@ SOURCES = {"flowkit": "flowkit", "samplers": "flowkit.samplers", "guidance": "fl
 
 # (layer, module prefixes), most specific prefix wins. L4a: methods, L4b: model families.
 LAYERS: dict[str, tuple[str, ...]] = {
-    "L0": ("flowkit.errors", "flowkit.seeding", "flowkit.storage", "flowkit.text", "flowkit.checksums"),
+    "L0": ("flowkit.errors", "flowkit.seeding", "flowkit.storage", "flowkit.text", "flowkit.checksums",
+           "flowkit.limits"),
     "L1": ("flowkit.paths", "flowkit.prediction", "flowkit.spec", "flowkit.conditioning", "flowkit.schedulers",
            "flowkit.tokens", "flowkit.steps"),
     "L2": ("flowkit.registry", "flowkit.denoiser", "flowkit.context", "flowkit.guidance_base",

@@ -22,7 +22,16 @@ from flowkit.text import MAX_LENGTH
 from flowkit.timegrid import TimeGrid
 from flowkit.tokens import TokenGroup, word_positions
 
-__all__ = ["ShapesAdapter", "to_images", "shapes_kit"]
+__all__ = ["ShapesAdapter", "to_images", "shapes_kit", "check_shapes_size", "SHAPES_FACTOR"]
+
+SHAPES_FACTOR = 4  # the shapes UNets (shipped and tiny) downsample twice
+
+
+def check_shapes_size(height: int, width: int, factor: int = SHAPES_FACTOR) -> None:
+    """The sizes a shapes model takes: multiples of its UNet's factor, from 8 to 256 px."""
+    check_multiple(height, width, factor, ShapesAdapter.family)
+    if height < 8 or width < 8 or height > 256 or width > 256:
+        raise InputError(f"the shapes model takes sizes from 8 to 256 px, got {height}x{width}")
 
 def to_images(x: Tensor, output_type: str) -> Any:
     """Pixel tensors in [-1, 1] [B, 3, H, W] -> images of `output_type`."""
@@ -79,9 +88,7 @@ class ShapesAdapter(ModelAdapter):
         return s, s
 
     def latent_shape(self, height: int, width: int) -> tuple[int, ...]:
-        check_multiple(height, width, self.factor(), self.family)
-        if height < 8 or width < 8 or height > 256 or width > 256:
-            raise InputError(f"the shapes model takes sizes from 8 to 256 px, got {height}x{width}")
+        check_shapes_size(height, width, self.factor())
         return (int(self.pipe.unet.config.in_channels), height, width)
 
     def default_grid(self) -> TimeGrid:

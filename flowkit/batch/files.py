@@ -5,22 +5,25 @@ its target, ``.flowkit-tmp-NAME.PID.tmp``, flushed to disk, then renamed over th
 so a reader (or a resume after kill -9) sees the old file or the new one, never half of
 one. A killed writer leaves only its temporary file, which `remove_stale_temporaries`
 deletes at the next start; it touches no other file (a user's own `.notes.1.tmp` stays).
+
+Images are placed without overwriting (`stage` then `publish`): a name already taken, by a
+finished image of an earlier run or by a user's file, is left alone and the image takes the
+next free name (``000001-b-2.png``).
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 import re
 from pathlib import Path
 from typing import Any
 
-from flowkit.errors import InputError
-from flowkit.storage import TEMP_PREFIX, write_atomic
+from flowkit.errors import InputError, clip
+from flowkit.storage import TEMP_PREFIX, image_bytes, write_atomic
 
-__all__ = ["lock_folder", "write_atomic", "png_bytes", "write_png", "sha256_bytes", "check_writable", "remove_stale_temporaries",
-           "TEMP_PATTERN"]
+__all__ = ["lock_folder", "write_atomic", "png_bytes", "write_png", "sha256_bytes", "check_writable",
+           "remove_stale_temporaries", "TEMP_PATTERN", "stage", "publish", "free_name", "image_metadata"]
 
 TEMP_PATTERN = re.compile(r"^" + re.escape(TEMP_PREFIX) + r".+\.\d+\.tmp$")
 
@@ -29,22 +32,80 @@ def _temporary(path: Path) -> Path:
     return path.with_name(f"{TEMP_PREFIX}{path.name}.{os.getpid()}.tmp")
 
 
-def png_bytes(image: Any) -> bytes:
-    """A PIL image encoded as PNG."""
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return buf.getvalue()
+def png_bytes(image: Any, metadata: dict[str, Any] | None = None) -> bytes:
+    """A PIL image encoded as PNG, with `metadata` in its text chunks."""
+    return image_bytes(image, "PNG", metadata)
+
+
+def image_metadata(*, prompt: str, negative_prompt: str | None, seed: int, seed_index: int, noise_seed: int,
+                   sampler: str, guidance: str | None, steps: int, height: int, width: int, grid: str | None,
+                   model: str) -> dict[str, Any]:
+    """What an image file records about its making (PNG text chunks): enough to make it again,
+    `flowkit.sample(pipe, prompt, seed=seed, start_index=seed_index, ...)`, or
+    `flowkit generate PROMPT --seed SEED` when seed_index is 0."""
+    from flowkit import __version__
+
+    return {"prompt": prompt, "negative_prompt": negative_prompt, "seed": seed, "seed_index": seed_index,
+            "noise_seed": noise_seed, "sampler": sampler, "guidance": guidance, "steps": steps,
+            "size": f"{height}x{width}", "grid": grid, "model": model, "flowkit": __version__}
 
 
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def write_png(image: Any, path: Path) -> tuple[str, int]:
+def write_png(image: Any, path: Path, metadata: dict[str, Any] | None = None) -> tuple[str, int]:
     """Write `image` as a PNG atomically; (sha256, size in bytes) of what was written."""
-    data = png_bytes(image)
+    data = png_bytes(image, metadata)
     write_atomic(path, data)
     return sha256_bytes(data), len(data)
+
+
+def stage(path: Path, data: bytes) -> Path:
+    """Write `data` to the temporary file of `path` (flushed to disk); returns the temporary."""
+    tmp = _temporary(path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        raise InputError(f"cannot write {str(path)!r}: {e.strerror or e}") from None
+    return tmp
+
+
+def free_name(folder: Path, name: str) -> str:
+    """`name` if nothing in `folder` has it, else the first free STEM-2.png, STEM-3.png, ..."""
+    stem, dot, ext = name.rpartition(".")
+    candidate, k = name, 1
+    while os.path.lexists(folder / candidate):
+        k += 1
+        candidate = f"{stem}-{k}{dot}{ext}"
+    return candidate
+
+
+def publish(tmp: Path, folder: Path, name: str) -> str:
+    """Move a staged temporary into `folder` under `name`, or the next free name if another
+    file took it meanwhile (never over an existing file); returns the name used."""
+    while True:
+        name = free_name(folder, name)
+        try:
+            os.link(tmp, folder / name)
+            break
+        except FileExistsError:
+            continue
+        except OSError:  # no hard links on this file system: rename after the check above
+            try:
+                os.replace(tmp, folder / name)
+            except OSError as e:
+                raise InputError(f"cannot write {str(folder / name)!r}: {e.strerror or e}") from None
+            return name
+    tmp.unlink(missing_ok=True)
+    return name
 
 
 def check_writable(folder: Path, flag: str = "--out") -> None:
@@ -52,17 +113,20 @@ def check_writable(folder: Path, flag: str = "--out") -> None:
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise InputError(f"{flag}: cannot create folder {str(folder)!r}: {e.strerror or e}") from None
+        raise InputError(f"{flag}: cannot create folder {clip(str(folder))!r}: {e.strerror or e}") from None
     if not folder.is_dir():
-        raise InputError(f"{flag}: {str(folder)!r} is not a folder")
+        raise InputError(f"{flag}: {clip(str(folder))!r} is not a folder")
     probe = _temporary(folder / "write-probe")
     try:
         with open(probe, "wb") as f:
             f.write(b"ok")
         probe.unlink()
     except OSError as e:
-        probe.unlink(missing_ok=True)
-        raise InputError(f"{flag}: cannot write in {str(folder)!r}: {e.strerror or e}") from None
+        try:
+            probe.unlink(missing_ok=True)
+        except OSError:  # a read-only location refuses even this (EROFS): nothing was written
+            pass
+        raise InputError(f"{flag}: cannot write in {clip(str(folder))!r}: {e.strerror or e}") from None
 
 
 def remove_stale_temporaries(folder: Path) -> list[Path]:

@@ -39,6 +39,8 @@ class Sampled:
     images: list[Any]  # PIL images
     nfe: list[int]
     seconds: float  # wall time of the whole micro-batch
+    sampler: str = ""  # the sampler and guidance as run (spec text; the default guidance resolved)
+    guidance: str = ""
 
 
 class MicroBatcher:
@@ -83,4 +85,5 @@ class MicroBatcher:
         out = sample(self.pipe, [j.prompt for j in jobs], sampler=first.sampler, steps=first.steps,
                      guidance=first.guidance, negative_prompt=negatives, height=first.height, width=first.width,
                      grid=first.grid, generators=generators)
-        return Sampled(list(jobs), list(out.images), [int(n) for n in out.stats.nfe], time.perf_counter() - t0)
+        return Sampled(list(jobs), list(out.images), [int(n) for n in out.stats.nfe], time.perf_counter() - t0,
+                       out.stats.sampler, out.stats.guidance)

@@ -30,15 +30,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
-from flowkit.errors import FlowkitError, InputError, closest
+from flowkit.errors import FlowkitError, InputError, clip, closest
+from flowkit.limits import MAX_SEED, MAX_SIZE, MAX_STEPS, read_bounded
 
 __all__ = ["PromptItem", "LineError", "PromptFile", "FORMATS", "COLUMNS", "read_prompt_file", "parse_prompt_lines",
            "parse_size", "canonical_spec"]
 
 FORMATS = (".txt", ".jsonl", ".csv")
 COLUMNS = ("prompt", "seed", "sampler", "guidance", "steps", "size", "negative_prompt")
-MAX_SEED = 2**63 - 1
-MAX_STEPS = 100_000
 
 
 @dataclass(frozen=True)
@@ -113,8 +112,8 @@ def parse_size(value: Any) -> tuple[int, int]:
         h, w = (parts[0], parts[0]) if len(parts) == 1 else parts
     else:
         raise _Bad(f"size must be N, \"HxW\" or [H, W], got {_show(value)}")
-    if not (1 <= h <= 100_000 and 1 <= w <= 100_000):
-        raise _Bad(f"size must be positive, got {h}x{w}")
+    if not (1 <= h <= MAX_SIZE and 1 <= w <= MAX_SIZE):
+        raise _Bad(f"size must be from 1 to {MAX_SIZE} px per side, got {h}x{w}")
     return int(h), int(w)
 
 
@@ -122,9 +121,13 @@ def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _int(value: Any, what: str, lo: int, hi: int) -> int:
-    if isinstance(value, str) and re.fullmatch(r"\s*[+-]?\d{1,25}\s*", value):
+def _int(value: Any, what: str, lo: int, hi: int, *, text: bool = False) -> int:
+    """An integer column; `text`: the value may be its decimal text (CSV cells are text; in
+    JSON a number must be a number: "3" is refused, not converted)."""
+    if text and isinstance(value, str) and re.fullmatch(r"\s*[+-]?\d{1,25}\s*", value):
         value = int(value)
+    if isinstance(value, str) and not text and re.fullmatch(r"\s*[+-]?\d{1,25}\s*", value):
+        raise _Bad(f"{what} must be a JSON number, not a string: write {value.strip()} without quotes")
     if not _is_int(value) or not lo <= value <= hi:
         raise _Bad(f"{what} must be an integer from {lo} to {hi}, got {_show(value)}")
     return value
@@ -175,7 +178,8 @@ class _Checker:
         return None
 
 
-def _item(index: int, line: int, fields: Mapping[str, Any], check: Callable[[str, Any], str]) -> PromptItem:
+def _item(index: int, line: int, fields: Mapping[str, Any], check: Callable[[str, Any], str], *,
+          text: bool = False) -> PromptItem:
     """A PromptItem from a mapping of column -> value (None or "" in CSV: the default)."""
     unknown = [k for k in fields if k not in COLUMNS]
     if unknown:
@@ -184,8 +188,8 @@ def _item(index: int, line: int, fields: Mapping[str, Any], check: Callable[[str
     if "prompt" not in fields:
         raise _Bad("no \"prompt\" field")
     given = {k: v for k, v in fields.items() if v is not None and k != "prompt"}
-    seed = _int(given["seed"], "seed", 0, MAX_SEED) if "seed" in given else None
-    steps = _int(given["steps"], "steps", 1, MAX_STEPS) if "steps" in given else None
+    seed = _int(given["seed"], "seed", 0, MAX_SEED, text=text) if "seed" in given else None
+    steps = _int(given["steps"], "steps", 1, MAX_STEPS, text=text) if "steps" in given else None
     size = parse_size(given["size"]) if "size" in given else None
     sampler = check("sampler", given["sampler"]) if "sampler" in given else None
     guidance = check("guidance", given["guidance"]) if "guidance" in given else None
@@ -202,7 +206,7 @@ def _txt(line: str) -> dict[str, Any]:
 
 def _jsonl(line: str) -> dict[str, Any]:
     try:
-        data = json.loads(line, parse_constant=_no_constant)
+        data = json.loads(line, parse_constant=_no_constant, object_pairs_hook=_no_duplicates)
     except RecursionError:
         raise _Bad("not valid JSON: nested too deeply") from None
     except ValueError as e:
@@ -210,6 +214,16 @@ def _jsonl(line: str) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise _Bad(f"expected a JSON object with a \"prompt\", got {_kind(data)}")
     return data
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object, refused if a key appears twice (json keeps the last one silently)."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _Bad(f"the key {_show(key)} appears twice in one object: keep one")
+        out[key] = value
+    return out
 
 
 def _no_constant(name: str) -> Any:
@@ -283,7 +297,7 @@ def parse_prompt_lines(data: bytes, fmt: str, *, check: Callable[[str, Any], str
                 if len(cells) != len(header):
                     raise _Bad(f"{len(cells)} cells for {len(header)} columns ({', '.join(header)})")
                 fields = {k: (v if (v.strip() or k == "prompt") else None) for k, v in zip(header, cells)}
-            out.items.append(_item(index, lineno, fields, check))
+            out.items.append(_item(index, lineno, fields, check, text=fmt == ".csv"))
         except _Bad as e:
             out.errors.append(LineError(index, lineno, str(e)))
         index += 1
@@ -295,15 +309,15 @@ def read_prompt_file(path: str | os.PathLike[str]) -> PromptFile:
     p = Path(path)
     fmt = p.suffix.lower()
     if fmt not in FORMATS:
-        raise InputError(f"PROMPTS {str(p)!r}: give a .txt (one prompt a line), .jsonl or .csv file")
+        raise InputError(f"PROMPTS {clip(str(p))!r}: give a .txt (one prompt a line), .jsonl or .csv file")
     try:
-        data = p.read_bytes()
+        data = read_bounded(p, "PROMPTS")  # a link to /dev/zero stops at the limit
     except OSError as e:
-        raise InputError(f"PROMPTS: cannot read {str(p)!r}: {e.strerror or e}") from None
+        raise InputError(f"PROMPTS: cannot read {clip(str(p))!r}: {e.strerror or e}") from None
     try:
         parsed = parse_prompt_lines(data, fmt, name=str(p))
     except InputError as e:
         raise InputError(f"{p}: {e}") from None
     if not parsed.count:
-        raise InputError(f"PROMPTS {str(p)!r} has no prompts")
+        raise InputError(f"PROMPTS {clip(str(p))!r} has no prompts")
     return parsed

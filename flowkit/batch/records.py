@@ -10,6 +10,9 @@ Files in DIR:
   run that finds parts left by a killed run merges them first.
 - ``run.json``: the fingerprint (model, prompt-file hash, settings); a resume with other
   settings is refused unless --force.
+- ``orphans.jsonl``: the records of finished images that no longer belong to the run (their
+  line was dropped or changed, or --no-resume started over). A batch run never deletes or
+  overwrites a finished image: it keeps these files, lists them here and reports them.
 
 Readers skip a line that is not a JSON object (a killed writer's last, partial line): that
 item is simply not done.
@@ -26,13 +29,32 @@ from typing import Any, Iterable, Mapping
 from flowkit.batch.files import sha256_bytes, write_atomic
 from flowkit.errors import InputError
 
-__all__ = ["MANIFEST", "RUN_FILE", "part_path", "part_paths", "read_records", "merged_records", "write_manifest",
+__all__ = ["MANIFEST", "RUN_FILE", "ORPHANS", "add_orphans", "is_image_name", "part_path", "part_paths", "read_records", "merged_records", "write_manifest",
            "merge_parts", "verify", "PartWriter", "check_fingerprint", "write_fingerprint"]
 
 MANIFEST = "manifest.jsonl"
 RUN_FILE = "run.json"
+ORPHANS = "orphans.jsonl"
 _PART = re.compile(r"^manifest\.part-(\d+)\.jsonl$")
 _IMAGE = re.compile(r"^\d{6,}-[a-z0-9-]+\.png$")
+
+
+def is_image_name(name: Any) -> bool:
+    """Whether `name` is an image name a batch run gives (NNNNNN-slug.png), nothing else."""
+    return isinstance(name, str) and bool(_IMAGE.match(name))
+
+
+def add_orphans(folder: Path, records: Iterable[Mapping[str, Any]]) -> list[str]:
+    """Append the records of orphaned images to orphans.jsonl (a file listed once); the names added."""
+    listed = {r.get("file") for r in read_records(folder / ORPHANS)}
+    new = [dict(r) for r in records if r.get("file") not in listed]
+    if new:
+        old = (folder / ORPHANS).read_bytes() if (folder / ORPHANS).exists() else b""
+        if old and not old.endswith(b"\n"):
+            old += b"\n"
+        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in new)
+        write_atomic(folder / ORPHANS, old + text.encode("utf-8"))
+    return [r["file"] for r in new]
 
 
 def part_path(folder: Path, rank: int) -> Path:
@@ -92,7 +114,7 @@ def merge_parts(folder: Path) -> dict[int, dict[str, Any]]:
 def verify(folder: Path, record: Mapping[str, Any]) -> bool:
     """Whether the record's image is in `folder`, whole, with the recorded sha256."""
     name = record.get("file")
-    if not isinstance(name, str) or not _IMAGE.match(name):
+    if not is_image_name(name):
         return False
     try:
         data = (folder / name).read_bytes()

@@ -28,9 +28,14 @@ from flowkit.batch import records as mf
 from flowkit.batch.dist import Processes, processes
 from flowkit.batch.files import (
     check_writable,
+    image_metadata,
     lock_folder,
+    png_bytes,
+    free_name,
+    publish,
     remove_stale_temporaries,
-    write_png,
+    sha256_bytes,
+    stage,
 )
 from flowkit.batch.microbatch import MicroBatcher, Sampled
 from flowkit.batch.plan import Defaults, Job, plan, resolve, shard
@@ -65,10 +70,13 @@ class BatchConfig:
     progress: bool = False
 
     def __post_init__(self) -> None:
-        for name, minimum in (("steps", 1), ("seed", 0), ("batch_size", 1)):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-                raise InputError(f"BatchConfig.{name} must be an integer >= {minimum}, got {value!r}")
+        from flowkit.limits import MAX_BATCH_SIZE, MAX_SEED, MAX_SIZE, MAX_STEPS, check_int
+
+        for name, lo, hi in (("steps", 1, MAX_STEPS), ("seed", 0, MAX_SEED), ("batch_size", 1, MAX_BATCH_SIZE)):
+            check_int(f"BatchConfig.{name}", getattr(self, name), lo, hi)
+        for name in ("height", "width"):
+            if getattr(self, name) is not None:
+                check_int(f"BatchConfig.{name}", getattr(self, name), 1, MAX_SIZE)
         if self.on_error not in ("stop", "skip"):
             raise InputError(f"BatchConfig.on_error must be 'stop' or 'skip', got {self.on_error!r}")
         object.__setattr__(self, "prompts", Path(self.prompts))
@@ -89,6 +97,7 @@ class Summary:
     per_rank: dict[int, int] = field(default_factory=dict)
     seconds: float = 0.0
     nfe: int = 0
+    orphans: list[str] = field(default_factory=list)  # finished images this run left out of the manifest, kept
 
     @property
     def images_per_second(self) -> float:
@@ -102,6 +111,7 @@ class Summary:
             "errors": [{"line": e.line, "index": e.index, "message": e.message} for e in self.errors],
             "per_rank": {str(k): v for k, v in sorted(self.per_rank.items())}, "seconds": round(self.seconds, 4),
             "images_per_second": round(self.images_per_second, 4), "nfe": self.nfe,
+            "orphans": self.orphans,
         }
 
 
@@ -174,18 +184,31 @@ def _fingerprint(cfg: BatchConfig, parsed: PromptFile, model: str) -> dict[str, 
     }
 
 
-def _prepare(out: Path, jobs: list[Job], resume: bool) -> None:
-    """Rank 0: clean up after a killed run and keep only the verified, unchanged records."""
+def _prepare(out: Path, jobs: list[Job], resume: bool) -> list[str]:
+    """Rank 0: clean up after a killed run and keep only the verified, unchanged records.
+
+    Nothing but flowkit's own files is touched: stale temporaries (flowkit's prefix) go, and
+    a recorded image that no longer verifies (missing, truncated, other bytes) is made again.
+    A finished image that no longer belongs to the run (its line dropped or changed, or
+    --no-resume) is never deleted: its record moves to orphans.jsonl. Returns those names.
+    """
     remove_stale_temporaries(out)
     by_index = {j.index: j for j in jobs}
-    records = mf.merged_records(out) if resume else {}
-    keep = {i: r for i, r in records.items() if i in by_index and by_index[i].matches(r) and mf.verify(out, r)}
+    records = mf.merged_records(out)
+    keep, orphans = {}, []
     for i, r in records.items():
-        if i not in keep and isinstance(r.get("file"), str) and mf._IMAGE.match(r["file"]):
-            (out / r["file"]).unlink(missing_ok=True)  # a damaged or stale image
+        finished = mf.verify(out, r)
+        if finished and resume and i in by_index and by_index[i].matches(r):
+            keep[i] = r
+        elif finished:
+            orphans.append(r)
+        elif mf.is_image_name(r.get("file")):
+            (out / r["file"]).unlink(missing_ok=True)  # a damaged image this folder's runs recorded
+    added = mf.add_orphans(out, orphans)
     mf.write_manifest(out, keep)
     for p in mf.part_paths(out):
         p.unlink(missing_ok=True)
+    return added
 
 
 def _per_line(error: FlowkitError) -> bool:
@@ -196,15 +219,29 @@ def _per_line(error: FlowkitError) -> bool:
 
 
 def _write(sampled: Sampled, out: Path, writer: mf.PartWriter, procs: Processes) -> None:
-    records = []
+    """Record the micro-batch's images, then put each in place: staged as temporaries, recorded
+    in the part (so an image in place always has its record), then linked under a free name."""
+    staged = []
     per_image = sampled.seconds / len(sampled.jobs)
     for job, image, nfe in zip(sampled.jobs, sampled.images, sampled.nfe):
-        name = job.file_name()
-        sha, size = write_png(image, out / name)
-        records.append({**job.record(), "file": name, "sha256": sha, "bytes": size, "seconds": round(per_image, 6),
-                        "nfe": nfe, "rank": procs.rank, "world_size": procs.world_size,
-                        "batch_size": len(sampled.jobs)})
-    writer.append(records)
+        data = png_bytes(image, image_metadata(
+            prompt=job.prompt, negative_prompt=job.negative_prompt, seed=job.seed, seed_index=job.seed_index,
+            noise_seed=job.noise_seed, sampler=sampled.sampler or job.sampler,
+            guidance=sampled.guidance or job.guidance, steps=job.steps, height=job.height, width=job.width,
+            grid=job.grid, model=job.model))
+        name = free_name(out, job.file_name())
+        record = {**job.record(), "file": name, "sha256": sha256_bytes(data), "bytes": len(data),
+                  "seconds": round(per_image, 6), "nfe": nfe, "rank": procs.rank, "world_size": procs.world_size,
+                  "batch_size": len(sampled.jobs)}
+        staged.append((stage(out / name, data), record))
+    writer.append([r for _, r in staged])
+    moved = []
+    for tmp, record in staged:
+        name = publish(tmp, out, record["file"])
+        if name != record["file"]:  # another process took the name meanwhile
+            moved.append({**record, "file": name})
+    if moved:
+        writer.append(moved)  # a later record of an index wins
 
 
 def _progress(total: int, procs: Processes, enabled: bool) -> Any:
@@ -264,9 +301,14 @@ def _sample_shard(cfg: BatchConfig, procs: Processes, parsed: PromptFile, pipe: 
 
 def _run(cfg: BatchConfig, procs: Processes, parsed: PromptFile, pipe: Any, model: str, jobs: list[Job],
          size_errors: list[LineError], fingerprint: dict[str, Any], say: Callable[[str], None]) -> Summary | None:
+    orphans: list[str] = []
     if procs.main:
-        _prepare(cfg.out, jobs, cfg.resume)
+        orphans = _prepare(cfg.out, jobs, cfg.resume)
         mf.write_fingerprint(cfg.out, fingerprint)
+        if orphans:
+            say(f"warning: {len(orphans)} finished image{'s' if len(orphans) > 1 else ''} no longer "
+                f"belong{'s' if len(orphans) == 1 else ''} to this run (line dropped or changed, or --no-resume): "
+                f"kept, and listed in {cfg.out / mf.ORPHANS}; delete them yourself if you do not want them")
     procs.barrier()
 
     done = {r["index"] for r in mf.read_records(cfg.out / mf.MANIFEST)}
@@ -290,5 +332,5 @@ def _run(cfg: BatchConfig, procs: Processes, parsed: PromptFile, pipe: Any, mode
         generated=sorted(r["index"] for r in this_run), already_done=len(done),
         errors=sorted(parsed.errors + size_errors + failed, key=lambda e: e.line),
         per_rank=dict(Counter(r["rank"] for r in this_run)), seconds=seconds,
-        nfe=sum(int(r.get("nfe", 0)) for r in this_run),
+        nfe=sum(int(r.get("nfe", 0)) for r in this_run), orphans=orphans,
     )

@@ -565,7 +565,11 @@ def run_experiment(
     While it runs, out_dir/NAME.progress.json keeps every finished chunk (commit it when a
     session ends mid-run: the next run takes them back).
     """
+    from flowkit.limits import MAX_SEED, check_optional_int
+
     exp = get_experiment(name)
+    check_optional_int("seed", seed, 0, MAX_SEED)
+    check_optional_int("max_samples", max_samples, 1)
     previous = None
     if out_dir is not None:
         try:

@@ -24,7 +24,8 @@ import torch
 
 from flowkit.boss.cost import COST_KINDS
 from flowkit.boss.dp import best_path
-from flowkit.errors import InputError, WeightsError
+from flowkit.errors import InputError, WeightsError, clip
+from flowkit.limits import read_bounded
 
 __all__ = ["BossTable", "cache_root", "shipped_root", "find_table", "load_table", "resolve_table", "VERSION"]
 
@@ -136,10 +137,10 @@ class BossTable:
 def load_table(path: str | os.PathLike) -> BossTable:
     path = Path(path)
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(read_bounded(path, "BOSS table").decode("utf-8"))
         return BossTable.from_dict(data)
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise WeightsError(f"cannot read BOSS table {path}: {e}") from None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise WeightsError(f"cannot read BOSS table {clip(str(path))}: {clip(str(e), 200)}") from None
 
 
 def resolve_table(ref: str) -> BossTable:

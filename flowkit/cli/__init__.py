@@ -7,7 +7,8 @@ One module per subcommand (generate, list, batch, gallery, tune, bench, train), 
 and diffusers are imported inside the subcommands.
 
 Exit codes: 0 done; 2 bad input (argparse usage errors, and every `FlowkitError` printed as
-one line ``flowkit: error: <message>``); 130 interrupted.
+one line ``flowkit: error: <message>``; an OSError the file system raises is printed the
+same way); 130 interrupted (what was finished is kept: `generate` and `batch` say where).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Sequence
 
 from flowkit.cli.generate import GenerateOptions, generate_options
 from flowkit.cli.options import report
-from flowkit.errors import FlowkitError
+from flowkit.errors import FlowkitError, InputError
 
 __all__ = ["main", "build_parser", "parse_generate_args", "GenerateOptions"]
 
@@ -69,6 +70,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     except FlowkitError as e:
         return report(e)
+    except OSError as e:  # the file system refused (read-only, full, a file in the way): one line, not a traceback
+        where = f": {e.filename}" if getattr(e, "filename", None) else ""
+        return report(InputError(f"{e.strerror or e}{where}"))
     except KeyboardInterrupt:
         print("flowkit: interrupted", file=sys.stderr)
         return 130

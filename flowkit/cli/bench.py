@@ -7,9 +7,13 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Sequence
 
-from flowkit.bench.core import available, run_experiment
+from flowkit.batch.files import check_writable
+from flowkit.bench.core import available, get_experiment, run_experiment
+from flowkit.cli.options import check_int, check_out
+from flowkit.limits import MAX_SEED
 from flowkit.bench.report import format_result, update_benchmarks
 
 __all__ = ["build_parser", "main"]
@@ -21,9 +25,9 @@ def build_parser(prog: str = "flowkit bench") -> argparse.ArgumentParser:
     p.add_argument("name", nargs="?", help="experiment name (see --list)")
     p.add_argument("--quick", action="store_true", help="few samples, a smoke run (writes NAME.quick.json)")
     p.add_argument("--list", action="store_true", help="list the experiments and exit")
-    p.add_argument("--out", default="docs/results", help="folder for the JSON results (default docs/results)")
+    p.add_argument("-o", "--out", default="docs/results", help="folder for the JSON results (default docs/results)")
     p.add_argument("--cache", default=None, help="result cache root (default $FLOWKIT_CACHE/bench)")
-    p.add_argument("--seed", type=int, default=None, help="override the experiment's base seed")
+    p.add_argument("--seed", type=int, default=None, help=f"override the experiment's base seed (0 to {MAX_SEED})")
     p.add_argument("--max-samples", type=int, default=None, metavar="N",
                    help="cap every arm at N samples (recorded in the result; a later run adds the rest from the cache)")
     p.add_argument("--adopt", default=None, metavar="ARM[,ARM...]",
@@ -43,9 +47,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.list or args.name is None:
         for name, description in available().items():
             print(f"{name:24s} {description}")
-        return 0 if args.list else 2
+        if args.list:
+            return 0
+        print("flowkit: error: give the NAME of an experiment (one of the above)", file=sys.stderr)
+        return 2
     if args.max_samples is not None and args.max_samples < 1:
         parser.error(f"--max-samples must be a positive integer, got {args.max_samples}")
+    # every input checked before the experiment runs (it may take hours)
+    get_experiment(args.name)
+    if args.seed is not None:
+        check_int("--seed", args.seed, 0, MAX_SEED)
+    out = check_out("--out", args.out)
+    check_writable(out, "--out")
     adopt = [a.strip() for a in args.adopt.split(",") if a.strip()] if args.adopt else []
     result = run_experiment(args.name, quick=args.quick, out_dir=args.out, cache_root=args.cache, seed=args.seed,
                             max_samples=args.max_samples, adopt=adopt)

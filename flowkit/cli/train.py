@@ -7,7 +7,7 @@ import math
 import sys
 from pathlib import Path
 
-from flowkit.cli.options import check_int
+from flowkit.cli.options import check_int, check_out
 from flowkit.errors import InputError
 
 __all__ = ["add_parser", "cmd_train"]
@@ -15,11 +15,13 @@ __all__ = ["add_parser", "cmd_train"]
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add `train` to the `flowkit` subcommands."""
-    t = sub.add_parser("train", help="train one of the small models",
+    t = sub.add_parser("train", help="train one of the small models", add_help=False,
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Train a target, resuming from OUT/latest.pt unless --no-resume.")
-    t.add_argument("target", metavar="TARGET", help="a target name, or name:key=value,... for a target with options "
-                   "(alignprop:reward=count,truncation=fixed,k=2)")
-    t.add_argument("--out", default=None, metavar="DIR",
+    t.add_argument("-h", "--help", action=_HelpWithTargets, help="show this help (with the targets) and exit")
+    t.add_argument("target", metavar="TARGET", help="what to train: one of the targets listed below, or "
+                   "name:key=value,... for a target with options (alignprop:reward=count,truncation=fixed,k=2)")
+    t.add_argument("-o", "--out", default=None, metavar="DIR",
                    help="checkpoint folder (default checkpoints/TARGET, options included as a slug)")
     t.add_argument("--steps", type=int, default=None, help="total steps (the target's curriculum follows)")
     t.add_argument("--batch-size", type=int, default=None)
@@ -31,6 +33,23 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help="export the EMA weights of OUT/latest.pt to OUT/export without training")
     t.set_defaults(func=cmd_train)
     return t
+
+
+class _HelpWithTargets(argparse.Action):
+    """-h/--help: the help with the training targets listed (looked up only when asked: the
+    lookup imports the trainers)."""
+
+    def __init__(self, option_strings: list[str], dest: str = argparse.SUPPRESS, **kwargs: object):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: object) -> None:
+        from flowkit.train import targets
+
+        table = targets()
+        width = max(map(len, table), default=0)
+        parser.epilog = "targets:\n" + "\n".join(f"  {name:<{width}}  {text}" for name, text in sorted(table.items()))
+        parser.print_help()
+        parser.exit()
 
 
 def _train_device(name: str | None) -> str | None:
@@ -66,9 +85,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = dataclasses.replace(cfg, **overrides)
     if "steps" in overrides and hasattr(task, "total_steps"):
         task.total_steps = cfg.steps  # the target's curriculum is laid out over the whole run
-    if args.out is not None:
-        out = Path(args.out)
-    else:
+    out = check_out("--out", args.out)
+    if out is None:
         from flowkit.storage import slug
 
         out = Path("checkpoints") / (args.target if ":" not in args.target else slug(args.target, 120))

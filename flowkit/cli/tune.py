@@ -14,8 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from flowkit.cli.options import check_int, check_size_and_model, load_model, with_flag
-from flowkit.errors import InputError
+from flowkit.cli.options import check_int, check_out, check_size_and_model, load_model, with_flag
+from flowkit.errors import InputError, UnsupportedError, clip
+from flowkit.limits import MAX_IMAGES, MAX_K, MAX_SEED
 from flowkit.tune import load_prompts
 
 __all__ = ["add_parser", "cmd_tune", "parse_steps_list", "TuneOptions", "tune_options"]
@@ -33,16 +34,17 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     t.add_argument("--prompts", default=None, metavar="FILE|SET",
                    help="a text file (one prompt a line) or a shapes prompt set: single, two, counting "
                         "(default: single)")
-    t.add_argument("--steps", default="4,6,8", metavar="K,K,...", help="step counts whose grids are stored")
-    t.add_argument("--k-max", type=int, default=64, help="steps of the fine grid (endpoint cost: keep it small)")
-    t.add_argument("--samples", type=int, default=32, help="trajectories (N)")
+    t.add_argument("--steps", default="4,6,8", metavar="K,K,...", help="step counts whose grids are stored (default: 4,6,8)")
+    t.add_argument("--k-max", type=int, default=64,
+                   help=f"steps of the fine grid, 2 to {MAX_K} (endpoint cost: keep it small; default: 64)")
+    t.add_argument("--samples", type=int, default=32, help="trajectories (N; default: 32)")
     t.add_argument("--cost", choices=("local", "endpoint"), default="local")
     t.add_argument("--guidance", default=None, metavar="SPEC", help="guidance stack (default: CFG at the model's "
                                                                     "scale), or none")
     t.add_argument("--seed", type=int, default=None, help="base seed of the trajectories")
     t.add_argument("--height", type=int, default=None, metavar="H")
     t.add_argument("--width", type=int, default=None, metavar="W")
-    t.add_argument("--out", default=None, metavar="FILE", help="also write the table to this JSON file")
+    t.add_argument("-o", "--out", default=None, metavar="FILE", help="also write the table to this JSON file")
     t.add_argument("--ship", default=None, metavar="NAME", help="write flowkit/weights/boss/NAME.json (shipped)")
     t.add_argument("--json", action="store_true", help="print one JSON object")
     t.set_defaults(func=cmd_tune)
@@ -53,11 +55,11 @@ def parse_steps_list(text: str) -> list[int]:
     """'4,6,8' -> [4, 6, 8]: distinct integers >= 1, in increasing order."""
     parts = [p.strip() for p in str(text).replace(";", ",").split(",")]
     if not parts or any(not p for p in parts):
-        raise InputError(f"--steps: give step counts separated by commas, e.g. 4,6,8; got {text!r}")
+        raise InputError(f"--steps: give step counts separated by commas, e.g. 4,6,8; got {clip(str(text))!r}")
     out = []
     for p in parts:
         if not (p.isascii() and p.isdigit()) or len(p) > 6:
-            raise InputError(f"--steps: {p!r} is not a whole number of steps; e.g. 4,6,8")
+            raise InputError(f"--steps: {clip(p)!r} is not a whole number of steps (at most {MAX_K}); e.g. 4,6,8")
         k = int(p)
         if k < 1:
             raise InputError(f"--steps: step counts must be >= 1, got {k}")
@@ -89,23 +91,39 @@ def tune_options(args: argparse.Namespace) -> TuneOptions:
     from flowkit.boss import TUNE_SEED
 
     steps = parse_steps_list(args.steps)
-    check_int("--k-max", args.k_max, 2)
-    check_int("--samples", args.samples, 1)
+    check_int("--k-max", args.k_max, 2, MAX_K)
+    check_int("--samples", args.samples, 1, MAX_IMAGES)
     if steps[-1] > args.k_max:
         raise InputError(f"--steps: {steps[-1]} steps need a fine grid of at least as many: raise --k-max "
                          f"(now {args.k_max})")
     if args.seed is not None:
-        check_int("--seed", args.seed, 0)
+        check_int("--seed", args.seed, 0, MAX_SEED)
+    out = check_out("--out", args.out)
+    if out is not None and out.is_dir():
+        raise InputError(f"--out {clip(str(out))!r} is a folder: give a file name, e.g. {clip(str(out / 'boss.json'))}")
     model = check_size_and_model(args)
+    _refuse_sequence_model(model)
     guidance = None if args.guidance is None else with_flag("--guidance", build_guidance, args.guidance, 0.0)
     if args.prompts is not None:
         load_prompts(args.prompts)  # a missing file or unknown set fails before the model loads
     if args.ship is not None and (not args.ship or not all(c.isalnum() or c in "-_" for c in args.ship)):
         raise InputError(f"--ship: a table name holds letters, digits, '-' and '_', got {args.ship!r}")
+    if out is not None:
+        from flowkit.batch.files import check_writable
+
+        check_writable(out.parent if str(out.parent) else Path("."), "--out")  # before hours of tuning
     return TuneOptions(model=model, model_given=args.model is not None, prompts=args.prompts, steps=steps,
                        k_max=args.k_max, samples=args.samples, cost=args.cost, guidance=guidance,
                        seed=TUNE_SEED if args.seed is None else args.seed, height=args.height, width=args.width,
-                       out=None if args.out is None else Path(args.out), ship=args.ship, json=args.json)
+                       out=out, ship=args.ship, json=args.json)
+
+
+def _refuse_sequence_model(model: str) -> None:
+    from flowkit.loading import SEQUENCE_MODELS
+
+    if model in SEQUENCE_MODELS:
+        raise UnsupportedError(f"--model {model!r} makes sequences; BOSS step sizes are tuned for an image model "
+                               "(shapes, tiny or a diffusers folder)")
 
 
 def cmd_tune(args: argparse.Namespace) -> int:

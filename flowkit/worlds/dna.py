@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from flowkit.errors import InputError, UnknownNameError, closest
+from flowkit.errors import InputError, UnknownNameError, closest, clip
 
 __all__ = [
     "ALPHABET",
@@ -172,7 +172,7 @@ def parse_class(value: str | int, classes: Sequence[str] = CLASSES) -> int:
     lower = [c.lower() for c in classes]
     if text.lower() in lower:
         return lower.index(text.lower())
-    raise UnknownNameError(f"unknown class {text!r}{closest(text, classes)}: use one of {', '.join(classes)} "
+    raise UnknownNameError(f"unknown class {clip(text)!r}{closest(text, classes)}: use one of {', '.join(classes)} "
                            f"or a 0-based index")
 
 
