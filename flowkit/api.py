@@ -11,6 +11,7 @@ from torch import Tensor
 
 from flowkit.adapters.base import adapt
 from flowkit.context import Context
+from flowkit.denoiser import compile_options
 from flowkit.errors import InputError, SpecError
 from flowkit.guidance_base import Guidance, GuidanceStack
 from flowkit.registry import GUIDANCE, SAMPLERS
@@ -89,6 +90,7 @@ def sample(
     checkpoint: bool = False,
     check_every: int = 4,
     attention: str | None = None,
+    compile: bool | str | dict = False,
 ) -> SampleOutput:
     """Sample images for `prompts` with a registered sampler and a guidance stack.
 
@@ -97,6 +99,10 @@ def sample(
     `sampler=None` takes the model's default (euler for image models); `length` is the
     sequence length of a sequence model (the same as height=1, width=length).
     `attention`: the attention kernel of this run (see flowkit.attention; None: the active one).
+    `compile`: run the network under `torch.compile(..., fullgraph=True)` (True; a mode name
+    such as "max-autotune"; or a dict of torch.compile keywords); the compiled network is kept
+    for later calls, and `stats.compile_seconds` is the first call's compile time. A network
+    the pipeline already holds compiled runs as it is.
 
     Gradients: `grad=True` keeps the autograd graph through the whole run (the latents and
     images can be differentiated, e.g. with respect to LoRA weights); `grad_steps=K` keeps it
@@ -114,6 +120,7 @@ def sample(
         from flowkit.attention import check_kernel
 
         check_kernel(attention)
+    compile_options(compile)
     prompt_list = [prompts] if isinstance(prompts, str) else list(prompts)
     if not prompt_list or not all(isinstance(p, str) for p in prompt_list):
         raise InputError("give at least one prompt, as a string or a list of strings")
@@ -161,7 +168,7 @@ def sample(
                                         grid=TimeGrid.parse(grid) if grid is not None else None, height=h, width=w,
                                         generators=generators, callback=callback, check_every=check_every,
                                         progress=progress, attention=attention, prompts=prompt_list,
-                                        grad_steps=grad_steps, checkpoint=bool(checkpoint))
+                                        grad_steps=grad_steps, checkpoint=bool(checkpoint), compile=compile)
         images = adapter.decode(x, output_type)
     return SampleOutput(images=images, latents=x, stats=stats, seeds=seeds, prompts=prompt_list)
 
@@ -228,12 +235,13 @@ def sample_from_noise(adapter: Any, conds: dict, noise: Tensor, *, sampler: Samp
                       progress: bool = False, sigmas: Sequence[float] | None = None, mu: float | None = None,
                       step_generator: Any = None, attention: str | None = None,
                       prompts: Sequence[str] | None = None, grad_steps: int | None = None,
-                      checkpoint: bool = False) -> tuple[Tensor, Stats, Context]:
+                      checkpoint: bool = False, compile: Any = False) -> tuple[Tensor, Stats, Context]:
     """Sample from unit `noise` [B, *latent] with an adapter's denoiser; the run both surfaces
     (`flowkit.sample`, `FlowKitPipeline`) share. The run is set up by `run_context` (see it for
     the grid, sigmas, mu, step_generator and prompts); `attention`: the run's attention kernel
-    (None: the active one), its attention-map store is `ctx.attention`; `grad_steps` and
-    `checkpoint`: see `flowkit.sample`. Returns (final flow-frame state, stats, context).
+    (None: the active one), its attention-map store is `ctx.attention`; `grad_steps`,
+    `checkpoint` and `compile`: see `flowkit.sample`. Returns (final flow-frame state, stats,
+    context).
     """
     ctx, plan = run_context(adapter, conds, sampler=sampler, stack=stack, steps=steps, grid=grid, height=height,
                             width=width, generators=generators, sigmas=sigmas, mu=mu, step_generator=step_generator,
@@ -242,12 +250,19 @@ def sample_from_noise(adapter: Any, conds: dict, noise: Tensor, *, sampler: Samp
     den.pin_timesteps(plan.ts[:-1] if plan.timesteps is not None else None, plan.timesteps)
     from flowkit.attention import checkpoint_contexts, session
 
-    network = getattr(den, "network", None)
+    options = compile_options(compile)
+    if options is not None and not hasattr(den, "compiled"):
+        from flowkit.errors import UnsupportedError
+
+        raise UnsupportedError(f"compile=: {type(den).__name__} runs no torch network to compile; leave compile off")
+    compiled = den.compiled(options) if options is not None else contextlib.nullcontext()
     try:
-        with session(network, attention) as ctx.attention:
-            den.checkpoint = checkpoint_contexts(network, ctx.attention) if checkpoint else None
-            x, stats = integrate(sampler, ctx, noise, plan.ts, callback=callback, check_every=check_every,
-                                 progress=progress, grad_steps=grad_steps)
+        with compiled:
+            network = getattr(den, "network", None)
+            with session(network, attention) as ctx.attention:
+                den.checkpoint = checkpoint_contexts(network, ctx.attention) if checkpoint else None
+                x, stats = integrate(sampler, ctx, noise, plan.ts, callback=callback, check_every=check_every,
+                                     progress=progress, grad_steps=grad_steps)
         stats.attention = dict(ctx.attention.counts)
     finally:
         den.pin_timesteps(None, None)

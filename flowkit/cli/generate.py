@@ -54,6 +54,9 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     g.add_argument("--grid", default=None, help="time grid: uniform, shift:S, dynamic[:MU] or sigmas:T1;T2;...")
     g.add_argument("--out", default=None, metavar="FILE_OR_DIR",
                    help=f"a .png file (one image) or a directory (default ./{DEFAULT_OUT}/)")
+    g.add_argument("--compile", action="store_true",
+                   help="run the network under torch.compile(fullgraph=True) (the first call compiles: "
+                        "minutes on a CPU; its time is reported)")
     g.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="show a progress bar on stderr (default: when stderr is a terminal)")
@@ -85,6 +88,7 @@ class GenerateOptions:
     sequence: bool = False  # a sequence model: classes for prompts, FASTA out
     length: int | None = None
     out_given: bool = False
+    compile: bool = False
 
     @property
     def total(self) -> int:
@@ -122,7 +126,7 @@ def generate_options(args: argparse.Namespace) -> GenerateOptions:
         guidance=guidance, grid=grid, steps=args.steps, seed=args.seed, num_images=args.num_images,
         negative_prompt=args.negative_prompt, height=args.height, width=args.width, out=out,
         out_is_file=out_is_file, json=args.json, progress=progress, sequence=sequence, length=args.length,
-        out_given=args.out is not None,
+        out_given=args.out is not None, compile=bool(getattr(args, "compile", False)),
     )
 
 
@@ -169,7 +173,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     result = flowkit.sample(
         pipe, opts.prompts, sampler=opts.sampler, steps=opts.steps, guidance=opts.guidance, seed=opts.seed,
         negative_prompt=opts.negative_prompt, height=opts.height, width=opts.width, grid=opts.grid,
-        num_images_per_prompt=opts.num_images, progress=opts.progress,
+        num_images_per_prompt=opts.num_images, progress=opts.progress, compile=opts.compile,
     )
     files = []
     for i, (image, prompt) in enumerate(zip(result.images, result.prompts)):
@@ -182,7 +186,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
             "model": model, "files": files, "seeds": result.seeds, "prompts": result.prompts,
             "steps": opts.steps, "sampler": stats.sampler, "guidance": stats.guidance, "seconds": stats.seconds,
             "stats": {"nfe": stats.nfe, "forward_calls": stats.forward_calls, "seconds": stats.seconds,
-                      "forward_seconds": stats.forward_seconds},
+                      "forward_seconds": stats.forward_seconds, "compiled": stats.compiled,
+                      "compiles": stats.compiles, "compile_seconds": stats.compile_seconds},
         }, indent=2))
         return 0
     for path, seed in zip(files, result.seeds):
@@ -190,7 +195,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     nfe = sorted(set(stats.nfe))
     per_image = str(nfe[0]) if len(nfe) == 1 else f"{nfe[0]}-{nfe[-1]}"
     plural = "s" if len(files) != 1 else ""
-    print(f"{len(files)} image{plural} in {stats.seconds:.2f} s, {per_image} NFE per image, "
+    compiled = f" (compiled: {stats.compile_seconds:.1f} s of it compiling)" if stats.compiled else ""
+    print(f"{len(files)} image{plural} in {stats.seconds:.2f} s{compiled}, {per_image} NFE per image, "
           f"sampler {stats.sampler}, guidance {stats.guidance}")
     return 0
 
@@ -204,7 +210,8 @@ def _generate_sequences(opts: GenerateOptions) -> int:
     pipe, model = load_model(opts.model, opts.model_given)
     result = flowkit.sample(pipe, opts.prompts, sampler=opts.sampler, steps=opts.steps, guidance=opts.guidance,
                             seed=opts.seed, negative_prompt=opts.negative_prompt, length=opts.length,
-                            grid=opts.grid, num_images_per_prompt=opts.num_images, progress=opts.progress)
+                            grid=opts.grid, num_images_per_prompt=opts.num_images, progress=opts.progress,
+                            compile=opts.compile)
     seqs = [s if isinstance(s, str) else " ".join(map(str, s)) for s in result.images]
     if opts.json:
         print(json.dumps({"model": model, "sequences": seqs, "classes": result.prompts, "seeds": result.seeds,
