@@ -14,6 +14,10 @@ and samples a grid per arm: for prompt p and column j, image ``p * columns + j``
 same noise and differ only by the method. It writes one strip per prompt and arm under
 ``gallery/EXPERIMENT/METHOD/`` and the index pages ``gallery/index.md`` and
 ``gallery/index.html`` (static, relative links: open it from disk).
+
+`curve(bench, title, x_label=..., series={label: (x, y)})` records a line chart (a metric
+against training steps, say) in ``bench.info["curves"]``; the gallery draws it as an SVG
+under ``gallery/EXPERIMENT/`` and docs/benchmarks.md shows it as a table.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from typing import Any, Callable, Mapping, Sequence
 from flowkit.errors import FlowkitError, InputError, WeightsError
 from flowkit.storage import slug
 
-__all__ = ["show", "SETTINGS", "GalleryEntry", "read_entries", "build_gallery"]
+__all__ = ["show", "curve", "SETTINGS", "GalleryEntry", "read_entries", "read_curves", "build_gallery", "svg_chart"]
 
 SETTINGS = ("sampler", "guidance", "steps", "height", "width", "grid", "negative_prompt")
 DISPLAY_PX = 96  # strips are upscaled (nearest) so that small images are at least this wide
@@ -64,6 +68,25 @@ def show(bench: Any, method: str, settings: Mapping[str, Any], *, baseline: str,
     return entry
 
 
+def curve(bench: Any, title: str, *, x_label: str, series: Mapping[str, tuple[Sequence[float], Sequence[float]]],
+          y_label: str = "") -> dict[str, Any]:
+    """Record a line chart in `bench.info["curves"]`: each series is (x values, y values) of the
+    same length; the gallery draws it, docs/benchmarks.md tabulates it."""
+    if not isinstance(title, str) or not title:
+        raise InputError("curve() needs a title")
+    if not series:
+        raise InputError("curve() needs at least one series")
+    out: dict[str, dict[str, list[float]]] = {}
+    for label, xy in series.items():
+        xs, ys = (list(map(float, v)) for v in xy)
+        if len(xs) != len(ys) or not xs:
+            raise InputError(f"curve {title!r}: series {label!r} needs as many x as y values, at least one")
+        out[str(label)] = {"x": xs, "y": ys}
+    entry = {"title": title, "x_label": str(x_label), "y_label": str(y_label), "series": out}
+    bench.info.setdefault("curves", []).append(entry)
+    return entry
+
+
 @dataclass(frozen=True)
 class GalleryEntry:
     experiment: str
@@ -87,9 +110,9 @@ def _verdicts(rows: Sequence[Mapping[str, Any]], method: str) -> tuple[str, ...]
     return tuple(out)
 
 
-def read_entries(results: Path, *, quick: bool = False) -> list[GalleryEntry]:
-    """Gallery entries of every NAME.json in `results` (and NAME.quick.json where no NAME.json
-    exists, if `quick`), in experiment order."""
+def _results(results: Path, quick: bool) -> list[tuple[str, Path, dict[str, Any]]]:
+    """(name, path, data) of every NAME.json in `results` (and NAME.quick.json where no
+    NAME.json exists, if `quick`), in experiment order."""
     if not results.is_dir():
         raise InputError(f"--results: no folder {str(results)!r}; run `flowkit bench NAME` first")
     chosen: dict[str, Path] = {}
@@ -99,12 +122,32 @@ def read_entries(results: Path, *, quick: bool = False) -> list[GalleryEntry]:
         if is_quick and (not quick or (results / f"{name}.json").exists()):
             continue
         chosen[name] = path
-    entries = []
+    out = []
     for name, path in sorted(chosen.items()):
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError) as e:
             raise InputError(f"cannot read bench results {str(path)!r}: {e}") from None
+        out.append((name, path, data))
+    return out
+
+
+def read_curves(results: Path, *, quick: bool = False) -> list[tuple[str, str, str, dict[str, Any]]]:
+    """(experiment, description, results file name, curve) of every recorded curve."""
+    out = []
+    for name, path, data in _results(results, quick):
+        for c in (data.get("info") or {}).get("curves") or []:
+            if not isinstance(c, dict) or not isinstance(c.get("series"), dict) or not c.get("title"):
+                raise InputError(f"{path}: a curve needs a title and series (written by flowkit.gallery.curve)")
+            out.append((data.get("experiment", name), data.get("description", ""), path.name, c))
+    return out
+
+
+def read_entries(results: Path, *, quick: bool = False) -> list[GalleryEntry]:
+    """Gallery entries of every NAME.json in `results` (and NAME.quick.json where no NAME.json
+    exists, if `quick`), in experiment order."""
+    entries = []
+    for name, path, data in _results(results, quick):
         for k, entry in enumerate((data.get("info") or {}).get("gallery") or []):
             try:
                 _check_entry(entry)
@@ -137,6 +180,79 @@ def _strip(images: Sequence[Any]) -> Any:
     for k, im in enumerate(images):
         strip.paste(im.convert("RGB").resize((w * scale, h * scale), Image.NEAREST), (k * (w * scale + pad), 0))
     return strip
+
+
+_COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b")
+
+
+def _tick(v: float) -> str:
+    return f"{v:.4g}"
+
+
+def svg_chart(c: Mapping[str, Any], width: int = 560, height: int = 300) -> str:
+    """A curve (see `curve`) as a standalone SVG line chart: one polyline with point marks per
+    series, min and max ticks on both axes, a legend below the plot."""
+    series = c["series"]
+    xs = [x for v in series.values() for x in v["x"]]
+    ys = [y for v in series.values() for y in v["y"] if y == y]
+    x0, x1 = min(xs), max(xs)
+    y0, y1 = (min(ys), max(ys)) if ys else (0.0, 1.0)
+    if x1 == x0:
+        x0, x1 = x0 - 1, x1 + 1
+    if y1 == y0:
+        y0, y1 = y0 - 1, y1 + 1
+    pad = 0.05 * (y1 - y0)
+    y0, y1 = y0 - pad, y1 + pad
+    left, right, top = 70, 20, 30
+    bottom = 50 + 18 * len(series)
+    w, h = width - left - right, height - top - bottom
+
+    def px(x: float) -> float:
+        return left + (x - x0) / (x1 - x0) * w
+
+    def py(y: float) -> float:
+        return top + (y1 - y) / (y1 - y0) * h
+
+    esc = html.escape
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+             f'viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="12">',
+             f'<rect width="{width}" height="{height}" fill="white"/>',
+             f'<text x="{width / 2:.1f}" y="18" text-anchor="middle" font-size="14">{esc(c["title"])}</text>',
+             f'<rect x="{left}" y="{top}" width="{w}" height="{h}" fill="none" stroke="#888"/>']
+    for v, anchor in ((y0, py(y0)), (y1, py(y1))):
+        parts.append(f'<text x="{left - 6}" y="{anchor + 4:.1f}" text-anchor="end">{_tick(v)}</text>')
+    for v in (x0, x1):
+        parts.append(f'<text x="{px(v):.1f}" y="{top + h + 16}" text-anchor="middle">{_tick(v)}</text>')
+    parts.append(f'<text x="{left + w / 2:.1f}" y="{top + h + 32}" text-anchor="middle">{esc(c["x_label"])}</text>')
+    if c.get("y_label"):
+        parts.append(f'<text x="14" y="{top + h / 2:.1f}" text-anchor="middle" '
+                     f'transform="rotate(-90 14 {top + h / 2:.1f})">{esc(c["y_label"])}</text>')
+    for i, (label, v) in enumerate(series.items()):
+        colour = _COLOURS[i % len(_COLOURS)]
+        points = [(px(x), py(y)) for x, y in zip(v["x"], v["y"]) if y == y]
+        if points:
+            parts.append(f'<polyline fill="none" stroke="{colour}" stroke-width="2" points="'
+                         + " ".join(f"{a:.1f},{b:.1f}" for a, b in points) + '"/>')
+            parts += [f'<circle cx="{a:.1f}" cy="{b:.1f}" r="3" fill="{colour}"/>' for a, b in points]
+        ly = top + h + 48 + 18 * i
+        parts.append(f'<line x1="{left}" y1="{ly - 4}" x2="{left + 24}" y2="{ly - 4}" stroke="{colour}" '
+                     'stroke-width="2"/>')
+        parts.append(f'<text x="{left + 30}" y="{ly}">{esc(label)}</text>')
+    parts.append("</svg>")
+    return "\n".join(parts) + "\n"
+
+
+def _draw_curves(curves: list[tuple[str, str, str, dict[str, Any]]], out: Path) -> list[str]:
+    """Write each curve's SVG; returns their paths relative to `out`, in order."""
+    from flowkit.storage import write_atomic
+
+    paths = []
+    for experiment, _, _, c in curves:
+        rel = f"{slug(experiment, 1000, 'x')}/curve-{slug(c['title'], 80, 'curve')}.svg"
+        (out / rel).parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(out / rel, svg_chart(c).encode("utf-8"))
+        paths.append(rel)
+    return paths
 
 
 def _arm_images(pipe: Any, entry: Mapping[str, Any], settings: Mapping[str, Any]) -> list[list[Any]]:
@@ -174,17 +290,35 @@ def _settings_text(settings: Mapping[str, Any]) -> str:
     return ", ".join(f"{k}={v}" for k, v in settings.items()) or "defaults"
 
 
-def _markdown(sections: list[tuple[GalleryEntry, str, list[dict[str, Any]]]], source: str) -> str:
+Curves = Sequence[tuple[tuple[str, str, str, dict[str, Any]], str]]  # ((experiment, description, file, curve), svg)
+
+
+def _blocks(sections: list[tuple[GalleryEntry, str, list[dict[str, Any]]]], curves: Curves) -> list[tuple]:
+    """(experiment, description, results file, kind, payload) in experiment order; within an
+    experiment its pictures, then its curves."""
+    blocks = [(entry.experiment, entry.description, entry.source, "entry", (entry, model, rows))
+              for entry, model, rows in sections]
+    blocks += [(name, description, source, "curve", (c, path)) for (name, description, source, c), path in curves]
+    return sorted(blocks, key=lambda b: b[0])  # stable: the order within an experiment is kept
+
+
+def _markdown(sections: list[tuple[GalleryEntry, str, list[dict[str, Any]]]], source: str,
+              curves: Curves = ()) -> str:
     lines = ["# flowkit gallery", "",
              f"Built by `flowkit gallery` from the bench results in `{source}`. Each row is one prompt; "
              "the baseline's images and the method's start from the same noise (same seeds), so they "
              "differ only by the method.", ""]
     experiment = None
-    for entry, model, rows in sections:
+    for name, description, results_file, kind, payload in _blocks(sections, curves):
+        if name != experiment:
+            experiment = name
+            lines += [f"## {experiment}", "", description, "", f"Results: `{results_file}`.", ""]
+        if kind == "curve":
+            c, path = payload
+            lines += [f"### {_md(c['title'])}", "", f"![{_md(c['title'])}]({path})", ""]
+            continue
+        entry, model, rows = payload
         e = entry.entry
-        if entry.experiment != experiment:
-            experiment = entry.experiment
-            lines += [f"## {experiment}", "", entry.description, "", f"Results: `{entry.source}`.", ""]
         lines += [f"### {e['method']} vs {e['baseline']}", "",
                   f"Model `{model}`, seed {e['seed']}, {e['columns']} seeds per prompt. "
                   f"{e['method']}: `{_settings_text(e['settings'])}`; "
@@ -202,7 +336,7 @@ def _md(text: str) -> str:
     return html.escape(str(text), quote=False).replace("|", "\\|").replace("\n", " ")
 
 
-def _html(sections: list[tuple[GalleryEntry, str, list[dict[str, Any]]]], source: str) -> str:
+def _html(sections: list[tuple[GalleryEntry, str, list[dict[str, Any]]]], source: str, curves: Curves = ()) -> str:
     esc = html.escape
     parts = ["<!doctype html>", "<html lang=\"en\"><head><meta charset=\"utf-8\"><title>flowkit gallery</title>",
              "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
@@ -211,11 +345,16 @@ def _html(sections: list[tuple[GalleryEntry, str, list[dict[str, Any]]]], source
              f"<p>Built by <code>flowkit gallery</code> from the bench results in <code>{esc(source)}</code>. "
              "Each row is one prompt; the baseline's images and the method's start from the same noise.</p>"]
     experiment = None
-    for entry, model, rows in sections:
+    for name, description, _, kind, payload in _blocks(sections, curves):
+        if name != experiment:
+            experiment = name
+            parts.append(f"<h2>{esc(experiment)}</h2><p>{esc(description)}</p>")
+        if kind == "curve":
+            c, path = payload
+            parts.append(f"<h3>{esc(c['title'])}</h3><img src=\"{esc(path)}\" alt=\"{esc(c['title'])}\">")
+            continue
+        entry, model, rows = payload
         e = entry.entry
-        if entry.experiment != experiment:
-            experiment = entry.experiment
-            parts.append(f"<h2>{esc(experiment)}</h2><p>{esc(entry.description)}</p>")
         parts.append(f"<h3>{esc(e['method'])} vs {esc(e['baseline'])}</h3>")
         parts.append(f"<p>Model <code>{esc(model)}</code>, seed {int(e['seed'])}, {int(e['columns'])} seeds per "
                      f"prompt. {esc(e['method'])}: <code>{esc(_settings_text(e['settings']))}</code>; "
@@ -243,7 +382,8 @@ def build_gallery(results: str | Path = "docs/results", out: str | Path = "galle
 
     results, out = Path(results), Path(out)
     entries = read_entries(results, quick=quick)
-    if not entries:
+    curves = read_curves(results, quick=quick)
+    if not entries and not curves:
         raise InputError(f"no gallery entries in {results}/*.json: an experiment records them with "
                          "flowkit.gallery.show(bench, ...)" + ("" if quick else "; --quick reads quick results too"))
     check_writable(out)
@@ -259,6 +399,7 @@ def build_gallery(results: str | Path = "docs/results", out: str | Path = "galle
             except WeightsError as e:
                 raise WeightsError(f"{e} (to try the gallery with the untrained model, pass --model tiny)") from None
         sections.append((entry, name, _draw(entry, pipes[name], out)))
-    write_atomic(out / "index.md", _markdown(sections, str(results)).encode("utf-8"))
-    write_atomic(out / "index.html", _html(sections, str(results)).encode("utf-8"))
+    drawn = list(zip(curves, _draw_curves(curves, out)))
+    write_atomic(out / "index.md", _markdown(sections, str(results), drawn).encode("utf-8"))
+    write_atomic(out / "index.html", _html(sections, str(results), drawn).encode("utf-8"))
     return out / "index.md"

@@ -41,6 +41,7 @@ ROLES = ("modifier", "combiner", "policy", "corrector")  # the order in which ho
 if TYPE_CHECKING:
     from flowkit.conditioning import Conditioning
     from flowkit.context import Context
+    from flowkit.perturbation import Perturbation
     from flowkit.prediction import Prediction
 
 __all__ = ["Guidance", "GuidanceStack", "BranchRequests", "BranchPredictions"]
@@ -56,14 +57,24 @@ class BranchRequests:
         self.supplied: dict[str, tuple[Tensor, "Prediction"]] = {}
         # branches supplied after the forward pass, from that pass's predictions (LinearAG)
         self.deferred: dict[str, tuple[Tensor, Callable[[dict[str, "Prediction"]], "Prediction"]]] = {}
+        # branches evaluated with the network perturbed (PAG, SEG, SLG): each in a forward of its own
+        self.perturbations: dict[str, "Perturbation"] = {}
 
     def _mask(self, mask: Tensor | None) -> Tensor:
         if mask is None:
             return torch.ones(self.batch, dtype=torch.bool, device=self.device)
         return mask.to(device=self.device, dtype=torch.bool)
 
-    def need(self, name: str, mask: Tensor | None = None) -> None:
-        """Evaluate branch `name` for the samples in `mask` (all if None)."""
+    def need(self, name: str, mask: Tensor | None = None, *, perturbation: "Perturbation | None" = None) -> None:
+        """Evaluate branch `name` for the samples in `mask` (all if None); with `perturbation`,
+        on the perturbed network, in a forward of its own (flowkit.perturbation)."""
+        if perturbation is not None:
+            old = self.perturbations.get(name)
+            if old is not None and old != perturbation:
+                raise GuidanceStackError(f"branch {name!r} is asked for with two different perturbations")
+            self.perturbations[name] = perturbation
+        elif name in self.perturbations:
+            raise GuidanceStackError(f"branch {name!r} is perturbed; ask for it with its perturbation")
         m = self._mask(mask)
         self.masks[name] = self.masks[name] | m if name in self.masks else m
 

@@ -36,6 +36,7 @@ class ModelKit:
     [B, K] (0 where not asked).
     """
 
+    family: str | None = None  # the model family's name (rewards say which family's images they score)
     to_pixels: Callable[[Tensor], Tensor] | None = None
     token_groups: Callable[..., list] | None = None
     text_tokens: Callable[[str], tuple[int, ...]] | None = None

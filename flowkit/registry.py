@@ -156,7 +156,7 @@ def _import_place(place: str) -> None:
 
 SAMPLERS: Registry[type] = Registry("sampler", "flowkit.samplers", ("flowkit.samplers",))
 GUIDANCE: Registry[type] = Registry("guidance module", "flowkit.guidance", ("flowkit.guidance",))
-REWARDS: Registry[type] = Registry("reward", "flowkit.rewards", ())
+REWARDS: Registry[type] = Registry("reward", "flowkit.rewards", ("flowkit.worlds.shapes_rewards",))
 MODEL_FAMILIES: Registry[type] = Registry("model family", "flowkit.model_families",
                                           ("flowkit.adapters", "flowkit.seqmodels"))
 TRAIN_TARGETS: Registry[type] = Registry("training target", "flowkit.train_targets", ("flowkit.train",))

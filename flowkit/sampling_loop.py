@@ -27,13 +27,14 @@ import torch
 from torch import Tensor
 
 from flowkit.conditioning import Conditioning
-from flowkit.errors import InputError, NonFiniteError
+from flowkit.errors import InputError, NonFiniteError, UnsupportedError
 from flowkit.guidance_base import BranchPredictions
 from flowkit.paths.base import as_time
 from flowkit.prediction import Prediction
 
 if TYPE_CHECKING:
     from flowkit.context import Context
+    from flowkit.perturbation import Perturbation
     from flowkit.sampler_base import Sampler
 
 __all__ = ["GuidedModel", "Stats", "StepRecord", "integrate"]
@@ -136,7 +137,7 @@ class GuidedModel:
             if cond is None:
                 raise InputError(f"branch {name!r} has no conditioning: a module must provide it")
             jobs.append((name, rows, cond.select(rows.to(_cond_device(cond)))))
-        evaluated = self._evaluate(x, t, jobs)
+        evaluated = self._evaluate(x, t, jobs, req.perturbations)
         preds: dict[str, Prediction] = {}
         present: dict[str, Tensor] = {}
         for name in req.names():
@@ -168,13 +169,17 @@ class GuidedModel:
         return pred
 
     def _forward(self, xs: Tensor, ts: Tensor, cond: Conditioning, layout: list[tuple[str, Tensor]],
-                 latent_hw: tuple[int, ...]) -> Prediction:
-        """One network call on rows `layout` (branch, batch rows), inside the attention scope."""
+                 latent_hw: tuple[int, ...], perturbation: "Perturbation | None" = None) -> Prediction:
+        """One network call on rows `layout` (branch, batch rows), inside the attention scope;
+        with `perturbation`, on the perturbed network (flowkit.perturbation)."""
         ctx = self.ctx
         if ctx.attention is None:
+            if perturbation is not None:
+                raise UnsupportedError(f"branch {layout[0][0]!r} needs a perturbed network ({perturbation.describe()}), "
+                                       "and this model has no attention network flowkit can perturb")
             pred = ctx.denoiser(xs, ts, cond)
         else:  # tag attention-map captures with the step and each row's branch and sample
-            with ctx.attention.forward(ctx.step, layout, latent_hw):
+            with ctx.attention.forward(ctx.step, layout, latent_hw, perturbation=perturbation):
                 pred = ctx.denoiser(xs, ts, cond)
         ctx.forward_calls += 1
         for name, rows in layout:
@@ -182,16 +187,21 @@ class GuidedModel:
             self._step_rows[name] = self._step_rows.get(name, 0) + len(rows)
         return pred
 
-    def _evaluate(self, x: Tensor, t: Tensor, jobs: list[tuple[str, Tensor, Conditioning]]):
+    def _evaluate(self, x: Tensor, t: Tensor, jobs: list[tuple[str, Tensor, Conditioning]],
+                  perturbations: dict[str, "Perturbation"] | None = None):
         out: dict[str, tuple[Tensor, Prediction]] = {}
         if not jobs:
             return out
-        groups = [jobs] if self.ctx.stack.batch_branches else [[j] for j in jobs]
+        perturbations = perturbations or {}
+        plain = [j for j in jobs if j[0] not in perturbations]
+        groups = ([plain] if plain else []) if self.ctx.stack.batch_branches else [[j] for j in plain]
+        groups += [[j] for j in jobs if j[0] in perturbations]  # a perturbed branch: a forward of its own
         for group in groups:
             xs = torch.cat([x[rows] for _, rows, _ in group])
             ts = torch.cat([t[rows.cpu()] for _, rows, _ in group])
             cond = Conditioning.cat([c for _, _, c in group]) if len(group) > 1 else group[0][2]
-            pred = self._forward(xs, ts, cond, [(name, rows) for name, rows, _ in group], tuple(x.shape[2:]))
+            pred = self._forward(xs, ts, cond, [(name, rows) for name, rows, _ in group], tuple(x.shape[2:]),
+                                 perturbations.get(group[0][0]))
             offset = 0
             for name, rows, _ in group:
                 n = len(rows)

@@ -647,7 +647,8 @@ def _check_params_of(cls: type, name: str, params: Mapping[str, Any] | None) -> 
     params = {} if params is None else params
     if not isinstance(params, Mapping):
         raise SpecError(f"{name}: params must be a mapping, got {type(params).__name__}")
-    known: dict[str, Param] = params_of(cls)
+    # a class whose options depend on one of them (flowkit.guidance's `diffusers:name=...`) says so
+    known: dict[str, Param] = cls.spec_params(params) if hasattr(cls, "spec_params") else params_of(cls)
     out: dict[str, Any] = {}
     for key, raw in params.items():
         if not isinstance(key, str):
@@ -735,6 +736,8 @@ def to_spec(obj: Any) -> SpecItem:
     name = getattr(cls, "name", None)
     if not isinstance(name, str) or not name:
         raise SpecError(f"cannot write a {cls.__qualname__} as a spec: its class has no `name`")
+    if hasattr(obj, "spec_values"):  # options of its own making (see `_check_params_of`)
+        return SpecItem(name, {k: _spec_value_of(v, f"{name}: option {k!r}") for k, v in obj.spec_values().items()})
     params: dict[str, Value] = {}
     for p in params_of(cls).values():
         if not hasattr(obj, p.name):

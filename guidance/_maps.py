@@ -21,7 +21,15 @@ from torch import Tensor
 
 from flowkit.errors import InputError, UnsupportedError
 
-__all__ = ["layer_maps", "normalize_maps", "smooth", "prompt_groups", "finest_layers", "groups_reason", "sqrt_decay"]
+__all__ = ["named_layers", "layer_maps", "normalize_maps", "smooth", "prompt_groups", "finest_layers", "groups_reason", "sqrt_decay"]
+
+
+def named_layers(store: Any, patterns: Sequence[str]) -> list[str]:
+    """The capturable layer names that `patterns` (exact names or globs, as `layers=` takes
+    them) match: maps are stored under names, so a module reads them by these."""
+    from flowkit.attention.store import resolve_layers
+
+    return resolve_layers(patterns, store.layers)
 
 
 def layer_maps(store: Any, layers: Sequence[str], step: int, branch: str, batch: int) -> Tensor:

@@ -43,6 +43,7 @@ from flowkit.guidance._maps import (
     finest_layers,
     groups_reason,
     layer_maps,
+    named_layers,
     normalize_maps,
     prompt_groups,
     smooth,
@@ -258,7 +259,7 @@ class CountingGuidance(Guidance):
         state = self.state(ctx)
         if self.layers is None and "layers" not in state:
             state["layers"] = finest_layers(ctx.attention, ctx.step, branch)
-        layers = self.layers or state["layers"]
+        layers = named_layers(ctx.attention, self.layers) if self.layers else state["layers"]
         maps = layer_maps(ctx.attention, layers, ctx.step, branch, ctx.batch_size).float()
         groups = self._groups(ctx)
         maps = smooth(normalize_maps(maps, state["text"], self.norm))

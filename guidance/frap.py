@@ -46,6 +46,7 @@ from flowkit.guidance._maps import (
     finest_layers,
     groups_reason,
     layer_maps,
+    named_layers,
     normalize_maps,
     prompt_groups,
     smooth,
@@ -179,7 +180,7 @@ class FRAP(Guidance):
             ctx.evaluate(ctx.x.detach(), ctx.t, weighted, BRANCH, grad=True, rows=rows)
             if self.layers is None and "layers" not in state:
                 state["layers"] = finest_layers(ctx.attention, ctx.step, BRANCH)
-            used = self.layers if self.layers is not None else state["layers"]
+            used = named_layers(ctx.attention, self.layers) if self.layers is not None else state["layers"]
             maps = layer_maps(ctx.attention, used, ctx.step, BRANCH, ctx.batch_size).float()
             maps = smooth(normalize_maps(maps, state["text"], self.norm), sigma=self.sigma) if self.sigma else \
                 normalize_maps(maps, state["text"], self.norm)

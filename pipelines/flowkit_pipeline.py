@@ -57,11 +57,6 @@ REFUSED = {
     "negative_ip_adapter_image_embeds": "IP-Adapter is not supported; flowkit's drop-in is text-to-image",
     "denoising_end": "refiner hand-off is not supported; flowkit samples to the end (use the diffusers "
                      "pipeline itself for an ensemble of expert denoisers)",
-    "skip_guidance_layers": "skip-layer guidance is not a drop-in option; compose a flowkit guidance stack: "
-                            "from_pipe(pipe, guidance=[...]) (flowkit.guidance.available())",
-    "skip_layer_guidance_scale": "compose a flowkit guidance stack: from_pipe(pipe, guidance=[...])",
-    "skip_layer_guidance_start": "compose a flowkit guidance stack: from_pipe(pipe, guidance=[...])",
-    "skip_layer_guidance_stop": "compose a flowkit guidance stack: from_pipe(pipe, guidance=[...])",
     "callback": "use callback_on_step_end",
     "callback_steps": "use callback_on_step_end",
 }
@@ -177,7 +172,12 @@ class FlowKitPipeline:
                 return GuidanceStack([CFG(scale=scale)] if scale > 1 and has_neg else [])
             scale = float(kw.get("guidance_scale", 1.0))
             rescale = float(kw.get("guidance_rescale", 0.0) or 0.0)
+            if kw.get("skip_guidance_layers") is not None and scale > 1:
+                return GuidanceStack([_skip_layer_guidance(kw, scale)])
             return GuidanceStack([CFG(scale=scale, guidance_rescale=rescale)] if scale > 1 else [])
+        if kw.get("skip_guidance_layers") is not None:
+            raise UnsupportedError("skip_guidance_layers builds the call's own guidance; with a flowkit stack, put "
+                                   "skip-layer guidance in it: DiffusersGuider(SkipLayerGuidance(...))")
         if "guidance_rescale" in given and kw["guidance_rescale"]:
             raise UnsupportedError("guidance_rescale goes on the combiner of your stack: CFG(scale=..., guidance_rescale=...)")
         stack = build_guidance(self.guidance, 1.0)
@@ -278,6 +278,27 @@ class FlowKitPipeline:
             return adapter.from_pipeline_latents(new.to(device=x.device, dtype=x.dtype), x, t_next, frame)
 
         return fn
+
+
+def _skip_layer_guidance(kw: dict, scale: float) -> Any:
+    """The SD3 pipeline's `skip_guidance_layers` as diffusers' SkipLayerGuidance run by flowkit:
+    CFG at `scale` plus skip_layer_guidance_scale * (cond - cond with those blocks skipped), at
+    the steps the pipeline skips them (N * start < i < N * stop; the guider counts
+    int(start * N) < i < int(stop * N), so its stop is rounded up to the pipeline's)."""
+    import math
+
+    from diffusers.guiders import SkipLayerGuidance
+    from flowkit.guidance.diffusers_guider import DiffusersGuider
+
+    n = int(kw.get("num_inference_steps") or 1)
+    start, stop = float(kw.get("skip_layer_guidance_start", 0.01)), float(kw.get("skip_layer_guidance_stop", 0.2))
+    last = math.ceil(n * stop)  # the pipeline's steps i < n * stop are those i < ceil(n * stop)
+    guider_stop = 1.0 if last >= n else min(1.0, (last + 0.5) / n)
+    layers = kw["skip_guidance_layers"]
+    return DiffusersGuider(SkipLayerGuidance(
+        guidance_scale=scale, skip_layer_guidance_scale=float(kw.get("skip_layer_guidance_scale", 2.8)),
+        skip_layer_guidance_start=start, skip_layer_guidance_stop=max(guider_stop, start),
+        skip_layer_guidance_layers=[int(i) for i in (layers if isinstance(layers, (list, tuple)) else [layers])]))
 
 
 def _stack_scale(stack: GuidanceStack) -> float:

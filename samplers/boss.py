@@ -4,9 +4,10 @@ Straightening of Flow-Matching Models", ICLR 2024, Algorithm 1).
 The grid of K steps is the cheapest K-step path through a fine grid under a cost matrix of
 one-step Euler errors (see flowkit.boss). The table comes from `table` (a file written by
 `flowkit tune boss`, or a shipped name), else from the model's own stored tables (found by
-the network's fingerprint and the latent shape), else, with `auto`, it is tuned on the fly
-once (`samples` unguided trajectories of `k_max` fine steps on a fixed prompt set and
-fixed seeds, so no image depends on its batch) and cached under $FLOWKIT_CACHE/boss.
+the network's fingerprint, the latent shape and the guidance stack it was tuned under), else,
+with `auto`, it is tuned on the fly once (`samples` trajectories of `k_max` fine steps under
+the run's own guidance, on a fixed prompt set and fixed seeds, so no image depends on its
+batch) and cached under $FLOWKIT_CACHE/boss.
 The update rule is Euler's (samplers/euler.py); any other ODE sampler walks the same grid
 with `grid="boss:TABLE"`.
 """
@@ -57,7 +58,8 @@ class Boss(Sampler):
                                  f"{table.fingerprint}, this one is {fp}): tune it with `flowkit tune boss`, or "
                                  f"use it anyway as grid='boss:{self.table}'")
             return table
-        found = find_table(fp, shape, self.cost, min_steps=steps) if fp is not None else None
+        guidance = ctx.stack.describe()
+        found = find_table(fp, shape, self.cost, min_steps=steps, guidance=guidance) if fp is not None else None
         if found is not None:
             return found
         if not self.auto:
@@ -66,7 +68,7 @@ class Boss(Sampler):
         k_max = max(self.k_max, steps)
         log.info("boss: tuning step sizes for this model on the fly (%d samples x %d steps)", self.samples, k_max)
         table = tune_table(auto_problem(ctx, self.samples), shape, k_max=k_max, cost=self.cost,
-                           key="auto", prompts=[], guidance="none", model="auto")
+                           key="auto", prompts=[], guidance=guidance, model="auto")
         if fp is not None:
             table.save_to_cache()
         ctx.denoiser.reset_counters()  # the run's forward seconds exclude the tuning

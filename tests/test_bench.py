@@ -441,6 +441,37 @@ def test_committed_results_seed_a_fresh_cache(tmp_path, counting_experiment):
     assert counting_experiment == [] and adopted.info["adopted"] == {"both": data["date"]}
 
 
+def test_a_run_cut_short_resumes_from_its_progress_file_on_a_new_machine(tmp_path, counting_experiment,
+                                                                        monkeypatch):
+    """While it runs, a bench keeps its finished chunks in NAME.progress.json; a later run with
+    an empty cache (a new session) takes them back and computes only the rest (mutant: no
+    progress file, or ignoring it, recomputes all 40); success removes the file."""
+    from flowkit.bench import cache as cache_mod
+
+    out = tmp_path / "out"
+    real = cache_mod.ResultCache._chunk
+    done = []
+
+    def dying(self, folder, config, fn, start, stop, *, wait):
+        if len(done) == 2:
+            raise KeyboardInterrupt  # the session ends after two chunks
+        part = real(self, folder, config, fn, start, stop, wait=wait)
+        done.append(start)
+        return part
+
+    monkeypatch.setattr(cache_mod.ResultCache, "_chunk", dying)
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment("_test_counting", out_dir=out, cache_root=tmp_path / "cache1")
+    monkeypatch.undo()
+    progress = out / "_test_counting.progress.json"
+    assert progress.is_file() and not (out / "_test_counting.json").exists()
+    assert sorted(json.loads(progress.read_text())["arms"]["both"]["chunks"]) == ["0-8", "8-16"]
+    counting_experiment.clear()
+    run_experiment("_test_counting", out_dir=out, cache_root=tmp_path / "cache2")
+    assert counting_experiment == list(range(16, 40))
+    assert not progress.exists()
+
+
 def test_max_samples_caps_the_arms_records_it_and_a_later_run_adds_the_rest(tmp_path, counting_experiment):
     capped = run_experiment("_test_counting", out_dir=tmp_path / "out", cache_root=tmp_path / "cache", max_samples=16)
     assert counting_experiment == list(range(16))
@@ -585,6 +616,9 @@ def test_update_benchmarks_keeps_hand_written_text(tmp_path):
     assert "| M | full |" in text and "| M | quick |" in text and "### beta (quick run)" in text
     assert text.count("<!-- bench:alpha:start -->") == 1 and text.count("<!-- bench:beta:end -->") == 1
     assert update_benchmarks(out, doc) == text  # idempotent
+    # a running bench's progress file is not a result (mutant: globbing it made an empty section)
+    (out / "gamma.progress.json").write_text(json.dumps({"experiment": "gamma", "arms": {}}))
+    assert update_benchmarks(out, doc) == text and "gamma" not in text
     new_doc = tmp_path / "new" / "benchmarks.md"
     assert update_benchmarks(out, new_doc, names=["beta"]).startswith("# Benchmarks")
     assert "### alpha" not in new_doc.read_text()

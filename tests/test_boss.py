@@ -241,6 +241,44 @@ def test_lookup_prefers_tuned_tables_and_checks_shape(cache):
         resolve_table("no-such-table")
 
 
+def test_lookup_keeps_tables_to_the_guidance_they_were_tuned_under(cache):
+    """A table tuned without guidance is not taken for a CFG run, nor the other way round
+    (mutant: a lookup that ignores the guidance returns the unguided table)."""
+    plain = _table()
+    plain.guidance = "none"
+    plain.save_to_cache()
+    assert find_table("f" * 24, (3, 8, 8), "local", guidance="cfg:scale=4.0") is None
+    assert find_table("f" * 24, (3, 8, 8), "local", guidance="none") is not None
+    guided = _table()
+    guided.guidance, guided.prompts_key = "cfg:scale=4.0", "guided"
+    guided.save_to_cache()
+    assert find_table("f" * 24, (3, 8, 8), "local", guidance="cfg:scale=4.0").prompts_key == "guided"
+
+
+def test_on_the_fly_tuning_runs_under_the_runs_guidance(cache):
+    """The boss sampler tunes under the run's stack (CFG: two evaluations per fine step) and
+    stores the table under it; a run with another stack tunes again (mutant: the old unguided
+    tuning records 'none' and one evaluation per step)."""
+    from flowkit.boss import tuning
+
+    pipe = flowkit.load("tiny")
+    seen = []
+    real = tuning.tune_table
+
+    def spy(problem, *args, **kwargs):
+        table = real(problem, *args, **kwargs)
+        seen.append((kwargs["guidance"], table.nfe))
+        return table
+
+    with mock.patch("flowkit.boss.tuning.tune_table", side_effect=spy), \
+            mock.patch("flowkit.boss.tune_table", side_effect=spy):
+        for guidance in ("cfg:scale=3", "cfg:scale=3", "none"):
+            flowkit.sample(pipe, ["a red circle"], sampler=Boss(k_max=4, samples=2), steps=2, guidance=guidance,
+                           seed=0, output_type="latent")
+    assert [g for g, _ in seen] == ["cfg:scale=3.0", "none"]  # the second CFG run reused its table
+    assert seen[0][1] == 2 * 4 * 2 and seen[1][1] == 4 * 2  # samples x fine steps x branches
+
+
 def test_boss_grid_spec_errors():
     with pytest.raises(SpecError, match="needs a table"):
         TimeGrid.parse("boss")

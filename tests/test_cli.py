@@ -80,7 +80,8 @@ def test_list_json_names_everything(capsys):
     code, out, _ = run(["list", "--json"], capsys)
     assert code == 0
     tables = json.loads(out)
-    assert set(tables) == {"samplers", "guidance", "models", "experiments"}
+    assert set(tables) == {"samplers", "guidance", "rewards", "models", "experiments"}
+    assert {"count", "presence", "class", "oracle"} <= set(tables["rewards"])
     assert {"euler", "heun", "sde", "ddim", "midpoint"} <= set(tables["samplers"])
     assert "cfg" in tables["guidance"]
     assert {"tiny", "shapes"} <= set(tables["models"])

@@ -113,6 +113,30 @@ def test_frap_stop_zero_gives_the_base_run_and_nfe():
     assert out.stats.backward_calls == 0
 
 
+def test_layers_given_as_globs_read_the_layers_they_name():
+    """`layers=` takes globs as the attention store does: FRAP and counting guidance read the
+    maps of the names a glob matches, the same as the names written out (mutant: reading the
+    store by the glob itself fails with 'no captured map'); another layer gives another run."""
+    pipe = flowkit.load("tiny")
+    names = [n for n in _layer_names(pipe) if n.startswith("up_blocks.1.attentions.0")]
+    assert names
+    for make in (lambda layers: FRAP(lr=50.0, stop=0.5, layers=layers),
+                 lambda layers: CountingGuidance(scale=1.0, counter=lambda img: (img + 1).mean(dim=(1, 2, 3)),
+                                                 layers=layers)):
+        globbed = _shapes_run([CFG(scale=4.0), make("up_blocks.1.attentions.0.*")], steps=3, prompts=PROMPTS[:1])
+        named = _shapes_run([CFG(scale=4.0), make(names)], steps=3, prompts=PROMPTS[:1])
+        other = _shapes_run([CFG(scale=4.0), make("down_blocks.1.*")], steps=3, prompts=PROMPTS[:1])
+        assert torch.equal(globbed.latents, named.latents)
+        assert not torch.equal(globbed.latents, other.latents)
+
+
+def _layer_names(pipe):
+    from flowkit.attention import session
+
+    with session(pipe.unet, None) as store:
+        return list(store.layers)
+
+
 def test_frap_updates_once_per_step_under_heun():
     """Heun evaluates twice per step; FRAP updates once (mutant: an update per evaluation
     doubles the extra evaluations)."""

@@ -64,6 +64,8 @@ def _model(name):
 def _stack(gname):
     if gname == "none":
         return GuidanceStack([])
+    if ":" in gname:  # a spec (the wrapped diffusers guiders, WRAPPED)
+        return GuidanceStack(GUIDANCE.build(gname))
     module = GUIDANCE.create(gname)
     mods = [CFG(scale=3.0), module] if module.role == "policy" else [module]
     return GuidanceStack(mods)
@@ -129,6 +131,46 @@ def check_combination(sampler_name: str, guidance: str, model: str) -> str:
 @pytest.mark.parametrize("sampler, guidance, model", cases())
 def test_combination_runs_or_is_refused_with_its_reason(sampler, guidance, model):
     check_combination(sampler, guidance, model)
+
+
+# Each of diffusers' guiders through `diffusers:name=...` (the registered "diffusers" module runs
+# above with every sampler, as diffusers' CFG); a guider that perturbs layers twice: layers named
+# for a DiT ("auto": its transformer_blocks) and for a UNet (its mid block), each refused where
+# the network has no such blocks.
+_MID = '"{\\"indices\\": [0], \\"fqn\\": \\"mid_block.attentions.0.transformer_blocks\\"}"'
+_AUTO = '"{\\"indices\\": [0], \\"fqn\\": \\"auto\\"}"'
+WRAPPED = [
+    "diffusers:name=ClassifierFreeZeroStarGuidance,guidance_scale=3",
+    "diffusers:name=AdaptiveProjectedGuidance,guidance_scale=3,adaptive_projected_guidance_momentum=-0.5",
+    "diffusers:name=AdaptiveProjectedMixGuidance,guidance_scale=3,adaptive_projected_guidance_start_step=1",
+    "diffusers:name=FrequencyDecoupledGuidance,guidance_scales=[3.0;2.0]",
+    "diffusers:name=MagnitudeAwareGuidance,guidance_scale=3",
+    "diffusers:name=TangentialClassifierFreeGuidance,guidance_scale=3",
+    "diffusers:name=LTX2Guidance,guidance_scale=3",
+    "diffusers:name=LTX2Guidance,guidance_scale=3,stg_scale=1",
+] + [f"diffusers:name={name},{key}={layers}{extra}"
+     for layers in (_AUTO, _MID)
+     for name, key, extra in [
+         ("PerturbedAttentionGuidance", "perturbed_guidance_config", ",perturbed_guidance_stop=1"),
+         ("SkipLayerGuidance", "skip_layer_config", ",skip_layer_guidance_stop=1"),
+         ("SmoothedEnergyGuidance", "seg_guidance_config", ""),
+         ("AutoGuidance", "auto_guidance_config", ""),
+     ]]
+
+
+@pytest.mark.parametrize("spec", WRAPPED)
+@pytest.mark.parametrize("model", list(MODELS))
+def test_each_wrapped_diffusers_guider_runs_or_is_refused_with_its_reason(spec, model):
+    if "FrequencyDecoupledGuidance" in spec:
+        pytest.importorskip("kornia")  # diffusers' FDG needs it (the `test` extra installs it)
+    check_combination("euler", spec, model)
+
+
+def test_the_wrapped_guiders_cover_diffusers_twelve():
+    from flowkit.guidance.diffusers_guider import GUIDERS
+
+    named = {s.split("name=")[1].split(",")[0] for s in WRAPPED} | {"ClassifierFreeGuidance"}  # the default
+    assert named == set(GUIDERS)
 
 
 def test_exceptions_name_real_combinations():

@@ -132,12 +132,12 @@ def flow_scheduler(**config):
     return FlowMatchEulerDiscreteScheduler(**config)
 
 
-def sd3():
+def sd3(num_layers: int = 1):
     """SD3 shape: SD3Transformer2DModel (patch 2), two CLIP encoders with projections and a T5."""
     from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
 
     transformer = _seeded(0, lambda: SD3Transformer2DModel(
-        sample_size=16, patch_size=2, in_channels=4, num_layers=1, attention_head_dim=8, num_attention_heads=4,
+        sample_size=16, patch_size=2, in_channels=4, num_layers=num_layers, attention_head_dim=8, num_attention_heads=4,
         caption_projection_dim=32, joint_attention_dim=32, pooled_projection_dim=64, out_channels=4))
     pipe = StableDiffusion3Pipeline(
         transformer=transformer, scheduler=flow_scheduler(shift=3.0), vae=vae(1, flow=True),
@@ -172,6 +172,7 @@ BUILDERS = {
     "sd-v": lambda: sd("trailing", "v_prediction"),
     "sdxl": sdxl,
     "sd3": sd3,
+    "sd3-3layers": lambda: sd3(num_layers=3),
     "flux": flux,
     "flux-dev": lambda: flux(guidance_embeds=True),
 }

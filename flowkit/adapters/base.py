@@ -114,7 +114,8 @@ class ModelAdapter(ABC):
     def kit(self) -> ModelKit:
         """What this model family (and its world) hands methods: `to_pixels` and
         `token_groups` for every family; a world's classifier, counter, ... where it has them."""
-        return ModelKit(to_pixels=self.to_pixels, token_groups=self.token_groups, text_tokens=self._text_tokens)
+        return ModelKit(family=self.family, to_pixels=self.to_pixels, token_groups=self.token_groups,
+                        text_tokens=self._text_tokens)
 
     def _text_tokens(self, prompt: str) -> tuple[int, ...]:
         return self.word_tokens(prompt, (0, len(prompt)))

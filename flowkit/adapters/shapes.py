@@ -175,30 +175,12 @@ def _shapes_world_kit() -> dict[str, Any]:
     def counts(prompts: Sequence[str]) -> Tensor:
         return torch.tensor(world.asked_counts(prompts), dtype=torch.float32).reshape(len(prompts), -1)
 
-    return dict(classifier=_shapes_class_logits, num_classes=len(world.GROUPS), class_kind="(shape, colour) groups",
-                asked_classes=asked, reference_prompt=world.swap_group, counter=_shapes_counts, asked_counts=counts)
+    # the classifier and the counter are the ones the world's rewards (flowkit.rewards) read
+    from flowkit.worlds.shapes_rewards import class_logits, group_counts
 
+    def classifier(images: Tensor) -> Tensor:  # inference only (GFCG reads probabilities)
+        with torch.no_grad():
+            return class_logits(images)
 
-@functools.lru_cache(maxsize=4)
-def _classifier_on(device: str) -> Any:
-    from flowkit.worlds.shapes_nets import load_classifier
-
-    return load_classifier().to(device)
-
-
-@functools.lru_cache(maxsize=4)
-def _counter_on(device: str) -> Any:
-    from flowkit.worlds.shapes_nets import load_counter
-
-    return load_counter().to(device).requires_grad_(False)
-
-
-def _shapes_counts(images: Tensor) -> Tensor:
-    """The shipped counter's counts [B, 12] of images in [-1, 1], differentiable in the images."""
-    return _counter_on(str(images.device))(images.float())
-
-
-def _shapes_class_logits(images: Tensor) -> Tensor:
-    """The shipped classifier's class logits [B, 12] of images in [-1, 1], without gradients."""
-    with torch.no_grad():
-        return _classifier_on(str(images.device)).class_logits(images.float())
+    return dict(classifier=classifier, num_classes=len(world.GROUPS), class_kind="(shape, colour) groups",
+                asked_classes=asked, reference_prompt=world.swap_group, counter=group_counts, asked_counts=counts)

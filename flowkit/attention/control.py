@@ -52,6 +52,9 @@ class _Plan(NamedTuple):
     kernel: str
     capture: frozenset[str]
     store: AttentionStore | None
+    perturbation: Any = None  # the forward's flowkit.perturbation.Perturbation, or None
+    identity: frozenset[str] = frozenset()  # its self-attention layers made the identity (PAG)
+    blur: frozenset[str] = frozenset()  # its self-attention layers with blurred queries (SEG)
 
 
 class AttentionController:
@@ -64,7 +67,8 @@ class AttentionController:
 
     The plan of the forward being run, read by the processors (see the module docstring):
     `fn`, the kernel function every call runs on; each processor's `capture` flag, set for
-    the layers whose maps this forward captures; `running`, the kernel's name.
+    the layers whose maps this forward captures, and its `identity` and `blur` flags, set for
+    the layers a perturbed forward perturbs; `running`, the kernel's name.
     """
 
     def __init__(self) -> None:
@@ -78,12 +82,58 @@ class AttentionController:
         self.fn: Callable[..., Tensor] = KERNELS[DEFAULT_KERNEL].fn
         self.capturing: frozenset[str] = frozenset()
         self.captured = 0  # calls captured in the forward being run (the eager capture path counts them)
+        self.identities = 0  # calls made the identity in the perturbed forward being run (eager)
+        self.perturbed: tuple[frozenset[str], frozenset[str]] = (frozenset(), frozenset())
         self._plan_store: AttentionStore | None = None
+        self._plan_perturbation: Any = None
         self._depth = 0  # forwards opened by `forward` scopes
         self._hooked: Any = None  # the module whose hooks opened the forward being run
-        self._hook_saved: tuple[_Plan, int] | None = None
+        self._hook_saved: tuple[_Plan, tuple[int, int]] | None = None
         self._hook_plan: _Plan | None = None
         self._handles: dict[int, list[Any]] = {}  # id(module) -> its hook handles
+        self.network: "weakref.ref[Any] | None" = None
+        self._perturbed: dict[Any, tuple[frozenset[str], frozenset[str]]] = {}
+
+    # -- perturbed forwards (flowkit.perturbation) ------------------------------------------
+    def perturbed_layers(self, perturbation: Any) -> tuple[frozenset[str], frozenset[str]]:
+        """(identity layers, blurred-query layers): the self-attention layers inside the
+        perturbation's `identity` and `blur` blocks; a block with none is an UnsupportedError."""
+        if perturbation not in self._perturbed:
+            out = []
+            for blocks in (perturbation.identity, perturbation.blur):
+                found: set[str] = set()
+                for block in blocks:
+                    hits = {name for name, (module, _) in self.processors.items()
+                            if name.startswith(block + ".") and not getattr(module, "is_cross_attention", False)}
+                    if not hits:
+                        raise UnsupportedError(f"block {block!r} has no self-attention layer with a flowkit processor "
+                                               "to perturb; name a block of the network's transformer blocks")
+                    found |= hits
+                out.append(frozenset(found))
+            self._perturbed[perturbation] = (out[0], out[1])
+        return self._perturbed[perturbation]
+
+    @contextmanager
+    def perturbing(self, perturbation: Any) -> Iterator[None]:
+        """Apply `perturbation` for one forward: resolve its attention layers (the plan of the
+        forward, `forward`, flags them) and make its `skip` blocks return their inputs."""
+        self.perturbed_layers(perturbation)
+        net = self.network() if self.network is not None else None
+        skipped = []
+        try:
+            for block in perturbation.skip:
+                try:
+                    module = net.get_submodule(block) if net is not None else None
+                except AttributeError:
+                    module = None
+                if module is None:
+                    raise UnsupportedError(f"no block {block!r} to skip in this network")
+                module.forward = _skipper(module)
+                skipped.append(module)
+            yield
+        finally:
+            for module in skipped:
+                del module.forward
 
     # -- the plan of one forward -------------------------------------------------------
     def _set(self, plan: _Plan) -> None:
@@ -92,25 +142,34 @@ class AttentionController:
             for name, (_, proc) in self.processors.items():
                 proc.capture = name in plan.capture
             self.capturing = plan.capture
+        self._plan_perturbation = plan.perturbation
+        if (plan.identity, plan.blur) != self.perturbed:
+            for name, (_, proc) in self.processors.items():
+                proc.identity, proc.blur = name in plan.identity, name in plan.blur
+            self.perturbed = (plan.identity, plan.blur)
 
-    def _open(self, store: AttentionStore | None, kernel: str | None) -> tuple[_Plan, _Plan, int]:
-        """Fix the plan of a forward: (the plan, the outer plan to restore, the outer capture count)."""
+    def _open(self, store: AttentionStore | None, kernel: str | None) -> tuple[_Plan, _Plan, tuple[int, int]]:
+        """Fix the plan of a forward: (the plan, the outer plan to restore, the outer counts of
+        captured and identity calls)."""
         store = self.store if store is None else store
         name = check_kernel(kernel) if kernel is not None else active_kernel(self.kernel)
         capture = frozenset(layer for layer in self.capturable if store is not None and store.wants(layer))
-        outer = _Plan(self.running, self.capturing, self._plan_store)
-        plan = _Plan(name, capture, store)
+        scope = store.scope if store is not None else None
+        perturbation = scope.perturbation if scope is not None else None
+        identity, blur = self.perturbed_layers(perturbation) if perturbation is not None else (frozenset(),) * 2
+        outer = _Plan(self.running, self.capturing, self._plan_store, self._plan_perturbation, *self.perturbed)
+        plan = _Plan(name, capture, store, perturbation, identity, blur)
         self._set(plan)
-        saved = self.captured
-        self.captured = 0
+        saved = (self.captured, self.identities)
+        self.captured = self.identities = 0
         return plan, outer, saved
 
-    def _close(self, plan: _Plan, outer: _Plan, saved: int, ok: bool) -> None:
+    def _close(self, plan: _Plan, outer: _Plan, saved: tuple[int, int], ok: bool) -> None:
         """Count a finished forward's calls (one per installed processor; none for a replayed
         or failed forward) and restore the outer plan."""
         if ok and not (plan.store is not None and plan.store.replaying):
-            captured = self.captured
-            fused = len(self.processors) - captured
+            captured, identities = self.captured, self.identities
+            fused = len(self.processors) - captured - identities
             for counts in (self.counts, None if plan.store is None else plan.store.counts):
                 if counts is None:
                     continue
@@ -118,19 +177,22 @@ class AttentionController:
                     counts[plan.kernel] += fused
                 if captured:
                     counts["captured"] += captured
+                if identities:
+                    counts["identity"] += identities
         self._set(outer)
-        self.captured = saved
+        self.captured, self.identities = saved
 
     @contextmanager
     def forward(self, store: AttentionStore | None = None, kernel: str | None = None) -> Iterator[_Plan]:
         """One network forward inside the block: its kernel (`kernel`, else the active one) and
         the layers `store` (default: the session's) wants captured are fixed before it, its calls
-        counted after it. A forward that captures runs eagerly, outside any compiled graph."""
+        counted after it. A forward that captures, or is perturbed (flowkit.perturbation), runs
+        eagerly, outside any compiled graph."""
         plan, outer, saved = self._open(store, kernel)
         self._depth += 1
         ok = False
         try:
-            with _eager() if plan.capture else contextlib.nullcontext():
+            with _eager() if plan.capture or plan.perturbation is not None else contextlib.nullcontext():
                 yield plan
             ok = True
         finally:
@@ -145,6 +207,24 @@ class AttentionController:
             self._plan_store.record(layer, probs[:, :, cross[0], cross[1]])
         self.captured += 1
         return out
+
+    def blur_query(self, query: Tensor) -> Tensor:
+        """A self-attention layer's projected queries [B, L, C] (before heads and norms), blurred
+        over the token grid as diffusers' SmoothedEnergyGuidanceHook does on `to_q` (SEG); run
+        by the processors flagged `blur` in a perturbed forward (eager)."""
+        import math
+
+        from diffusers.hooks.smoothed_energy_guidance_utils import _gaussian_blur_2d
+
+        p = self._plan_perturbation
+        sigma = p.blur_sigma
+        size = math.ceil(6 * sigma) + 1 - math.ceil(6 * sigma) % 2
+        return _gaussian_blur_2d(query, size, sigma, p.blur_threshold_inf)
+
+    def identity_call(self, v: Tensor) -> Tensor:
+        """A self-attention call made the identity in a perturbed forward (PAG): the values."""
+        self.identities += 1
+        return v
 
     def idle(self) -> None:
         """The plan between forwards: the model's own kernel, nothing captured (what a network
@@ -195,6 +275,38 @@ def unwrap(net: Any) -> Any:
     while isinstance(getattr(net, "_orig_mod", None), torch.nn.Module):
         net = net._orig_mod
     return net
+
+
+def _skipper(block: Any) -> Callable[..., Any]:
+    """A forward for `block` that returns its inputs (the block skipped), in the order its own
+    forward returns them (diffusers' TransformerBlockRegistry metadata; hidden states only for
+    a block it does not know)."""
+    import inspect
+
+    names = list(inspect.signature(type(block).forward).parameters)[1:]
+    try:
+        from diffusers.hooks._helpers import TransformerBlockRegistry
+
+        meta = TransformerBlockRegistry.get(type(block))
+        h_index, e_index = meta.return_hidden_states_index, meta.return_encoder_hidden_states_index
+    except (ImportError, ValueError):
+        h_index, e_index = 0, None
+
+    def arg(name: str, args: tuple, kwargs: dict) -> Any:
+        if name in kwargs:
+            return kwargs[name]
+        i = names.index(name)
+        return args[i] if i < len(args) else None
+
+    def skip(*args: Any, **kwargs: Any) -> Any:
+        hidden = arg("hidden_states", args, kwargs)
+        if e_index is None:
+            return hidden
+        out = [None, None]
+        out[h_index], out[e_index] = hidden, arg("encoder_hidden_states", args, kwargs)
+        return tuple(out)
+
+    return skip
 
 
 def network(obj: Any) -> Any:
@@ -254,6 +366,7 @@ def install(model: Any, kernel: str | None = None) -> AttentionController:
             ctl.processors[name] = (module, new)
             if cls.capturable(module):
                 ctl.capturable.append(name)
+        ctl.network = weakref.ref(inner)
         _CONTROLLERS[inner] = ctl
         ctl.hook(inner)
     if net is not inner:  # a compiled wrapper: its hooks run outside the compiled graph
@@ -361,6 +474,8 @@ def session(model: Any | None, kernel: str | None = None) -> Iterator[AttentionS
         ctl = install(model)  # (hooks a compiled wrapper of an installed network too)
     store = AttentionStore(ctl.capturable if ctl is not None else ())
     store.controller = ctl
+    if ctl is not None:
+        store.perturber = ctl.perturbing
     outer = ctl.store if ctl is not None else None
     if ctl is not None:
         ctl.store = store

@@ -4,8 +4,9 @@ Each one does what the diffusers processor it replaces does (projections, norms,
 embedding, output projections), and runs the attention itself, q/k/v as [B, H, L, D], on
 the kernel its controller chose before the forward (`controller.fn`), or, on a captured
 call (`capture` set for this forward), through the controller's eager capture path: the
-reference kernel, which also yields the probabilities. A processor reads plain attributes
-only, so a compiled network traces it without a graph break. The replaced processors:
+reference kernel, which also yields the probabilities; in a perturbed forward (`identity`,
+`blur` set), through the controller's eager perturbation paths. A processor reads plain
+attributes only, so a compiled network traces it without a graph break. The replaced processors:
 
 - `AttnProcessor2_0` (UNet2DConditionModel: SD 1.x/2.x, SDXL, the shapes model) ->
   `UNetAttnProcessor`: self-attention (attn1) and cross-attention to the text (attn2);
@@ -38,15 +39,26 @@ class FlowKitProcessor:
         self.controller = controller
         self.original = original
         self.capture = False  # set by the controller for a forward that captures this layer's map
+        self.identity = False  # set for a perturbed forward that makes this layer's attention the identity (PAG)
+        self.blur = False  # set for a perturbed forward that blurs this layer's queries (SEG)
 
     @staticmethod
     def capturable(attn: Any) -> bool:
         """Whether this module's calls have a cross-attention map."""
         return False
 
+    def query(self, query: Tensor) -> Tensor:
+        """The projected queries [B, L, C] as the controller hands them on (blurred in a SEG forward)."""
+        if self.blur:
+            return self.controller.blur_query(query)
+        return query
+
     def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None,
                cross: tuple[slice, slice] | None = None) -> Tensor:
-        """[B, H, Lq, D] attention output; `cross`: (image-query rows, text-key columns) of a map."""
+        """[B, H, Lq, D] attention output; `cross`: (image-query rows, text-key columns) of a map;
+        the values themselves in a perturbed forward that makes this layer's attention the identity."""
+        if self.identity and q.shape[2] == v.shape[2]:
+            return self.controller.identity_call(v)
         if self.capture and cross is not None:
             return self.controller.capture_call(self.layer, q, k, v, mask, cross)
         return self.controller.fn(q, k, v, mask)
@@ -75,7 +87,7 @@ class UNetAttnProcessor(FlowKitProcessor):
             attention_mask = attention_mask.view(batch, attn.heads, -1, attention_mask.shape[-1])
         if attn.group_norm is not None:
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-        query = attn.to_q(hidden_states)
+        query = self.query(attn.to_q(hidden_states))
         context = hidden_states
         if cross:
             context = attn.norm_encoder_hidden_states(encoder_hidden_states) if attn.norm_cross else encoder_hidden_states
@@ -111,7 +123,8 @@ class JointAttnProcessor(FlowKitProcessor):
         def heads(t: Tensor) -> Tensor:
             return t.view(batch, -1, attn.heads, d).transpose(1, 2)  # [B, H, L, d]
 
-        q, k, v = heads(attn.to_q(hidden_states)), heads(attn.to_k(hidden_states)), heads(attn.to_v(hidden_states))
+        q = heads(self.query(attn.to_q(hidden_states)))
+        k, v = heads(attn.to_k(hidden_states)), heads(attn.to_v(hidden_states))
         if attn.norm_q is not None:
             q = attn.norm_q(q)
         if attn.norm_k is not None:
@@ -159,7 +172,7 @@ class FluxAttnProcessor(FlowKitProcessor):
             if has_text:
                 eq, ek, ev = attn.to_added_qkv(encoder_hidden_states).chunk(3, dim=-1)
         else:
-            q, k, v = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+            q, k, v = self.query(attn.to_q(hidden_states)), attn.to_k(hidden_states), attn.to_v(hidden_states)
             if has_text:
                 e = encoder_hidden_states
                 eq, ek, ev = attn.add_q_proj(e), attn.add_k_proj(e), attn.add_v_proj(e)

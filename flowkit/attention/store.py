@@ -25,12 +25,15 @@ import math
 from collections import Counter
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, ContextManager, Iterable, Iterator, Sequence
 
 import torch
 from torch import Tensor
 
-from flowkit.errors import InputError, closest
+from flowkit.errors import InputError, UnsupportedError, closest
+
+if TYPE_CHECKING:
+    from flowkit.perturbation import Perturbation
 
 __all__ = ["AttentionMap", "AttentionStore", "resolve_layers"]
 
@@ -114,6 +117,7 @@ class _Scope:
     call: int
     layout: list[tuple[str | None, Tensor]] | None
     latent_hw: tuple[int, ...] | None
+    perturbation: "Perturbation | None" = None
 
 
 class AttentionStore:
@@ -133,6 +137,8 @@ class AttentionStore:
         self._calls: Counter[int] = Counter()  # forwards opened per step
         self.replaying = False  # a checkpointed call is being recomputed in the backward pass
         self.controller: Any = None  # the run's AttentionController (set by `session`), or None
+        # the network's way to apply a perturbation for one forward (set by the run's session)
+        self.perturber: Callable[["Perturbation"], ContextManager[Any]] | None = None
 
     # -- requests ----------------------------------------------------------------------
     def request(self, layers: str | Iterable[str], steps: int | Iterable[int] | None = None, *,
@@ -165,14 +171,21 @@ class AttentionStore:
     # -- the forward scope (opened by the sampling loop) ---------------------------------
     @contextmanager
     def forward(self, step: int, layout: Sequence[tuple[str | None, Tensor]] | None = None,
-                latent_hw: Sequence[int] | None = None) -> Iterator[None]:
-        """Tag the captures of one network call: global step, (branch, sample rows) per block of rows."""
+                latent_hw: Sequence[int] | None = None, *,
+                perturbation: "Perturbation | None" = None) -> Iterator[None]:
+        """Tag the captures of one network call: global step, (branch, sample rows) per block of rows;
+        with `perturbation`, the network is perturbed for this call (flowkit.perturbation)."""
+        if perturbation is not None and self.perturber is None:
+            raise UnsupportedError(f"this run's network cannot be perturbed ({perturbation.describe()}): "
+                                   "flowkit's attention processors are not installed on it")
         call = self._calls[step]
         self._calls[step] += 1
         lay = None if layout is None else [(b, torch.as_tensor(r).flatten().cpu()) for b, r in layout]
-        outer, self._scope = self._scope, _Scope(step, call, lay, tuple(latent_hw) if latent_hw is not None else None)
+        outer, self._scope = self._scope, _Scope(step, call, lay, tuple(latent_hw) if latent_hw is not None else None,
+                                                 perturbation)
         try:
-            with self.controller.forward(self) if self.controller is not None else nullcontext():
+            with self.perturber(perturbation) if perturbation is not None else nullcontext(), \
+                    self.controller.forward(self) if self.controller is not None else nullcontext():
                 yield
         finally:
             self._scope = outer

@@ -282,8 +282,11 @@ class ResultCache:
         fn: Callable[[list[int]], list[dict[str, Any]]],
         *,
         chunk: int = 16,
+        on_chunk: Callable[[int, int, list[dict[str, Any]]], None] | None = None,
     ) -> list[dict[str, Any]]:
         """Results of samples 0..n-1, computed `chunk` at a time by `fn(indices)` and cached per chunk.
+        `on_chunk(start, stop, results)` hears of every chunk as soon as it is there (read
+        back or computed), e.g. to keep a progress file that outlives the cache.
 
         fn: maps a list of sample indices to one result dict per index, in order; it must
             depend only on `config` and the indices (seed each sample from its index), so a
@@ -307,9 +310,13 @@ class ResultCache:
                 waiting.append((start, stop))
             else:
                 parts[start] = part
+                if on_chunk is not None:
+                    on_chunk(start, stop, part)
         for start, stop in waiting:  # chunks another process was computing
             log.info("bench cache: waiting for chunk %d-%d of %s, claimed by another process", start, stop, folder.name)
             parts[start] = self._chunk(folder, config, fn, start, stop, wait=True)
+            if on_chunk is not None:
+                on_chunk(start, stop, parts[start])
         return [r for start, _ in bounds for r in parts[start]]
 
     def _chunk(self, folder: Path, config: Mapping[str, Any], fn: Callable[[list[int]], list[dict[str, Any]]],
@@ -340,6 +347,16 @@ class ResultCache:
             return part
         finally:
             claim.release()
+
+    def seed_chunk(self, experiment: str, config: Mapping[str, Any], start: int, stop: int,
+                   results: Sequence[Mapping[str, Any]]) -> bool:
+        """Write one chunk [start, stop) of `config` (from a progress file) unless it is cached."""
+        path = self.chunk_dir(experiment, config) / f"{start:06d}-{stop:06d}.json"
+        if len(results) != stop - start or self._load(path, config) is not None:
+            return False
+        write_json_atomic(path, {"config": to_jsonable(config, "config"),
+                                 "results": _normalise_results([dict(r) for r in results], "seeded results")})
+        return True
 
     def seed_chunks(self, experiment: str, config: Mapping[str, Any], results: Sequence[Mapping[str, Any]], *,
                     chunk: int = 16) -> int:

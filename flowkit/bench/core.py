@@ -146,6 +146,7 @@ class BenchRun:
         max_samples: int | None = None,
         previous: Mapping[str, Any] | None = None,
         adopt: Sequence[str] = (),
+        progress_path: str | os.PathLike[str] | None = None,
     ):
         if max_samples is not None and (not isinstance(max_samples, (int, np.integer)) or max_samples < 1):
             raise InputError(f"max_samples must be a positive integer, got {max_samples!r}")
@@ -161,6 +162,11 @@ class BenchRun:
         self.arm_keys: dict[str, str] = {}  # arm -> hash of its cache key, written to the JSON
         self.previous = previous  # the committed results of this experiment, whose samples seed the cache
         self.adopt = set(adopt)  # arms of a legacy results file (no arm keys) to take over by name
+        # NAME.progress.json: every finished chunk of every arm (with its key), written as the run
+        # goes, so a run cut short by the end of a session resumes in the next from a commit
+        self.progress_path = None if progress_path is None else Path(progress_path)
+        self._progress: dict[str, Any] = {}
+        self._progress_written = 0.0
 
     def n(self, *, full: int, quick: int) -> int:
         """`quick` in a quick run, `full` otherwise."""
@@ -198,8 +204,13 @@ class BenchRun:
         key = {"arm": name, "seed": self.seed, "config": dict(config)}
         self.arm_keys[name] = config_hash(key)
         self._seed_from_previous(name, key, chunk)
+        self._seed_from_progress(name, key)
         t0 = time.perf_counter()
-        results = self.cache.run_cached_chunks(self.name, key, n, fn, chunk=chunk)
+        try:
+            results = self.cache.run_cached_chunks(self.name, key, n, fn, chunk=chunk,
+                                                   on_chunk=lambda a, b, part: self._note_progress(name, a, b, part))
+        finally:  # also when the run is cut short: what is done is kept
+            self._write_progress(force=True)
         log.info("bench %s: arm %s, %d samples in %.1fs", self.name, name, n, time.perf_counter() - t0)
         self.samples[name] = results
         return results
@@ -218,6 +229,44 @@ class BenchRun:
                 return row
         self.info.setdefault("rows_not_computed", []).append(f"{method} / {metric} vs {baseline_name}: {why}")
         return None
+
+    # -- progress files -----------------------------------------------------------------------
+    def _note_progress(self, arm: str, start: int, stop: int, part: list[dict[str, Any]]) -> None:
+        if self.progress_path is None:
+            return
+        entry = self._progress.setdefault(arm, {"key": self.arm_keys[arm], "chunks": {}})
+        entry["chunks"][f"{start}-{stop}"] = part
+        self._write_progress()
+
+    def _write_progress(self, force: bool = False) -> None:
+        """Merge this process's finished chunks into the progress file (at most every 30 s)."""
+        if self.progress_path is None or not self._progress or (
+                not force and time.monotonic() - self._progress_written < 30.0):
+            return
+        on_disk = _read_progress(self.progress_path, self.seed, self.quick)
+        for arm, entry in self._progress.items():
+            old = on_disk.get(arm)
+            if old is not None and old.get("key") == entry["key"]:
+                entry["chunks"] = {**old["chunks"], **entry["chunks"]}
+            on_disk[arm] = entry
+        write_json_atomic(self.progress_path, to_jsonable({"experiment": self.name, "seed": self.seed,
+                                                           "quick": self.quick, "arms": on_disk}, "progress"))
+        self._progress_written = time.monotonic()
+
+    def _seed_from_progress(self, name: str, key: Mapping[str, Any]) -> None:
+        """Put the chunks a progress file holds for this arm's key into the cache."""
+        if self.progress_path is None:
+            return
+        entry = _read_progress(self.progress_path, self.seed, self.quick).get(name)
+        if not entry or entry.get("key") != self.arm_keys[name]:
+            return
+        seeded = 0
+        for bounds, part in entry.get("chunks", {}).items():
+            start, _, stop = str(bounds).partition("-")
+            if start.isdigit() and stop.isdigit() and isinstance(part, list):
+                seeded += self.cache.seed_chunk(self.name, key, int(start), int(stop), part) * len(part)
+        if seeded:
+            log.info("bench %s: arm %s, %d samples taken from the progress file", self.name, name, seeded)
 
     def _seed_from_previous(self, name: str, key: Mapping[str, Any], chunk: int) -> None:
         """Put the committed per-sample results of arm `name` into the cache, where they are
@@ -469,6 +518,24 @@ def _versions() -> dict[str, str | None]:
     return out
 
 
+def _read_progress(path: Path, seed: int, quick: bool) -> dict[str, Any]:
+    """The arms of a progress file written by a run of the same seed and size ({} if none)."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(data, dict) or data.get("seed") != seed or data.get("quick") != quick:
+        return {}
+    arms = data.get("arms")
+    return dict(arms) if isinstance(arms, dict) else {}
+
+
+def progress_path(out_dir: str | os.PathLike[str], name: str, quick: bool = False) -> Path:
+    """Where a run keeps its finished chunks while it runs: `out_dir/NAME.progress.json` (removed
+    once the run writes its results)."""
+    return Path(out_dir) / (f"{name}.quick.progress.json" if quick else f"{name}.progress.json")
+
+
 def result_path(out_dir: str | os.PathLike[str], name: str, quick: bool = False) -> Path:
     """Where `run_experiment` writes: `out_dir/NAME.json`, or `NAME.quick.json` for a quick run
     (so a smoke run never overwrites the full results the docs are built from)."""
@@ -495,6 +562,8 @@ def run_experiment(
     The committed results in out_dir (NAME.json) seed the cache: arms whose recorded key is
     the run's own are not computed again (a long run spans sessions through the committed
     file); `adopt` names arms to take over from a file written before keys were recorded.
+    While it runs, out_dir/NAME.progress.json keeps every finished chunk (commit it when a
+    session ends mid-run: the next run takes them back).
     """
     exp = get_experiment(name)
     previous = None
@@ -512,6 +581,7 @@ def run_experiment(
         max_samples=max_samples,
         previous=previous if isinstance(previous, dict) else None,
         adopt=adopt,
+        progress_path=None if out_dir is None else progress_path(out_dir, name, quick),
     )
     t0 = time.perf_counter()
     exp.fn(bench)
@@ -531,4 +601,5 @@ def run_experiment(
     if out_dir is not None:
         result.path = result_path(out_dir, name, quick)
         write_json_atomic(result.path, result.to_dict(), indent=1)
+        progress_path(out_dir, name, quick).unlink(missing_ok=True)  # the results hold it all now
     return result

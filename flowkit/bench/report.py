@@ -21,7 +21,7 @@ from typing import Any, Iterable, Sequence
 
 from flowkit.bench.core import BenchResult, Row
 
-__all__ = ["markdown_table", "format_result", "section", "update_benchmarks", "load_results"]
+__all__ = ["markdown_table", "format_result", "section", "update_benchmarks", "load_results", "curve_table"]
 
 _HEADER = "| method | metric | claim | n | treatment | baseline | diff [95% CI] | verdict |"
 _RULE = "|---|---|---|---:|---:|---:|---|---|"
@@ -83,10 +83,29 @@ def format_result(result: BenchResult, *, heading: str = "###") -> str:
     if notes:
         parts += ["", "Notes:", *notes]
     if result.info:
-        parts += ["", *(f"- {k}: {_cell(v)}" for k, v in result.info.items())]
+        parts += ["", *(f"- {k}: {_cell(v)}" for k, v in result.info.items() if k != "curves")]
+    for c in (result.info or {}).get("curves") or []:
+        parts += ["", curve_table(c)]
     versions = ", ".join(f"{k} {v}" for k, v in result.versions.items() if v)
     parts += ["", f"_Run {result.date}, seed {result.seed}, {result.seconds:.1f} s; {versions}._"]
     return "\n".join(parts)
+
+
+def curve_table(c: dict[str, Any]) -> str:
+    """A recorded curve (`flowkit.gallery.curve`) as a markdown table: one row per x value,
+    one column per series ('-' where a series has no point there)."""
+    series = c.get("series") or {}
+    xs = sorted({x for v in series.values() for x in v.get("x", [])})
+    lines = [f"Curve: {_cell(c.get('title', ''))} (drawn in the gallery)", "",
+             "| " + " | ".join([_cell(c.get("x_label", "x")), *map(_cell, series)]) + " |",
+             "|" + "---:|" * (len(series) + 1)]
+    for x in xs:
+        cells = []
+        for v in series.values():
+            points = dict(zip(v.get("x", []), v.get("y", [])))
+            cells.append(_num(points[x]) if x in points else "-")
+        lines.append(f"| {x:g} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def _markers(name: str) -> tuple[str, str]:
@@ -102,11 +121,14 @@ def section(result: BenchResult) -> str:
 def load_results(results_dir: str | os.PathLike[str], names: Iterable[str] | None = None) -> list[BenchResult]:
     """The results in `results_dir`, one per experiment, sorted by name.
 
-    NAME.json (a full run) is preferred; NAME.quick.json is used only when there is no full run.
+    NAME.json (a full run) is preferred; NAME.quick.json is used only when there is no full run;
+    NAME.progress.json (the chunks of a bench still running or cut short) is not a result.
     """
     folder = Path(results_dir)
     chosen: dict[str, Path] = {}
     for path in sorted(folder.glob("*.json")):
+        if path.name.endswith(".progress.json"):  # a running (or cut short) bench's chunks, not results
+            continue
         quick = path.name.endswith(".quick.json")
         name = path.name[: -len(".quick.json")] if quick else path.stem
         if name not in chosen or not quick:

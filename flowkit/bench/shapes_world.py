@@ -6,7 +6,8 @@ i mod len(prompts) and the image seed `seed_for(bench.seed, i)` (the seed every 
 uses), so the arms of one experiment are paired sample by sample. Each record keeps the
 exact evaluator's metrics, the saturation of the pre-clamp output, the NFE, and the
 classifier features of the image and of a fresh render of the same caption (the
-reference of FSD), so the FSD of any subset can be recomputed from the cache.
+reference of FSD), so the FSD of any subset can be recomputed from the cache; an arm asked
+for rewards (`flowkit.rewards`) keeps each one's score as `reward_NAME`.
 
 The model: the shipped `shapes` model; `FLOWKIT_SHAPES_MODEL=/path` points the benches at
 another shapes model folder (a checkpoint exported with `flowkit train shapes
@@ -70,8 +71,10 @@ def shapes_arm(
     steps: int = 30,
     size: int = 32,
     grid: Any = None,
+    rewards: Sequence[str] = (),
 ) -> Callable[[list[int]], list[dict[str, Any]]]:
-    """The chunk function of one arm: indices -> one record per sample (see the module doc)."""
+    """The chunk function of one arm: indices -> one record per sample (see the module doc);
+    `rewards`: registered reward names scored on each image against its caption."""
     import flowkit
     from flowkit.metrics import features
     from flowkit.worlds import shapes as world
@@ -88,6 +91,7 @@ def shapes_arm(
         refs = [world.render_caption(cap, size, np.random.default_rng([seed, i, _REFERENCE_TAG]))[1]
                 for i, (_, cap) in zip(indices, chosen)]
         feats, ref_feats = features(x), features(np.stack(refs))
+        scores_by_reward = _reward_scores(pipe, x, [text for text, _ in chosen], rewards)
         records = []
         for j, (i, (text, cap)) in enumerate(zip(indices, chosen)):
             scores = evaluate(x[j], cap)
@@ -100,10 +104,25 @@ def shapes_arm(
                 "frac_out": sat["frac_out"], "mean_excess": sat["mean_excess"],
                 "rel_saturation": sat["rel_saturation"],
                 "features": feats[j].round(5).tolist(), "ref_features": ref_feats[j].round(5).tolist(),
+                **{f"reward_{name}": float(v[j]) for name, v in scores_by_reward.items()},
             })
         return records
 
     return run
+
+
+def _reward_scores(pipe: Any, x: Any, prompts: list[str], names: Sequence[str]) -> dict[str, Any]:
+    """Each named reward's scores [B] of the final states x (decoded with the family's to_pixels)."""
+    if not names:
+        return {}
+    import torch
+
+    from flowkit.adapters.base import adapt
+    from flowkit.rewards import build_reward
+
+    with torch.no_grad():
+        images = adapt(pipe).to_pixels(x)
+        return {name: build_reward(name)(images, prompts).float().cpu().numpy() for name in names}
 
 
 def metric_columns(records: Sequence[dict[str, Any]], metric: str) -> np.ndarray:

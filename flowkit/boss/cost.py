@@ -82,6 +82,9 @@ class Problem:
     generators: list[torch.Generator]
     device: torch.device = torch.device("cpu")
     encode: Callable | None = None
+    prompts: list[str] | None = None  # the rows' captions (modules that read them: GFCG, counting)
+    kit: Any = None  # the model's ModelKit (FRAP, counting, reward guidance, GFCG)
+    attention: Any = None  # the run's attention store (FRAP, counting's region masks)
     nfe: int = field(default=0)
 
     @property
@@ -95,7 +98,9 @@ class Problem:
 
         conds = {k: (Conditioning.cat([v] * repeat) if repeat > 1 else v) for k, v in self.conds.items()}
         ctx = Context(self.denoiser, self.stack, conds, list(self.generators) * repeat, len(ts) - 1,
-                      device=self.device, encode=self.encode)
+                      device=self.device, encode=self.encode, kit=self.kit,
+                      prompts=(list(self.prompts) * repeat if self.prompts else None))
+        ctx.attention = self.attention
         ctx.grid = ts
         rec = _Recorder()
         integrate(rec, ctx, x.to(self.device), ts)

@@ -160,16 +160,18 @@ def resolve_table(ref: str) -> BossTable:
 
 
 def find_table(fingerprint: str, shape: tuple[int, ...], cost_kind: str, *, auto: bool | None = None,
-               min_steps: int = 1) -> BossTable | None:
+               min_steps: int = 1, guidance: str | None = None) -> BossTable | None:
     """The table of this model, latent shape and cost kind whose fine grid has at least
-    `min_steps` steps: a tuned one from the cache (newest first), then a shipped one, then an
-    on-the-fly one from the cache (prompt set 'auto'). `auto` restricts the search to auto
-    (True) or tuned (False) tables."""
+    `min_steps` steps, tuned under `guidance` (the stack's spec; None: any): a tuned one from
+    the cache (newest first), then a shipped one, then an on-the-fly one from the cache
+    (prompt set 'auto'). `auto` restricts the search to auto (True) or tuned (False) tables.
+    The step sizes that are best depend on the guidance (CFG bends the trajectories), so a
+    table tuned without guidance is not taken for a guided run, nor the other way round."""
     shape = tuple(int(v) for v in shape)
 
     def fits(t: BossTable) -> bool:
         return (t.fingerprint == fingerprint and t.shape == shape and t.cost_kind == cost_kind
-                and t.k_max >= min_steps)
+                and t.k_max >= min_steps and (guidance is None or t.guidance == guidance))
 
     dims = "x".join(str(v) for v in shape)
     cached = []

@@ -77,17 +77,42 @@ def tune_table(problem: Problem, shape: Sequence[int], *, k_max: int, cost: str 
 
 
 def auto_problem(ctx: Any, samples: int) -> Problem:
-    """The on-the-fly tuning problem of a run: its denoiser, no guidance, `samples` rows of
-    AUTO_PROMPTS (cycled) encoded with the run's encoder, generators from TUNE_SEED.
-    Without an encoder (analytic denoisers), the run's first conditional row is repeated."""
+    """The on-the-fly tuning problem of a run: its denoiser under the run's own guidance stack
+    (the best step sizes depend on it: CFG bends the trajectories), `samples` rows of
+    AUTO_PROMPTS (cycled) encoded with the run's encoder (the unconditional branch: the empty
+    prompt), generators from TUNE_SEED. Without an encoder (analytic denoisers), the run's
+    first row of each branch is repeated. The run's model kit and attention store come along
+    (FRAP, counting, reward guidance and GFCG read them); a module that refuses the tuning
+    prompts (GFCG on a caption outside its classes, say) is left out of the tuning, with a
+    line in the run's log."""
     from flowkit.conditioning import Conditioning
+    from flowkit.context import Context
     from flowkit.guidance_base import GuidanceStack
 
+    def repeat(c: Conditioning) -> Conditioning:
+        first = c.select([0])
+        return Conditioning.cat([first] * samples) if samples > 1 else first
+
+    conds: dict[str, Conditioning] = {}
+    prompts: list[str] | None = None
     if ctx.encode is not None:
         prompts = [AUTO_PROMPTS[i % len(AUTO_PROMPTS)] for i in range(samples)]
-        cond = ctx.encode(prompts)
+        conds["cond"] = ctx.encode(prompts)
+        if "uncond" in ctx.conds:
+            conds["uncond"] = ctx.encode([""] * samples)
     else:
-        first = ctx.conds["cond"].select([0])
-        cond = Conditioning.cat([first] * samples) if samples > 1 else first
-    return Problem(ctx.denoiser, GuidanceStack([]), {"cond": cond}, generators_for(TUNE_SEED, range(samples)),
-                   ctx.device, ctx.encode)
+        conds = {k: repeat(v) for k, v in ctx.conds.items()}
+        prompts = [ctx.prompts[0]] * samples if ctx.prompts else None
+    generators = generators_for(TUNE_SEED, range(samples))
+    probe = Context(ctx.denoiser, ctx.stack, conds, generators, ctx.num_steps, device=ctx.device,
+                    encode=ctx.encode, prompts=prompts, kit=ctx.kit)
+    probe.attention = ctx.attention
+    kept = []
+    for m in ctx.stack.modules:
+        reason = m.refuse(probe)
+        if reason:
+            ctx.log.append(f"boss: tuning without {m.name} ({reason})")
+        else:
+            kept.append(m)
+    return Problem(ctx.denoiser, GuidanceStack(kept), conds, generators, ctx.device, ctx.encode,
+                   prompts=prompts, kit=ctx.kit, attention=ctx.attention)

@@ -7,7 +7,7 @@ import json
 
 __all__ = ["add_parser", "cmd_list", "LIST_KINDS"]
 
-LIST_KINDS = ("samplers", "guidance", "models", "experiments")
+LIST_KINDS = ("samplers", "guidance", "rewards", "models", "experiments")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -41,7 +41,17 @@ def _describe(kind: str) -> dict[str, str]:
     if kind == "guidance":
         from flowkit.registry import GUIDANCE
 
-        return GUIDANCE.describe()
+        table = GUIDANCE.describe()
+        # a module that runs others (`diffusers:name=...`) lists each with its options and defaults
+        for _, cls in GUIDANCE.items():
+            variants = getattr(cls, "variants", None)
+            if callable(variants):
+                table.update(variants())
+        return table
+    if kind == "rewards":
+        from flowkit.registry import REWARDS
+
+        return REWARDS.describe()
     if kind == "models":
         from flowkit.loading import BUILTIN_MODELS
 

@@ -17,8 +17,10 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add `train` to the `flowkit` subcommands."""
     t = sub.add_parser("train", help="train one of the small models",
                        description="Train a target, resuming from OUT/latest.pt unless --no-resume.")
-    t.add_argument("target", metavar="TARGET")
-    t.add_argument("--out", default=None, metavar="DIR", help="checkpoint folder (default checkpoints/TARGET)")
+    t.add_argument("target", metavar="TARGET", help="a target name, or name:key=value,... for a target with options "
+                   "(alignprop:reward=count,truncation=fixed,k=2)")
+    t.add_argument("--out", default=None, metavar="DIR",
+                   help="checkpoint folder (default checkpoints/TARGET, options included as a slug)")
     t.add_argument("--steps", type=int, default=None, help="total steps (the target's curriculum follows)")
     t.add_argument("--batch-size", type=int, default=None)
     t.add_argument("--lr", type=float, default=None)
@@ -64,7 +66,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = dataclasses.replace(cfg, **overrides)
     if "steps" in overrides and hasattr(task, "total_steps"):
         task.total_steps = cfg.steps  # the target's curriculum is laid out over the whole run
-    out = Path(args.out if args.out is not None else Path("checkpoints") / args.target)
+    if args.out is not None:
+        out = Path(args.out)
+    else:
+        from flowkit.storage import slug
+
+        out = Path("checkpoints") / (args.target if ":" not in args.target else slug(args.target, 120))
     if args.export_only:
         from flowkit.train.loop import export_checkpoint
 

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from flowkit.registry import TRAIN_TARGETS
-from flowkit.train.loop import TrainConfig, TrainTarget
+from flowkit.train.loop import TrainConfig, TrainTarget, merged_copy
 
 __all__ = ["BossTask"]
 
@@ -108,7 +108,7 @@ class BossTask:
         from flowkit.loading import save_shapes
         from flowkit.paths.linear import LinearPath
 
-        merged = _merged(model)
+        merged = merged_copy(model)
         folder = Path(out_dir) / "export"
         files = save_shapes(merged, folder)
         d = self.data()
@@ -119,28 +119,6 @@ class BossTask:
                           f"{self.steps} steps").choose([self.steps])
         files.append(table.save(folder / "boss.json"))
         return files
-
-
-def _merged(model: nn.Module) -> nn.Module:
-    """A plain copy of `model` with any LoRA adapters merged into its weights."""
-    import copy
-
-    from diffusers import UNet2DConditionModel
-
-    m = copy.deepcopy(model).eval()
-    try:
-        from peft.tuners.tuners_utils import BaseTunerLayer
-    except ImportError:  # no peft: no adapters either
-        return m
-    if not any(isinstance(mod, BaseTunerLayer) for mod in m.modules()):
-        return m
-    for mod in m.modules():
-        if isinstance(mod, BaseTunerLayer):
-            mod.merge()
-    state = {k.replace(".base_layer", ""): v for k, v in m.state_dict().items() if "lora_" not in k}
-    plain = UNet2DConditionModel.from_config(m.config)
-    plain.load_state_dict(state, strict=True)
-    return plain.eval()
 
 
 def _boss_target() -> tuple[Any, TrainConfig]:

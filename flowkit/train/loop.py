@@ -3,6 +3,10 @@
 Each step draws its data from generators seeded by (seed, step), so a run resumed from a
 checkpoint reproduces the uninterrupted run exactly. Checkpoints (model, EMA, optimizer,
 step) are written atomically to `out_dir/latest.pt`; a JSONL log records every step's loss.
+
+A task that brings its own loop (the AlignProp fine-tune runs `flowkit.finetune`, a library
+function below this layer) defines `run(cfg, out_dir, *, resume, progress) -> losses` and
+`export_saved(out_dir) -> files`; `train` and `export_checkpoint` hand over to them.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from torch import nn
 
 from flowkit.errors import InputError
 
-__all__ = ["TrainConfig", "TrainTarget", "TrainTask", "step_generators", "train", "export_checkpoint"]
+__all__ = ["TrainConfig", "TrainTarget", "TrainTask", "step_generators", "train", "export_checkpoint", "merged_copy"]
 
 log = logging.getLogger(__name__)
 
@@ -45,11 +49,14 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class TrainTarget:
-    """A registered training target: `make()` builds (task, default config)."""
+    """A registered training target: `make()` builds (task, default config). A target with
+    `options` (a class whose constructor's keyword options a spec may set, as in
+    `flowkit train alignprop:reward=count,k=2`) is built with `make(**options)`."""
 
     name: str
     description: str
-    make: Callable[[], tuple[Any, "TrainConfig"]]
+    make: Callable[..., tuple[Any, "TrainConfig"]]
+    options: type | None = None
 
 
 class TrainTask(Protocol):
@@ -77,6 +84,8 @@ def _lr_at(cfg: TrainConfig, step: int) -> float:
 def export_checkpoint(task: TrainTask, out_dir: str | os.PathLike) -> list[Path]:
     """Export the EMA weights of `out_dir/latest.pt` (say, of a run still in progress)."""
     out = Path(out_dir)
+    if hasattr(task, "export_saved"):
+        return task.export_saved(out)
     ckpt_path = out / "latest.pt"
     if not ckpt_path.is_file():
         raise InputError(f"no checkpoint {ckpt_path} to export; train first")
@@ -103,8 +112,10 @@ def train(task: TrainTask, cfg: TrainConfig, out_dir: str | os.PathLike, *, resu
           progress: bool = True, on_step: Callable[[int, float], None] | None = None) -> list[float]:
     """Train `task` to `cfg.steps`, resuming from `out_dir/latest.pt` if present.
 
-    Returns the losses of the steps run in this call.
+    Returns the losses of the steps run in this call. A task with its own loop (`run`) runs it.
     """
+    if hasattr(task, "run"):
+        return task.run(cfg, out_dir, resume=resume, progress=progress)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if cfg.threads:
@@ -170,3 +181,26 @@ def train(task: TrainTask, cfg: TrainConfig, out_dir: str | os.PathLike, *, resu
         task.export(ema.cpu(), out)
         (out / "exported").write_text(str(cfg.steps))
     return losses
+
+
+def merged_copy(model: nn.Module) -> nn.Module:
+    """A plain copy of a UNet `model` with its active LoRA adapters merged into its weights (what
+    an export writes)."""
+    import copy
+
+    from diffusers import UNet2DConditionModel
+
+    m = copy.deepcopy(model).eval()
+    try:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+    except ImportError:  # no peft: no adapters either
+        return m
+    if not any(isinstance(mod, BaseTunerLayer) for mod in m.modules()):
+        return m
+    for mod in m.modules():
+        if isinstance(mod, BaseTunerLayer):
+            mod.merge()
+    state = {k.replace(".base_layer", ""): v for k, v in m.state_dict().items() if "lora_" not in k}
+    plain = UNet2DConditionModel.from_config(m.config)
+    plain.load_state_dict(state, strict=True)
+    return plain.eval()

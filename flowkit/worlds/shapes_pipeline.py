@@ -2,7 +2,8 @@
 
 A regular diffusers `DiffusionPipeline` (unet, text_encoder, tokenizer, scheduler) with a
 plain Euler + classifier-free-guidance loop in `__call__`, so it behaves like any diffusers
-pipeline and `FlowKitPipeline` can wrap it. Velocity prediction on the linear path
+pipeline and `FlowKitPipeline` can wrap it. It takes diffusers' SD LoRA loader
+(`load_lora_weights`, `save_lora_weights`) for its UNet, as SD pipelines do. Velocity prediction on the linear path
 (x_t = (1 - t) x0 + t noise, v = noise - x0), model timestep 1000 t.
 """
 
@@ -17,6 +18,7 @@ from diffusers import (
     FlowMatchEulerDiscreteScheduler,
     UNet2DConditionModel,
 )
+from diffusers.loaders import StableDiffusionLoraLoaderMixin
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 
@@ -46,7 +48,7 @@ def shapes_scheduler() -> FlowMatchEulerDiscreteScheduler:
     return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
 
 
-class ShapesPipeline(DiffusionPipeline):
+class ShapesPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
     """Text-to-image pipeline of the shapes world (pixel space, 32 px native)."""
 
     model_cpu_offload_seq = "text_encoder->unet"

@@ -1,0 +1,224 @@
+"""Perturbed branches (flowkit.perturbation) through DiffusersGuider, against diffusers itself.
+
+- PAG through flowkit on tiny SD and SDXL reproduces StableDiffusionPAGPipeline /
+  StableDiffusionXLPAGPipeline latents (control: another perturbed layer misses by far);
+- SLG on tiny SD3 (3 blocks): FlowKitPipeline with the pipeline's own `skip_guidance_layers`
+  keywords reproduces StableDiffusion3Pipeline (controls: another skipped layer; the guider's
+  stop not rounded to the pipeline's step rule);
+- each perturbed branch (PAG, SEG, SLG, AutoGuidance) equals the network run under diffusers'
+  own hooks (`prepare_models`) on the same input, on a UNet and on SD3's transformer;
+- the perturbed branch runs in a forward of its own: a spy on the attention calls sees the
+  perturbation only in a forward of that branch's rows, and the other branches' predictions
+  equal those of a run without it (mutant: the perturbation applied to the batched forward);
+- NFE per branch as predicted.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import tiny_pipes as tp
+from diffusers import guiders
+from diffusers.hooks import LayerSkipConfig
+from flowkit.guidance import DiffusersGuider
+
+import flowkit
+from flowkit.attention.control import AttentionController
+from flowkit.pipelines import FlowKitPipeline
+
+one_thread = tp.one_thread
+MID = "mid_block.attentions.0.transformer_blocks"
+UP = "up_blocks.0.attentions.0.transformer_blocks"
+STEPS, SCALE, PAG_SCALE = 4, 5.0, 3.0
+
+
+def pag(fqn):
+    # the PAG pipelines perturb every step; diffusers' guider window for the perturbed condition is
+    # start * N < step (exclusive), so every step is start = -1
+    return DiffusersGuider(guiders.PerturbedAttentionGuidance(
+        guidance_scale=SCALE, perturbed_guidance_scale=PAG_SCALE, perturbed_guidance_start=-1.0,
+        perturbed_guidance_stop=1.0, perturbed_guidance_config=LayerSkipConfig(
+            indices=[0], fqn=fqn, skip_attention=False, skip_attention_scores=True, skip_ff=False)))
+
+
+@pytest.mark.parametrize("name", ["sd", "sdxl"])
+def test_pag_reproduces_the_diffusers_pag_pipeline(name):
+    from diffusers import StableDiffusionPAGPipeline, StableDiffusionXLPAGPipeline
+
+    pipe = tp.cached(name)
+    cls = StableDiffusionPAGPipeline if name == "sd" else StableDiffusionXLPAGPipeline
+    ref_pipe = cls(**pipe.components, pag_applied_layers=["mid"])
+    ref_pipe.set_progress_bar_config(disable=True)
+    kw = dict(num_inference_steps=STEPS, guidance_scale=SCALE, output_type="latent", **tp.SIZE)
+    ref = ref_pipe(tp.PROMPTS, pag_scale=PAG_SCALE, generator=torch.Generator().manual_seed(3), **kw).images
+
+    def ours(fqn):
+        fk = FlowKitPipeline.from_pipe(pipe, guidance=[pag(fqn)])
+        out = fk(tp.PROMPTS, generator=torch.Generator().manual_seed(3), **kw).images
+        return out, fk.stats
+
+    out, stats = ours(MID)
+    assert tp.rel_err(out, ref) < tp.TOL
+    assert stats.nfe == [3 * STEPS] * 2
+    assert all(r.branches == {"cond": 2, "uncond": 2, "cond_skip": 2} for r in stats.steps)
+    assert tp.rel_err(ours(UP)[0], ref) > 10 * tp.TOL  # control: another perturbed layer
+
+
+def test_slg_through_the_dropin_reproduces_sd3_skip_guidance_layers():
+    pipe = tp.cached("sd3-3layers")
+    kw = dict(num_inference_steps=5, guidance_scale=4.0, skip_layer_guidance_scale=2.5,
+              skip_layer_guidance_start=0.01, skip_layer_guidance_stop=0.7, output_type="latent", **tp.SIZE)
+
+    def run(caller, layers=(1,), **over):
+        args = {**kw, "skip_guidance_layers": list(layers), **over}
+        return caller(tp.PROMPTS, generator=torch.Generator().manual_seed(4), **args).images
+
+    ref = run(pipe)
+    fk = FlowKitPipeline.from_pipe(pipe)
+    assert tp.rel_err(run(fk), ref) < tp.TOL
+    # the pipeline skips at steps i with 5 * 0.01 < i < 5 * 0.7: steps 1, 2, 3
+    assert [sorted(r.branches) for r in fk.stats.steps] == [["cond", "uncond"]] + \
+        [["cond", "cond_skip", "uncond"]] * 3 + [["cond", "uncond"]]
+    assert fk.stats.nfe == [5 * 2 + 3] * 2
+    assert tp.rel_err(run(fk, layers=(0,)), ref) > 10 * tp.TOL  # control: another skipped layer
+    plain = FlowKitPipeline.from_pipe(pipe, guidance=[DiffusersGuider(guiders.SkipLayerGuidance(
+        guidance_scale=4.0, skip_layer_guidance_scale=2.5, skip_layer_guidance_start=0.01,
+        skip_layer_guidance_stop=0.7, skip_layer_guidance_layers=[1]))])
+    assert tp.rel_err(run(plain, skip_guidance_layers=None), ref) > 10 * tp.TOL  # control: stop not rounded
+    with pytest.raises(flowkit.errors.UnsupportedError, match="skip_guidance_layers"):
+        run(plain)
+
+
+def _first_branch(pipe, module, branch, monkeypatch):
+    """flowkit's prediction of `branch` at the first step that evaluates it, with the state, time and conditioning it was made at."""
+    seen = {}
+    real = DiffusersGuider.combine
+
+    def spy(self, ctx, preds):
+        if branch in preds and not seen:
+            seen.update(x=ctx.x.clone(), t=ctx.t.clone(), cond=ctx.conds["uncond" if branch.startswith("uncond")
+                                                                            else "cond"],
+                        value=preds[branch].value.clone(), denoiser=ctx.denoiser)
+        return real(self, ctx, preds)
+
+    monkeypatch.setattr(DiffusersGuider, "combine", spy)
+    flowkit.sample(pipe, ["a red circle", "two blue squares"], guidance=[module], steps=3, seed=5,
+                   output_type="latent", height=32, width=32)
+    monkeypatch.undo()
+    assert seen, f"no step evaluated branch {branch}"
+    return seen
+
+
+def _diffusers_hooks(g, network):
+    """The guider's own hooks on `network` for its perturbed condition, as a modular pipeline
+    applies them for that batch (`prepare_models` of its last condition); returns the cleanup."""
+    from diffusers.hooks import HookRegistry
+    from diffusers.hooks.smoothed_energy_guidance_utils import _apply_smoothed_energy_guidance_hook
+
+    g.set_state(1, 2, torch.tensor(500.0))
+    if isinstance(g, guiders.SmoothedEnergyGuidance):  # its prepare_models never counts itself up
+        for name, config in zip(g._seg_layer_hook_names, g.seg_guidance_config):
+            _apply_smoothed_energy_guidance_hook(network, config, g.seg_blur_sigma, name=name)
+        names = g._seg_layer_hook_names
+    else:
+        g._count_prepared = 1 if isinstance(g, guiders.AutoGuidance) else 2  # the perturbed batch is next
+        g.prepare_models(network)
+        names = getattr(g, "_auto_guidance_hook_names", None) or g._skip_layer_hook_names
+
+    def cleanup():
+        registry = HookRegistry.check_if_exists_or_initialize(network)
+        for name in names:
+            registry.remove_hook(name, recurse=True)
+
+    return cleanup
+
+
+HOOK_CASES = {
+    # (diffusers' PAG guider cannot hook SD3's joint attention, whose processor its registry lacks)
+    "pag-unet": ("sd", lambda: guiders.PerturbedAttentionGuidance(
+        guidance_scale=3.0, perturbed_guidance_scale=2.0, perturbed_guidance_start=-1.0,
+        perturbed_guidance_stop=1.0, perturbed_guidance_config={"indices": [0], "fqn": UP}), "cond_skip"),
+    # (diffusers' `*_layers=[i]` builds configs with an int index its hooks cannot iterate: give configs)
+    "seg-sd3": ("sd3-3layers", lambda: guiders.SmoothedEnergyGuidance(
+        guidance_scale=3.0, seg_guidance_scale=2.0, seg_blur_sigma=1.5,
+        seg_guidance_config={"indices": [1], "fqn": "auto"}), "cond_seg"),
+    "seg-unet": ("sd", lambda: guiders.SmoothedEnergyGuidance(
+        guidance_scale=3.0, seg_guidance_scale=2.0, seg_blur_sigma=1.5,
+        seg_guidance_config={"indices": [0], "fqn": MID}), "cond_seg"),
+    "slg-unet": ("sd", lambda: guiders.SkipLayerGuidance(
+        guidance_scale=3.0, skip_layer_guidance_start=0.0, skip_layer_guidance_stop=1.0, skip_layer_config={"indices": [0], "fqn": MID}),
+        "cond_skip"),
+    # (on SD3, diffusers' block-skip hook returns (hidden, encoder) where the joint block returns
+    # (encoder, hidden); flowkit follows the block's order, as the SD3 pipeline's skip_layers does)
+    "auto-unet": ("sd", lambda: guiders.AutoGuidance(
+        guidance_scale=3.0, auto_guidance_config={"indices": [0], "fqn": UP}), "uncond_perturbed"),
+}
+
+
+@pytest.mark.parametrize("case", list(HOOK_CASES))
+def test_a_perturbed_branch_equals_the_network_under_diffusers_own_hooks(case, monkeypatch):
+    pipe_name, make, branch = HOOK_CASES[case]
+    pipe = tp.cached(pipe_name)
+    module = DiffusersGuider(make())
+    seen = _first_branch(pipe, module, branch, monkeypatch)
+    den = seen["denoiser"]
+    network = den.network
+    cleanup = _diffusers_hooks(make(), network)
+    try:
+        with torch.no_grad():
+            ref = den(seen["x"], seen["t"], seen["cond"]).value
+    finally:
+        cleanup()
+    with torch.no_grad():
+        plain = den(seen["x"], seen["t"], seen["cond"]).value
+    scale = float(ref.std())
+    assert float((seen["value"] - ref).abs().max()) / scale < 1e-5
+    assert float((plain - ref).abs().max()) / scale > 1e-3  # the perturbation changes the prediction
+
+
+def test_the_perturbed_branch_runs_alone_and_leaves_the_other_rows_unchanged(monkeypatch):
+    """Spy on the attention calls: the perturbation is active only in forwards whose rows are
+    the perturbed branch's; cond and uncond at step 0 equal those of plain CFG bit for bit."""
+    pipe = flowkit.load("tiny")
+    calls = []
+    real_attend = AttentionController.attend
+
+    def attend(self, layer, q, k, v, mask, cross):
+        scope = self.store.scope
+        calls.append((layer, [b for b, _ in scope.layout], scope.perturbation is not None, q.shape[0]))
+        return real_attend(self, layer, q, k, v, mask, cross)
+
+    monkeypatch.setattr(AttentionController, "attend", attend)
+    spec = (f'diffusers:name=PerturbedAttentionGuidance,guidance_scale=3,perturbed_guidance_scale=2,'
+            f'perturbed_guidance_start=-1,perturbed_guidance_stop=1,perturbed_guidance_config=\'{{"indices": [0], "fqn": "{MID}"}}\'')
+    seen = {}
+
+    real = DiffusersGuider.combine
+
+    def spy(self, ctx, preds):
+        if ctx.step == 0:
+            seen.update({k: preds[k].value.clone() for k in preds})
+        return real(self, ctx, preds)
+
+    monkeypatch.setattr(DiffusersGuider, "combine", spy)
+    out = flowkit.sample(pipe, ["a red circle", "two blue squares"], guidance=spec, steps=2, seed=2,
+                         output_type="latent")
+    perturbed = [c for c in calls if c[2]]
+    assert perturbed and all(c[1] == ["cond_skip"] and c[3] == 2 for c in perturbed)
+    assert all(c[1] == ["cond", "uncond"] and c[3] == 4 for c in calls if not c[2])
+    assert out.stats.attention["identity"] == 2  # one self-attention layer, once per step
+    cfg = {}
+
+    def spy_cfg(self, ctx, preds):
+        if ctx.step == 0:
+            cfg.update({k: preds[k].value.clone() for k in preds})
+        return preds["cond"].replace(preds["uncond"].value + 3 * (preds["cond"].value - preds["uncond"].value))
+
+    from flowkit.guidance import CFG
+
+    monkeypatch.setattr(CFG, "combine", spy_cfg)
+    flowkit.sample(pipe, ["a red circle", "two blue squares"], guidance="cfg:scale=3", steps=2, seed=2,
+                   output_type="latent")
+    for k in ("cond", "uncond"):
+        assert torch.equal(seen[k], cfg[k]), k
+    assert float((seen["cond_skip"] - seen["cond"]).abs().max()) > 1e-4
