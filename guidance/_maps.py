@@ -27,9 +27,7 @@ __all__ = ["named_layers", "layer_maps", "normalize_maps", "smooth", "prompt_gro
 def named_layers(store: Any, patterns: Sequence[str]) -> list[str]:
     """The capturable layer names that `patterns` (exact names or globs, as `layers=` takes
     them) match: maps are stored under names, so a module reads them by these."""
-    from flowkit.attention.store import resolve_layers
-
-    return resolve_layers(patterns, store.layers)
+    return store.resolve(patterns)
 
 
 def layer_maps(store: Any, layers: Sequence[str], step: int, branch: str, batch: int) -> Tensor:

@@ -141,6 +141,10 @@ class AttentionStore:
         self.perturber: Callable[["Perturbation"], ContextManager[Any]] | None = None
 
     # -- requests ----------------------------------------------------------------------
+    def resolve(self, layers: str | Iterable[str]) -> list[str]:
+        """The capturable layer names that `layers` (names or globs) match, in model order."""
+        return resolve_layers(layers, self.layers)
+
     def request(self, layers: str | Iterable[str], steps: int | Iterable[int] | None = None, *,
                 heads: str = "mean", branches: Iterable[str] | None = None) -> list[str]:
         """Capture `layers` (names or globs) at global `steps` (None: every step); returns the names.
