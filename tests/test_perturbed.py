@@ -23,7 +23,7 @@ from diffusers.hooks import LayerSkipConfig
 from flowkit.guidance import DiffusersGuider
 
 import flowkit
-from flowkit.attention.control import AttentionController
+from flowkit.attention.processors import FlowKitProcessor
 from flowkit.pipelines import FlowKitPipeline
 
 one_thread = tp.one_thread
@@ -181,14 +181,14 @@ def test_the_perturbed_branch_runs_alone_and_leaves_the_other_rows_unchanged(mon
     the perturbed branch's; cond and uncond at step 0 equal those of plain CFG bit for bit."""
     pipe = flowkit.load("tiny")
     calls = []
-    real_attend = AttentionController.attend
+    real_attend = FlowKitProcessor.attend
 
-    def attend(self, layer, q, k, v, mask, cross):
-        scope = self.store.scope
-        calls.append((layer, [b for b, _ in scope.layout], scope.perturbation is not None, q.shape[0]))
-        return real_attend(self, layer, q, k, v, mask, cross)
+    def attend(self, q, k, v, mask=None, cross=None):
+        scope = self.controller.store.scope
+        calls.append((self.layer, [b for b, _ in scope.layout], scope.perturbation is not None, q.shape[0]))
+        return real_attend(self, q, k, v, mask, cross)
 
-    monkeypatch.setattr(AttentionController, "attend", attend)
+    monkeypatch.setattr(FlowKitProcessor, "attend", attend)
     spec = (f'diffusers:name=PerturbedAttentionGuidance,guidance_scale=3,perturbed_guidance_scale=2,'
             f'perturbed_guidance_start=-1,perturbed_guidance_stop=1,perturbed_guidance_config=\'{{"indices": [0], "fqn": "{MID}"}}\'')
     seen = {}
