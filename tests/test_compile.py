@@ -74,9 +74,9 @@ def net_name(pipe) -> str:
     return "unet" if hasattr(pipe, "unet") else "transformer"
 
 
-def run(pipe, guidance, **kw):
+def run(pipe, guidance, steps=2, **kw):
     size = {} if type(pipe).__name__ == "ShapesPipeline" else SIZE  # the shapes model: its own 32 px
-    return flowkit.sample(pipe, PROMPTS, steps=3, guidance=guidance, generators=gens(), output_type="latent",
+    return flowkit.sample(pipe, PROMPTS, steps=steps, guidance=guidance, generators=gens(), output_type="latent",
                           **size, **kw)
 
 
@@ -117,8 +117,9 @@ def explain_network(family: str, net) -> object:
 def test_fullgraph_compiled_denoiser_no_break_no_recompile_same_latents(family):
     """flowkit's processors trace as one graph (explain: 0 breaks; before issue 19 a ContextVar
     read in each attention call broke the graph once per call); `pipe.unet = torch.compile(...,
-    fullgraph=True)` then runs two flowkit runs with different guidance stacks on one graph: 3
-    steps of CFG, then 3 steps of APG under dynamo's "fail_on_recompile" stance. The compiled
+    fullgraph=True)` then runs two flowkit runs with different guidance stacks on one graph: 2
+    steps of CFG, then 2 steps of APG under dynamo's "fail_on_recompile" stance (the "eager"
+    backend: dynamo's tracing and guards are what is checked; aot_eager and inductor below). The compiled
     latents equal the eager ones, and the attention calls are counted as in eager mode."""
     pipe = pipeline(family)
     name = net_name(pipe)
@@ -132,10 +133,10 @@ def test_fullgraph_compiled_denoiser_no_break_no_recompile_same_latents(family):
     assert ex.graph_break_count == 0 and ex.graph_count == 1, ex.break_reasons[:1]
     reset()
 
-    setattr(pipe, name, torch.compile(net, fullgraph=True, backend="aot_eager"))  # as a diffusers user does
+    setattr(pipe, name, torch.compile(net, fullgraph=True, backend="eager"))  # as a diffusers user does
     try:
         cfg = run(pipe, [CFG(scale=3.0)])
-        assert graphs() == 1 and graph_breaks() == 0  # three steps (batched CFG forwards): one graph
+        assert graphs() == 1 and graph_breaks() == 0  # two steps (batched CFG forwards): one graph
         with torch.compiler.set_stance("fail_on_recompile"):  # a recompile would raise
             apg = run(pipe, [APG(scale=5.0)])
         assert graphs() == 1
@@ -164,7 +165,7 @@ def test_compiled_runs_count_and_run_the_chosen_kernel(monkeypatch):
     n = len(net.attn_processors)
     eager = {k: run(pipe, [CFG(scale=3.0)], attention=k) for k in ("sdpa", "broken")}
     pipe.unet = torch.compile(net, fullgraph=True, backend="eager")
-    for k in ("sdpa-math", "broken", "reference"):
+    for k in ("broken", "reference"):
         out = run(pipe, [CFG(scale=3.0)], attention=k)
         assert out.stats.attention == {k: out.stats.forward_calls * n}
         if k == "broken":
@@ -205,17 +206,17 @@ def test_capture_steps_run_eagerly_and_the_others_compiled():
     n = len(net.attn_processors)
     spy = EagerCalls(net)
     grab_eager = Capture(LAYERS, steps=[1])
-    eager = run(pipe, [CFG(scale=3.0), grab_eager])
+    eager = run(pipe, [CFG(scale=3.0), grab_eager], steps=3)
     assert spy.n == 3 * n  # negative control: uncompiled, every call is Python
     spy.n = 0
     pipe.unet = torch.compile(net, fullgraph=True, backend="eager")
     try:
         grab = Capture(LAYERS, steps=[1])
-        out = run(pipe, [CFG(scale=3.0), grab])
+        out = run(pipe, [CFG(scale=3.0), grab], steps=3)
         assert spy.n == n  # the capture step's forward only
         assert graphs() == 1 and graph_breaks() == 0
         with torch.compiler.set_stance("fail_on_recompile"):
-            again = run(pipe, [CFG(scale=3.0), Capture(LAYERS, steps=[0, 2])])
+            again = run(pipe, [CFG(scale=3.0), Capture(LAYERS, steps=[0, 2])], steps=3)
         assert spy.n == 3 * n  # two more capture steps, eager
     finally:
         pipe.unet = net
