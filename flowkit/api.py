@@ -12,6 +12,7 @@ from torch import Tensor
 from flowkit import limits as L
 from flowkit.adapters.base import adapt
 from flowkit.context import Context
+from flowkit.denoiser import compile_options
 from flowkit.errors import InputError, SpecError
 from flowkit.guidance_base import Guidance, GuidanceStack
 from flowkit.registry import GUIDANCE, SAMPLERS
@@ -103,6 +104,7 @@ def sample(
     check_every: int = 4,
     attention: str | None = None,
     reward: Any = None,
+    compile: bool | str | dict = False,
 ) -> SampleOutput:
     """Sample images for `prompts` with a registered sampler and a guidance stack.
 
@@ -112,6 +114,10 @@ def sample(
     sequence length of a sequence model (the same as height=1, width=length).
     `attention`: the attention kernel of this run (see flowkit.attention; None: the active one).
     `reward`: the reward of a sampler that scores one (rbf, bon, smc; see `with_reward`).
+    `compile`: run the network under `torch.compile(..., fullgraph=True)` (True; a mode name
+    such as "max-autotune"; or a dict of torch.compile keywords); the compiled network is kept
+    for later calls, and `stats.compile_seconds` is the first call's compile time. A network
+    the pipeline already holds compiled runs as it is.
 
     Gradients: `grad=True` keeps the autograd graph through the whole run (the latents and
     images can be differentiated, e.g. with respect to LoRA weights); `grad_steps=K` keeps it
@@ -129,6 +135,7 @@ def sample(
         from flowkit.attention import check_kernel
 
         check_kernel(attention)
+    compile_options(compile)
     # every argument checked before any work, against the limits of every surface (flowkit.limits)
     prompt_list = L.check_texts("prompts", prompts)
     L.check_int("steps", steps, 1, L.MAX_STEPS)
@@ -183,7 +190,7 @@ def sample(
                                         grid=TimeGrid.parse(grid) if grid is not None else None, height=h, width=w,
                                         generators=generators, callback=callback, check_every=check_every,
                                         progress=progress, attention=attention, prompts=prompt_list,
-                                        grad_steps=grad_steps, checkpoint=bool(checkpoint))
+                                        grad_steps=grad_steps, checkpoint=bool(checkpoint), compile=compile)
         images = adapter.decode(x, output_type)
     return SampleOutput(images=images, latents=x, stats=stats, seeds=seeds, prompts=prompt_list)
 
@@ -250,12 +257,13 @@ def sample_from_noise(adapter: Any, conds: dict, noise: Tensor, *, sampler: Samp
                       progress: bool = False, sigmas: Sequence[float] | None = None, mu: float | None = None,
                       step_generator: Any = None, attention: str | None = None,
                       prompts: Sequence[str] | None = None, grad_steps: int | None = None,
-                      checkpoint: bool = False) -> tuple[Tensor, Stats, Context]:
+                      checkpoint: bool = False, compile: Any = False) -> tuple[Tensor, Stats, Context]:
     """Sample from unit `noise` [B, *latent] with an adapter's denoiser; the run both surfaces
     (`flowkit.sample`, `FlowKitPipeline`) share. The run is set up by `run_context` (see it for
     the grid, sigmas, mu, step_generator and prompts); `attention`: the run's attention kernel
-    (None: the active one), its attention-map store is `ctx.attention`; `grad_steps` and
-    `checkpoint`: see `flowkit.sample`. Returns (final flow-frame state, stats, context).
+    (None: the active one), its attention-map store is `ctx.attention`; `grad_steps`,
+    `checkpoint` and `compile`: see `flowkit.sample`. Returns (final flow-frame state, stats,
+    context).
     """
     ctx, plan = run_context(adapter, conds, sampler=sampler, stack=stack, steps=steps, grid=grid, height=height,
                             width=width, generators=generators, sigmas=sigmas, mu=mu, step_generator=step_generator,
@@ -264,12 +272,19 @@ def sample_from_noise(adapter: Any, conds: dict, noise: Tensor, *, sampler: Samp
     den.pin_timesteps(plan.ts[:-1] if plan.timesteps is not None else None, plan.timesteps)
     from flowkit.attention import checkpoint_contexts, session
 
-    network = getattr(den, "network", None)
+    options = compile_options(compile)
+    if options is not None and not hasattr(den, "compiled"):
+        from flowkit.errors import UnsupportedError
+
+        raise UnsupportedError(f"compile=: {type(den).__name__} runs no torch network to compile; leave compile off")
+    compiled = den.compiled(options) if options is not None else contextlib.nullcontext()
     try:
-        with session(network, attention) as ctx.attention:
-            den.checkpoint = checkpoint_contexts(network, ctx.attention) if checkpoint else None
-            x, stats = integrate(sampler, ctx, noise, plan.ts, callback=callback, check_every=check_every,
-                                 progress=progress, grad_steps=grad_steps)
+        with compiled:
+            network = getattr(den, "network", None)
+            with session(network, attention) as ctx.attention:
+                den.checkpoint = checkpoint_contexts(network, ctx.attention) if checkpoint else None
+                x, stats = integrate(sampler, ctx, noise, plan.ts, callback=callback, check_every=check_every,
+                                     progress=progress, grad_steps=grad_steps)
         stats.attention = dict(ctx.attention.counts)
     finally:
         den.pin_timesteps(None, None)

@@ -9,24 +9,85 @@ A run on a diffusers scheduler's grid *pins* the scheduler's own timesteps to it
 times (`pin_timesteps`), so the network is fed exactly what the pipeline would feed it
 (e.g. Euler's fractional "linspace" indices, which the path's log-sigma interpolation only
 approximates); every other time uses the path's `timestep`.
+
+Compilation: a network a user compiled (`pipe.unet = torch.compile(pipe.unet)`) is run as it
+is; `NetworkDenoiser.compiled(options)` runs a block on a `torch.compile`d copy of the
+network (`compile_network`: one per network and options, kept for later runs, so a second
+run does not compile again). Timesteps always reach the network as tensors, so a new step
+is not a new guard. A denoiser counts the graphs torch compiled during its calls and the
+seconds those calls took (`compiles`, `compile_seconds`: the first call's compile time).
 """
 
 from __future__ import annotations
 
+import sys
 import time
+import weakref
 from abc import ABC, abstractmethod
-from typing import Any, Callable
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 import torch.utils.checkpoint
 from torch import Tensor
 
 from flowkit.conditioning import Conditioning
+from flowkit.errors import InputError
 from flowkit.paths.base import Path, PathPoint, as_time
 from flowkit.prediction import Prediction
 
 __all__ = ["Denoiser", "NetworkDenoiser", "TransformerDenoiser", "UNetDenoiser", "FunctionDenoiser",
-           "latent_multiple"]
+           "latent_multiple", "compile_options", "compile_network", "is_compiled", "COMPILE_KEYWORDS"]
+
+# torch.compile's keywords that `compile=` takes; fullgraph is on unless given
+COMPILE_KEYWORDS = ("backend", "mode", "fullgraph", "dynamic", "options")
+_COMPILED: "weakref.WeakKeyDictionary[Any, dict[str, Any]]" = weakref.WeakKeyDictionary()
+
+
+def compile_options(compile: Any) -> dict[str, Any] | None:
+    """The torch.compile keywords of a `compile=` option: False/None -> None (eager), True ->
+    {"fullgraph": True}, a mode name ("max-autotune", "reduce-overhead", ...) -> that mode, a
+    dict of torch.compile keywords -> those (fullgraph True unless given)."""
+    if compile is None or compile is False:
+        return None
+    if compile is True:
+        return {"fullgraph": True}
+    if isinstance(compile, str):
+        return {"fullgraph": True, "mode": compile}
+    if isinstance(compile, Mapping):
+        unknown = [k for k in compile if k not in COMPILE_KEYWORDS]
+        if unknown:
+            raise InputError(f"compile: unknown torch.compile keyword {unknown[0]!r}; use "
+                             f"{', '.join(COMPILE_KEYWORDS)}")
+        return {"fullgraph": True, **compile}
+    raise InputError(f"compile must be True, False, a torch.compile mode or a dict of torch.compile keywords, "
+                     f"got {type(compile).__name__}")
+
+
+def is_compiled(module: Any) -> bool:
+    """Whether `module` is a torch.compile wrapper (OptimizedModule)."""
+    return isinstance(getattr(module, "_orig_mod", None), torch.nn.Module)
+
+
+def compile_network(network: Any, options: Mapping[str, Any]) -> Any:
+    """`torch.compile(network, **options)`, one wrapper per network and options (kept while the
+    network lives, so later runs reuse its compiled code); a compiled network is returned as is."""
+    if is_compiled(network):
+        return network
+    key = repr(sorted(options.items()))
+    cache = _COMPILED.setdefault(network, {})
+    if key not in cache:
+        cache[key] = torch.compile(network, **options)
+    return cache[key]
+
+
+def _graphs_compiled() -> int:
+    """Graphs torch's compiler has compiled in this process (0 if it was never loaded)."""
+    if "torch._dynamo" not in sys.modules:
+        return 0
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
 
 
 class Denoiser(ABC):
@@ -38,6 +99,8 @@ class Denoiser(ABC):
         self.nfe = 0
         self.calls = 0
         self.seconds = 0.0
+        self.compiles = 0  # graphs torch compiled during this denoiser's calls
+        self.compile_seconds = 0.0  # seconds of the calls that compiled (the first call's compile time)
         self.sync_timing = False  # synchronise CUDA around forwards when timing is wanted
         # activation checkpointing: None (off), or a function giving the (forward, recompute)
         # context managers of each call (the attention store's, so a recomputation replays the
@@ -47,6 +110,12 @@ class Denoiser(ABC):
 
     def reset_counters(self) -> None:
         self.nfe, self.calls, self.seconds = 0, 0, 0.0
+        self.compiles, self.compile_seconds = 0, 0.0
+
+    @property
+    def is_compiled(self) -> bool:
+        """Whether the network runs compiled (torch.compile)."""
+        return False
 
     def pin_timesteps(self, times: Tensor | None, timesteps: Tensor | None) -> None:
         """Feed `timesteps[i]` at flowkit time `times[i]` exactly (both [N], float64); None unpins."""
@@ -77,6 +146,7 @@ class Denoiser(ABC):
         x_native = self.path.to_native(x, point)
         if self.sync_timing and x.is_cuda:
             torch.cuda.synchronize(x.device)
+        graphs = _graphs_compiled() if self.is_compiled else 0
         start = time.perf_counter()
         if self.checkpoint is not None and torch.is_grad_enabled():
             raw = torch.utils.checkpoint.checkpoint(self.forward, x_native, point.timestep, cond, use_reentrant=False,
@@ -85,7 +155,13 @@ class Denoiser(ABC):
             raw = self.forward(x_native, point.timestep, cond)
         if self.sync_timing and x.is_cuda:
             torch.cuda.synchronize(x.device)
-        self.seconds += time.perf_counter() - start
+        seconds = time.perf_counter() - start
+        self.seconds += seconds
+        if self.is_compiled:
+            new = _graphs_compiled() - graphs
+            if new > 0:
+                self.compiles += new
+                self.compile_seconds += seconds
         self.nfe += x.shape[0]
         self.calls += 1
         return Prediction(raw.to(x.dtype), self.prediction_type, x_native, point, self.path)
@@ -114,6 +190,28 @@ class NetworkDenoiser(Denoiser):
     @property
     def device(self) -> torch.device:
         return self.network.device
+
+    @property
+    def is_compiled(self) -> bool:
+        return is_compiled(self.network)
+
+    @contextmanager
+    def compiled(self, options: Mapping[str, Any] | None) -> Iterator[Any]:
+        """Run the block on the network compiled with torch.compile `options` (None: as it is);
+        yields the network the block runs."""
+        if options is None or self.is_compiled:
+            yield self.network
+            return
+        original = self.network
+        net = compile_network(original, options)
+        names = [name for name, value in vars(self).items() if value is original]  # network, unet / transformer
+        for name in names:
+            setattr(self, name, net)
+        try:
+            yield net
+        finally:
+            for name in names:
+                setattr(self, name, original)
 
     @property
     def dtype(self) -> torch.dtype:

@@ -55,7 +55,8 @@ class StepRecord:
 
 @dataclass
 class Stats:
-    """What a run cost: NFE per sample (per branch row), forward calls, seconds."""
+    """What a run cost: NFE per sample (per branch row), forward calls, seconds; for a compiled
+    network, the graphs compiled during the run and the seconds of the calls that compiled."""
 
     nfe: list[int] = field(default_factory=list)
     forward_calls: int = 0
@@ -68,6 +69,9 @@ class Stats:
     guidance: str = ""
     grid: list[float] = field(default_factory=list)  # the times walked (stage after stage)
     attention: dict[str, int] = field(default_factory=dict)  # attention calls by kernel ("captured": maps taken)
+    compiled: bool = False  # the network ran compiled (torch.compile)
+    compiles: int = 0  # graphs torch compiled during the run (0 on a warm run: no recompile)
+    compile_seconds: float = 0.0  # seconds of the forwards that compiled (the first call's compile time)
 
     @property
     def total_nfe(self) -> int:
@@ -374,6 +378,9 @@ def integrate(sampler: "Sampler", ctx: "Context", noise: Tensor, ts: Tensor, *,
         reward_calls=ctx.reward_calls,
         seconds=time.perf_counter() - start,
         forward_seconds=ctx.denoiser.seconds,
+        compiled=bool(getattr(ctx.denoiser, "is_compiled", False)),
+        compiles=ctx.denoiser.compiles,
+        compile_seconds=ctx.denoiser.compile_seconds,
         steps=model.records,
         sampler=sampler.describe(),
         guidance=ctx.stack.describe(),

@@ -8,7 +8,9 @@ encodes prompts with the pipeline's `encode_prompt`, draws the starting latents 
 `randn_tensor` exactly as the pipeline does (one generator for the batch, or a list of one
 per image), runs flowkit's sampler and guidance stack on the pipeline scheduler's grid,
 decodes with the pipeline's VAE and returns the pipeline's own output class. `.stats`
-keeps the last call's `Stats` (NFE, seconds, per-step records).
+keeps the last call's `Stats` (NFE, seconds, per-step records). `compile=True` runs the
+network under `torch.compile(..., fullgraph=True)` (kept for later calls; `stats.compile_seconds`
+is the first call's compile time); a network the pipeline holds compiled runs as it is.
 
 With `guidance=None` a call behaves like the wrapped pipeline: classifier-free guidance at
 the call's `guidance_scale` (above 1), or on FLUX no CFG unless `true_cfg_scale > 1` with
@@ -39,6 +41,7 @@ from flowkit.guidance.cfg import CFG
 
 from flowkit.adapters.base import adapt
 from flowkit.api import build_guidance, build_sampler, sample_from_noise, wants_uncond, with_reward
+from flowkit.denoiser import compile_options
 from flowkit.errors import InputError, UnsupportedError, clip, closest
 from flowkit.limits import MAX_IMAGES, MAX_STEPS, check_int, check_texts, kind
 from flowkit.guidance_base import GuidanceStack
@@ -59,7 +62,7 @@ REFUSED = {
     "callback": "use callback_on_step_end",
     "callback_steps": "use callback_on_step_end",
 }
-_OWN = ("pipe", "sampler", "guidance", "stats", "attention")
+_OWN = ("pipe", "sampler", "guidance", "stats", "attention", "compile")
 # callback tensor name -> (branch, conditioning fields to try)
 _CALLBACK_TENSORS = {
     "prompt_embeds": ("cond", ("encoder_hidden_states",)),
@@ -76,8 +79,10 @@ class FlowKitPipeline:
     """A diffusers pipeline sampled by flowkit (see the module docstring)."""
 
     def __init__(self, pipe: Any, sampler: str | Sampler = "euler", guidance: Any = None,
-                 attention: str | None = None, reward: Any = None):
+                 attention: str | None = None, reward: Any = None, compile: bool | str | dict = False):
         adapt(pipe)  # refuses unsupported pipelines now, naming the supported ones
+        compile_options(compile)  # a bad option fails here
+        object.__setattr__(self, "compile", compile)
         object.__setattr__(self, "pipe", pipe)
         object.__setattr__(self, "sampler", with_reward(build_sampler(sampler), reward))
         if guidance is not None:
@@ -89,11 +94,13 @@ class FlowKitPipeline:
 
     @classmethod
     def from_pipe(cls, pipe: Any, sampler: str | Sampler = "euler", guidance: Any = None,
-                  attention: str | None = None, reward: Any = None) -> "FlowKitPipeline":
+                  attention: str | None = None, reward: Any = None,
+                  compile: bool | str | dict = False) -> "FlowKitPipeline":
         """Wrap `pipe` (StableDiffusion, StableDiffusionXL, StableDiffusion3 or Flux pipeline);
         `attention`: the attention kernel of its calls (see flowkit.attention; None: the active one);
-        `reward`: the reward of a sampler that scores one (sampler="rbf:budget=300", bon, smc)."""
-        return cls(pipe, sampler=sampler, guidance=guidance, attention=attention, reward=reward)
+        `reward`: the reward of a sampler that scores one (sampler="rbf:budget=300", bon, smc);
+        `compile`: run its network compiled (see flowkit.sample)."""
+        return cls(pipe, sampler=sampler, guidance=guidance, attention=attention, reward=reward, compile=compile)
 
     def set_attention_kernel(self, kernel: str | None) -> None:
         """The attention kernel of this wrapper's calls ("sdpa", "sdpa-math", "reference", ...; None: the active one)."""
@@ -218,7 +225,8 @@ class FlowKitPipeline:
             adapter, conds, noise, sampler=self.sampler, stack=stack, steps=kw.get("num_inference_steps") or 1,
             grid=None, height=h, width=w, generators=_per_sample_generators(generator, batch),
             callback=callback, sigmas=kw.get("sigmas"), mu=kw.get("mu"),
-            step_generator=generator, attention=self.attention, prompts=_row_prompts(kw, n_per, batch))
+            step_generator=generator, attention=self.attention, prompts=_row_prompts(kw, n_per, batch),
+            compile=self.compile)
         object.__setattr__(self, "stats", stats)
         out = adapter.output(x, kw.get("output_type") or "pil", bool(kw.get("return_dict", True)), generator)
         if hasattr(pipe, "maybe_free_model_hooks"):

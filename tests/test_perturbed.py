@@ -23,7 +23,7 @@ from diffusers.hooks import LayerSkipConfig
 from flowkit.guidance import DiffusersGuider
 
 import flowkit
-from flowkit.attention.control import AttentionController
+from flowkit.attention.processors import FlowKitProcessor
 from flowkit.pipelines import FlowKitPipeline
 
 one_thread = tp.one_thread
@@ -185,17 +185,17 @@ def test_the_perturbed_branch_runs_alone_and_leaves_the_other_rows_unchanged(mon
     pipe = flowkit.load("tiny")
     calls, inputs = [], {"pag": [], "cfg": []}
     run = ["pag"]
-    real_attend = AttentionController.attend
+    real_attend = FlowKitProcessor.attend
 
-    def attend(self, layer, q, k, v, mask, cross):
-        scope = self.store.scope
+    def attend(self, q, k, v, mask=None, cross=None):
+        scope = self.controller.store.scope
         branches = [b for b, _ in scope.layout]
-        calls.append((layer, branches, scope.perturbation is not None, q.shape[0]))
+        calls.append((self.layer, branches, scope.perturbation is not None, q.shape[0]))
         if scope.step == 0 and "cond_skip" not in branches:
-            inputs[run[0]].append((layer, branches, q.clone(), k.clone(), v.clone()))
-        return real_attend(self, layer, q, k, v, mask, cross)
+            inputs[run[0]].append((self.layer, branches, q.clone(), k.clone(), v.clone()))
+        return real_attend(self, q, k, v, mask, cross)
 
-    monkeypatch.setattr(AttentionController, "attend", attend)
+    monkeypatch.setattr(FlowKitProcessor, "attend", attend)
     spec = (f'diffusers:name=PerturbedAttentionGuidance,guidance_scale=3,perturbed_guidance_scale=2,'
             f'perturbed_guidance_start=-1,perturbed_guidance_stop=1,perturbed_guidance_config=\'{{"indices": [0], "fqn": "{MID}"}}\'')
     seen = {}

@@ -1,9 +1,12 @@
 """flowkit's attention processors for diffusers' Attention modules.
 
 Each one does what the diffusers processor it replaces does (projections, norms, rotary
-embedding, output projections), and hands the attention itself, q/k/v as [B, H, L, D], to
-its controller, which runs the chosen kernel or, on a captured call, the reference kernel
-that also yields the probabilities. The replaced processors:
+embedding, output projections), and runs the attention itself, q/k/v as [B, H, L, D], on
+the kernel its controller chose before the forward (`controller.fn`), or, on a captured
+call (`capture` set for this forward), through the controller's eager capture path: the
+reference kernel, which also yields the probabilities; in a perturbed forward (`identity`,
+`blur` set), through the controller's eager perturbation paths. A processor reads plain
+attributes only, so a compiled network traces it without a graph break. The replaced processors:
 
 - `AttnProcessor2_0` (UNet2DConditionModel: SD 1.x/2.x, SDXL, the shapes model) ->
   `UNetAttnProcessor`: self-attention (attn1) and cross-attention to the text (attn2);
@@ -35,6 +38,9 @@ class FlowKitProcessor:
         self.layer = layer
         self.controller = controller
         self.original = original
+        self.capture = False  # set by the controller for a forward that captures this layer's map
+        self.identity = False  # set for a perturbed forward that makes this layer's attention the identity (PAG)
+        self.blur = False  # set for a perturbed forward that blurs this layer's queries (SEG)
 
     @staticmethod
     def capturable(attn: Any) -> bool:
@@ -43,12 +49,19 @@ class FlowKitProcessor:
 
     def query(self, query: Tensor) -> Tensor:
         """The projected queries [B, L, C] as the controller hands them on (blurred in a SEG forward)."""
-        return self.controller.query(self.layer, query)
+        if self.blur:
+            return self.controller.blur_query(query)
+        return query
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None,
                cross: tuple[slice, slice] | None = None) -> Tensor:
-        """[B, H, Lq, D] attention output; `cross`: (image-query rows, text-key columns) of a map."""
-        return self.controller.attend(self.layer, q, k, v, mask, cross)
+        """[B, H, Lq, D] attention output; `cross`: (image-query rows, text-key columns) of a map;
+        the values themselves in a perturbed forward that makes this layer's attention the identity."""
+        if self.identity and q.shape[2] == v.shape[2]:
+            return self.controller.identity_call(v)
+        if self.capture and cross is not None:
+            return self.controller.capture_call(self.layer, q, k, v, mask, cross)
+        return self.controller.fn(q, k, v, mask)
 
 
 class UNetAttnProcessor(FlowKitProcessor):
@@ -144,10 +157,15 @@ class FluxAttnProcessor(FlowKitProcessor):
     def capturable(attn: Any) -> bool:
         return getattr(attn, "added_kv_proj_dim", None) is not None
 
-    def __call__(self, attn: Any, hidden_states: Tensor, encoder_hidden_states: Tensor | None = None,
-                 attention_mask: Tensor | None = None, image_rotary_emb: Any = None) -> Any:
+    def __init__(self, layer: str, controller: "AttentionController", original: Any):
         from diffusers.models.embeddings import apply_rotary_emb
 
+        super().__init__(layer, controller, original)
+        self.rotary = apply_rotary_emb  # imported here, not in the (traced) call
+
+    def __call__(self, attn: Any, hidden_states: Tensor, encoder_hidden_states: Tensor | None = None,
+                 attention_mask: Tensor | None = None, image_rotary_emb: Any = None) -> Any:
+        apply_rotary_emb = self.rotary
         has_text = encoder_hidden_states is not None and attn.added_kv_proj_dim is not None
         if attn.fused_projections:
             q, k, v = attn.to_qkv(hidden_states).chunk(3, dim=-1)

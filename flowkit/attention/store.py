@@ -9,7 +9,10 @@ on the fused kernel.
 The sampling loop batches branches (cond, uncond, ...) into one forward; it opens a
 `store.forward(step, layout)` scope around each network call, where `layout` lists
 (branch, sample indices) in the order of the forward's rows, so each captured map is
-split back into one `AttentionMap` per branch with the sample index of every row.
+split back into one `AttentionMap` per branch with the sample index of every row. The
+scope is also where the run's attention controller fixes the call's kernel and captured
+layers and, after the call, counts it (see flowkit.attention.control): a forward that
+captures runs eagerly, every other one may run compiled.
 
 Maps are not detached: captured inside `torch.enable_grad()`, a loss on them can be
 differentiated with respect to the latents or the conditioning (FRAP, counting guidance).
@@ -20,7 +23,7 @@ from __future__ import annotations
 import fnmatch
 import math
 from collections import Counter
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, ContextManager, Iterable, Iterator, Sequence
 
@@ -133,6 +136,7 @@ class AttentionStore:
         self._scope: _Scope | None = None
         self._calls: Counter[int] = Counter()  # forwards opened per step
         self.replaying = False  # a checkpointed call is being recomputed in the backward pass
+        self.controller: Any = None  # the run's AttentionController (set by `session`), or None
         # the network's way to apply a perturbation for one forward (set by the run's session)
         self.perturber: Callable[["Perturbation"], ContextManager[Any]] | None = None
 
@@ -184,11 +188,9 @@ class AttentionStore:
         outer, self._scope = self._scope, _Scope(step, call, lay, tuple(latent_hw) if latent_hw is not None else None,
                                                  perturbation)
         try:
-            if perturbation is None:
+            with self.perturber(perturbation) if perturbation is not None else nullcontext(), \
+                    self.controller.forward(self) if self.controller is not None else nullcontext():
                 yield
-            else:
-                with self.perturber(perturbation):
-                    yield
         finally:
             self._scope = outer
 

@@ -44,10 +44,14 @@ class Sampled:
 
 
 class MicroBatcher:
-    def __init__(self, pipe: Any, *, warn: Callable[[str], None] | None = None):
+    def __init__(self, pipe: Any, *, warn: Callable[[str], None] | None = None, compile: bool = False):
         self.pipe = pipe
         self.limit: int | None = None  # the largest batch that fitted after an out-of-memory error
         self.warn = warn or log.warning
+        self.compile = compile  # run the network under torch.compile(fullgraph=True)
+        self.compiled = False  # whether the network ran compiled
+        self.compiles = 0  # graphs compiled (one per new micro-batch shape)
+        self.compile_seconds = 0.0  # seconds of the forwards that compiled
 
     def run(self, jobs: Sequence[Job]) -> Iterator[Sampled]:
         """Sample `jobs` (compatible, one micro-batch), in pieces of at most `limit`."""
@@ -84,6 +88,9 @@ class MicroBatcher:
         t0 = time.perf_counter()
         out = sample(self.pipe, [j.prompt for j in jobs], sampler=first.sampler, steps=first.steps,
                      guidance=first.guidance, negative_prompt=negatives, height=first.height, width=first.width,
-                     grid=first.grid, generators=generators)
+                     grid=first.grid, generators=generators, compile=self.compile)
+        self.compiled = self.compiled or out.stats.compiled
+        self.compiles += out.stats.compiles
+        self.compile_seconds += out.stats.compile_seconds
         return Sampled(list(jobs), list(out.images), [int(n) for n in out.stats.nfe], time.perf_counter() - t0,
                        out.stats.sampler, out.stats.guidance)

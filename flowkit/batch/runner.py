@@ -40,6 +40,7 @@ from flowkit.batch.files import (
 from flowkit.batch.microbatch import MicroBatcher, Sampled
 from flowkit.batch.plan import Defaults, Job, plan, resolve, shard
 from flowkit.batch.prompts import LineError, PromptFile, read_prompt_file
+from flowkit.denoiser import compile_options
 from flowkit.errors import FlowkitError, InputError
 
 __all__ = ["BatchConfig", "Summary", "run_batch"]
@@ -68,6 +69,7 @@ class BatchConfig:
     force: bool = False
     on_error: str = "stop"  # "stop" | "skip"
     progress: bool = False
+    compile: Any = False  # run the network under torch.compile (see flowkit.sample's `compile`)
 
     def __post_init__(self) -> None:
         from flowkit.limits import MAX_BATCH_SIZE, MAX_SEED, MAX_SIZE, MAX_STEPS, check_int
@@ -79,6 +81,7 @@ class BatchConfig:
                 check_int(f"BatchConfig.{name}", getattr(self, name), 1, MAX_SIZE)
         if self.on_error not in ("stop", "skip"):
             raise InputError(f"BatchConfig.on_error must be 'stop' or 'skip', got {self.on_error!r}")
+        compile_options(self.compile)
         object.__setattr__(self, "prompts", Path(self.prompts))
         object.__setattr__(self, "out", Path(self.out))
 
@@ -98,6 +101,9 @@ class Summary:
     seconds: float = 0.0
     nfe: int = 0
     orphans: list[str] = field(default_factory=list)  # finished images this run left out of the manifest, kept
+    compiled: bool = False  # this rank's network ran compiled
+    compiles: int = 0  # graphs compiled on this rank (one per new micro-batch shape)
+    compile_seconds: float = 0.0  # seconds of the forwards that compiled, on this rank
 
     @property
     def images_per_second(self) -> float:
@@ -112,6 +118,7 @@ class Summary:
             "per_rank": {str(k): v for k, v in sorted(self.per_rank.items())}, "seconds": round(self.seconds, 4),
             "images_per_second": round(self.images_per_second, 4), "nfe": self.nfe,
             "orphans": self.orphans,
+            "compiled": self.compiled, "compiles": self.compiles, "compile_seconds": round(self.compile_seconds, 4),
         }
 
 
@@ -279,10 +286,9 @@ def run_batch(cfg: BatchConfig, *, pipe: Any = None, say: Callable[[str], None] 
 
 
 def _sample_shard(cfg: BatchConfig, procs: Processes, parsed: PromptFile, pipe: Any, mine: list[list[Job]],
-                  say: Callable[[str], None]) -> list[LineError]:
+                  say: Callable[[str], None], batcher: MicroBatcher) -> list[LineError]:
     """Sample this rank's micro-batches, recording each in its manifest part; the lines skipped."""
     writer = mf.PartWriter(mf.part_path(cfg.out, procs.rank))
-    batcher = MicroBatcher(pipe, warn=lambda text: say(f"rank {procs.rank}: {text}"))
     failed: list[LineError] = []
     with _progress(sum(len(c) for c in mine), procs, cfg.progress) as bar:
         for chunk in mine:
@@ -320,7 +326,8 @@ def _run(cfg: BatchConfig, procs: Processes, parsed: PromptFile, pipe: Any, mode
         f"micro-batches ({len(pending)} pending of {len(jobs)}, {len(done)} already done)")
 
     t0 = time.perf_counter()
-    failed = _sample_shard(cfg, procs, parsed, pipe, mine, say)
+    batcher = MicroBatcher(pipe, warn=lambda text: say(f"rank {procs.rank}: {text}"), compile=cfg.compile)
+    failed = _sample_shard(cfg, procs, parsed, pipe, mine, say, batcher)
     procs.barrier()
     seconds = time.perf_counter() - t0
     if not procs.main:
@@ -332,5 +339,6 @@ def _run(cfg: BatchConfig, procs: Processes, parsed: PromptFile, pipe: Any, mode
         generated=sorted(r["index"] for r in this_run), already_done=len(done),
         errors=sorted(parsed.errors + size_errors + failed, key=lambda e: e.line),
         per_rank=dict(Counter(r["rank"] for r in this_run)), seconds=seconds,
-        nfe=sum(int(r.get("nfe", 0)) for r in this_run), orphans=orphans,
+        nfe=sum(int(r.get("nfe", 0)) for r in this_run), orphans=orphans, compiled=batcher.compiled,
+        compiles=batcher.compiles, compile_seconds=batcher.compile_seconds,
     )

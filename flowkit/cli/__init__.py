@@ -18,7 +18,7 @@ import sys
 from typing import Sequence
 
 from flowkit.cli.generate import GenerateOptions, generate_options
-from flowkit.cli.options import report
+from flowkit.cli.options import quiet_transformers, report
 from flowkit.errors import FlowkitError, InputError
 
 __all__ = ["main", "build_parser", "parse_generate_args", "GenerateOptions"]
@@ -63,8 +63,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if argv[:1] == ["bench"]:
             from flowkit.cli.bench import main as bench_main
 
+            quiet_transformers()
             return bench_main(argv[1:])
         args = build_parser().parse_args(argv)
+        if args.command != "list":  # the commands that load models (and so transformers)
+            quiet_transformers()
         return args.func(args)
     except SystemExit as e:  # argparse: --help, --version, usage errors
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)

@@ -69,6 +69,9 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     b.add_argument("--on-error", choices=("stop", "skip"), default="stop",
                    help="a malformed prompt-file line stops the run before any work (default), or is skipped "
                         "with a warning naming its line")
+    b.add_argument("--compile", action="store_true",
+                   help="run the network under torch.compile(fullgraph=True); a new micro-batch size compiles "
+                        "once more (the compile time is in the summary)")
     b.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     b.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="progress bar on stderr, rank 0 (default: when stderr is a terminal)")
@@ -107,7 +110,7 @@ def batch_options(args: argparse.Namespace) -> "BatchConfig":
         prompts=Path(args.prompts), out=out, model=model, model_given=args.model is not None, sampler=sampler,
         guidance=guidance, steps=args.steps, seed=args.seed, negative_prompt=args.negative_prompt,
         height=args.height, width=args.width, grid=args.grid, batch_size=args.batch_size, resume=args.resume,
-        force=args.force, on_error=args.on_error, progress=progress,
+        force=args.force, on_error=args.on_error, progress=progress, compile=bool(getattr(args, "compile", False)),
     )
 
 
@@ -147,6 +150,7 @@ def _text(s: "Summary") -> str:
     skipped = f"; {len(s.errors)} bad lines skipped" if s.errors else ""
     orphans = f"; {len(s.orphans)} finished images kept but no longer in the manifest (see {s.out / 'orphans.jsonl'})" \
         if s.orphans else ""
-    return (f"{len(s.generated)} images in {s.seconds:.2f} s ({s.images_per_second:.2f} images/s){per_image}, "
+    compiled = f" (compiled: {s.compile_seconds:.1f} s of it compiling)" if s.compiled else ""
+    return (f"{len(s.generated)} images in {s.seconds:.2f} s{compiled} ({s.images_per_second:.2f} images/s){per_image}, "
             f"{s.nfe} NFE{ranks}; {s.already_done} already done{skipped}{orphans}\n"
             f"manifest: {s.out / 'manifest.jsonl'}")

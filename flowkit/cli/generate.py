@@ -74,6 +74,9 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help=f"an image file for one image (.png, or another format PIL writes: .jpg, .webp, ...), "
                         f"or a folder, where images take the next free numbers (default ./{DEFAULT_OUT}/)")
     g.add_argument("--force", action="store_true", help="overwrite an existing --out FILE")
+    g.add_argument("--compile", action="store_true",
+                   help="run the network under torch.compile(fullgraph=True) (the first call compiles: "
+                        "minutes on a CPU; its time is reported)")
     g.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="show a progress bar over the images on stderr (default: when stderr is a terminal)")
@@ -107,6 +110,7 @@ class GenerateOptions:
     batch_size: int = DEFAULT_BATCH_SIZE
     force: bool = False
     out_format: str = "PNG"  # the PIL format of --out FILE
+    compile: bool = False
 
     @property
     def total(self) -> int:
@@ -158,6 +162,7 @@ def generate_options(args: argparse.Namespace) -> GenerateOptions:
         negative_prompt=args.negative_prompt, height=args.height, width=args.width, out=out,
         out_is_file=out_is_file, json=args.json, progress=progress, sequence=sequence, length=args.length,
         out_given=args.out is not None, batch_size=args.batch_size, force=args.force, out_format=out_format,
+        compile=bool(getattr(args, "compile", False)),
     )
 
 
@@ -230,13 +235,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
             "model": model, "files": run.files, "seeds": run.seeds, "prompts": run.prompts,
             "steps": opts.steps, "sampler": run.sampler, "guidance": run.guidance, "seconds": run.seconds,
             "stats": {"nfe": run.nfe, "forward_calls": run.forward_calls, "seconds": run.seconds,
-                      "forward_seconds": run.forward_seconds},
+                      "forward_seconds": run.forward_seconds, "compiled": run.compiled,
+                      "compiles": run.compiles, "compile_seconds": run.compile_seconds},
         }, indent=2))
         return 0
     nfe = sorted(set(run.nfe))
     per_image = str(nfe[0]) if len(nfe) == 1 else f"{nfe[0]}-{nfe[-1]}"
     plural = "s" if len(run.files) != 1 else ""
-    print(f"{len(run.files)} image{plural} in {run.seconds:.2f} s, {per_image} NFE per image, "
+    compiled = f" (compiled: {run.compile_seconds:.1f} s of it compiling)" if run.compiled else ""
+    print(f"{len(run.files)} image{plural} in {run.seconds:.2f} s{compiled}, {per_image} NFE per image, "
           f"sampler {run.sampler}, guidance {run.guidance}")
     return 0
 
@@ -255,6 +262,7 @@ class _ImageRun:
         self.nfe: list[int] = []
         self.seconds = self.forward_seconds = 0.0
         self.forward_calls = 0
+        self.compiled, self.compiles, self.compile_seconds = False, 0, 0.0  # --compile: graphs built, their time
         self.sampler = self.guidance = ""
         self.number = None if opts.out_is_file else _next_number(out_dir)
         self.bar = tqdm(total=opts.total, unit="img", desc="generate", disable=not opts.progress, file=sys.stderr,
@@ -269,8 +277,11 @@ class _ImageRun:
             result = flowkit.sample(
                 pipe, [opts.prompts[i // opts.num_images] for i in indices], sampler=opts.sampler, steps=opts.steps,
                 guidance=opts.guidance, seed=opts.seed, negative_prompt=opts.negative_prompt, height=opts.height,
-                width=opts.width, grid=opts.grid, start_index=start)
+                width=opts.width, grid=opts.grid, start_index=start, compile=opts.compile)
             stats = result.stats
+            self.compiled = self.compiled or stats.compiled
+            self.compiles += stats.compiles
+            self.compile_seconds += stats.compile_seconds
             self.sampler, self.guidance = stats.sampler, stats.guidance
             self.seconds += stats.seconds
             self.forward_seconds += stats.forward_seconds
@@ -341,7 +352,8 @@ def _generate_sequences(opts: GenerateOptions) -> int:
         result = flowkit.sample(pipe, [opts.prompts[i // opts.num_images] for i in indices], sampler=opts.sampler,
                                 steps=opts.steps, guidance=opts.guidance, seed=opts.seed,
                                 negative_prompt=opts.negative_prompt, length=opts.length, grid=opts.grid,
-                                start_index=start, progress=False)
+                                start_index=start, progress=False,
+                                compile=opts.compile)
         stats = result.stats
         seqs += [s if isinstance(s, str) else " ".join(map(str, s)) for s in result.images]
         classes += result.prompts

@@ -4,6 +4,7 @@ one line per error on stderr (exit status 2)."""
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,7 @@ from flowkit.limits import MAX_SIZE
 from flowkit.limits import check_int as _check_int
 
 __all__ = ["DEFAULT_MODEL", "FALLBACK_MODEL", "report", "check_int", "with_flag", "check_size_and_model",
-           "check_model", "check_out", "check_grid", "load_model", "say", "MAX_MESSAGE"]
+           "check_model", "check_out", "check_grid", "load_model", "say", "MAX_MESSAGE", "quiet_transformers"]
 
 MAX_MESSAGE = 1000  # characters of an error line; longer ones keep their start and their end (the advice)
 
@@ -114,3 +115,26 @@ def load_model(model: str, model_given: bool) -> tuple[Any, str]:
     from flowkit.loading import load_model as load
 
     return load(model if model_given else None, on_fallback=say)
+
+
+class _ImageProcessorFallback(logging.Filter):
+    """Drops transformers' note that an image processor falls back to PIL without torchvision."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "requires torchvision (not installed); falling back to" not in record.getMessage()
+
+
+def quiet_transformers() -> None:
+    """Silence what transformers says about modules flowkit does not use: diffusers' pipelines
+    import transformers' image processors (for safety checkers and IP-Adapters, which flowkit
+    does not run), and without torchvision transformers warns about each of them. A filter on
+    the one transformers logger that says it (`transformers.utils.import_utils`, through
+    `transformers.utils.logging`) drops those lines only; the rest of transformers' messages,
+    and its verbosity, are left as they are. Idempotent."""
+    try:
+        from transformers.utils import logging as transformers_logging
+    except ImportError:  # transformers not installed: nothing to silence
+        return
+    logger = transformers_logging.get_logger("transformers.utils.import_utils")
+    if not any(isinstance(f, _ImageProcessorFallback) for f in logger.filters):
+        logger.addFilter(_ImageProcessorFallback())
