@@ -12,11 +12,17 @@ joint-attention size, and the whole network's forward under each kernel). xforme
 measured when it imports with CUDA, else recorded as not measurable. With flux among the
 models it also times bottleneck sampling (issue 7; preset `flux`, 1024 -> 512 -> 1024 px)
 against full-resolution Euler with the same steps, in paired runs of alternating order:
-the speed-up alone (random weights say nothing of quality).
+the speed-up alone (random weights say nothing of quality). Under torch.compile (issue 19)
+it times, per model and per compile mode (`max-autotune`; `reduce-overhead`, CUDA graphs),
+compiled flowkit against the compiled diffusers pipeline and against eager flowkit on the
+same compiled network (`flowkit.bench.experiments.compile.compiled_pairs`, rotating order),
+with each variant's first-call compile time (the first call less a warm one) and the graphs
+compiled after warm-up (0: no recompile). The dry run uses dynamo's eager backend.
 
     python scripts/bench_gpu.py                       # all three models, writes docs/results/gpu.json
     python scripts/bench_gpu.py --models sd3 --pairs 3 --docs docs/benchmarks.md
     python scripts/bench_gpu.py --dry-run --out /tmp/x   # tiny configs on CPU, float32: the code path only
+    python scripts/bench_gpu.py --models sdxl --compile-pairs 5 --pairs 1 --memory-runs 0
 """
 
 from __future__ import annotations
@@ -312,6 +318,83 @@ def bench_bottleneck(bench: BenchRun, s: Setup, steps: int, n: int) -> None:
         torch.cuda.empty_cache()
 
 
+COMPILE_MODES = ("max-autotune", "reduce-overhead")
+
+
+def compile_calls(name: str, pipe: Any, s: Setup, steps: int) -> dict[str, Any]:
+    """The three variants of `compiled_pairs`, each giving latents for a seed."""
+    from flowkit.pipelines import FlowKitPipeline
+
+    kw = call_kwargs(name, s)
+
+    def diffusers(seed: int) -> torch.Tensor:
+        return pipe(**kw, num_inference_steps=steps, generator=torch.Generator(s.device).manual_seed(seed)).images
+
+    def fk(seed: int) -> torch.Tensor:
+        return FlowKitPipeline.from_pipe(pipe)(**kw, num_inference_steps=steps,
+                                               generator=torch.Generator(s.device).manual_seed(seed)).images
+
+    return {"diffusers-compiled": diffusers, "flowkit-compiled": fk, "flowkit-eager": fk}
+
+
+def bench_compile(bench: BenchRun, name: str, s: Setup, steps: int, n: int) -> None:
+    """Compiled flowkit vs the compiled diffusers pipeline, and vs eager flowkit, per compile mode."""
+    from flowkit.bench.experiments.compile import compiled_pairs
+
+    attr = "unet" if name == "sdxl" else "transformer"
+    for mode in COMPILE_MODES:
+        holder: list[Any] = []
+
+        def rows(idx: list[int], mode: str = mode) -> list[dict[str, Any]]:
+            if not holder:
+                pipe = build(name, s)
+                opts = {"backend": "eager"} if s.dry else {"mode": mode}
+                compiled = torch.compile(getattr(pipe, attr), fullgraph=True, **opts)
+                calls = compile_calls(name, pipe, s, steps)
+                first: dict[str, float] = {}
+                for v in ("diffusers-compiled", "flowkit-compiled"):  # first call compiles, the second is warm
+                    setattr(pipe, attr, compiled)
+                    times = []
+                    for _ in range(2):
+                        if s.device.type == "cuda":
+                            torch.cuda.synchronize()
+                        t0 = time.perf_counter()
+                        calls[v](0)
+                        if s.device.type == "cuda":
+                            torch.cuda.synchronize()
+                        times.append(time.perf_counter() - t0)
+                    first[f"{v}_compile_seconds"] = times[0] - times[1]
+                setattr(pipe, attr, compiled._orig_mod)  # compiled_pairs refuses a compiled "eager" network
+                holder.extend([pipe, compiled, calls, first])
+            pipe, compiled, calls, first = holder
+            out = compiled_pairs(pipe, attr, compiled, calls, idx, s.device)
+            return [{**r, **first} for r in out]
+
+        base = {"model": name, "config": s.configs[name], "size": s.size, "dtype": str(s.dtype), "steps": steps,
+                "mode": mode, "dry": s.dry, "device": torch.cuda.get_device_name() if s.device.type == "cuda" else "cpu",
+                "version": 1}
+        res = bench.arm(f"{name}-compile-{mode}", base, rows, n=n, chunk=n)
+        what = f"{name} {s.size}px {str(s.dtype).replace('torch.', '')}, {steps} steps, torch.compile mode={mode}"
+        fk, df, eager = (column(res, f"{v}_seconds") for v in ("flowkit-compiled", "diffusers-compiled", "flowkit-eager"))
+        label = f"{name} compiled ({mode})"
+        bench.compare(label, "wall time", claim=Claim("at_most", target=1.03, stat="ratio_of_means"), treatment=fk,
+                      baseline=df, baseline_name="diffusers compiled", units="s", notes=what)
+        bench.compare(f"{name} eager", f"wall time (speed-up of {mode})",
+                      claim=Claim("at_least", target=1.0, stat="ratio_of_means", text="eager / compiled wall time >= 1"),
+                      treatment=eager, baseline=fk, baseline_name=label, units="s", notes=what)
+        bench.measure(label, "recompiles after warm-up", column(res, "recompiles"), Claim("at_most", target=0.0),
+                      units="graphs")
+        bench.measure(label, "latent parity", column(res, "flowkit-compiled_rel_err"),
+                      Claim("at_most", target=1e-4 if s.dry else 2e-2), units="max abs diff / std",
+                      notes="vs eager flowkit, same seed")
+        bench.info[f"{name}_compile_seconds_{mode}"] = {
+            v: float(res[0][f"{v}_compile_seconds"]) for v in ("diffusers-compiled", "flowkit-compiled")}
+        holder.clear()
+        gc.collect()
+        if s.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
 def bench_kernels(bench: BenchRun, s: Setup, n: int) -> None:
     names = [k for k in KERNELS if not unavailable(k, s.device)]
     bench.info["kernels_not_measurable"] = {k: unavailable(k, s.device) for k in KERNELS if unavailable(k, s.device)}
@@ -352,6 +435,8 @@ def gpu(bench: BenchRun) -> None:
     s = Setup(bench.quick)
     for name in o["models"]:
         bench_model(bench, name, s, o["steps"], o["pairs"], o["memory_runs"])
+    for name in o["models"] if o["compile_pairs"] > 0 else ():
+        bench_compile(bench, name, s, o["steps"], o["compile_pairs"])
     if "flux" in o["models"] and o["bottleneck_pairs"] > 0:
         bench_bottleneck(bench, s, o["steps"], o["bottleneck_pairs"])
     bench_kernels(bench, s, o["kernel_samples"])
@@ -388,6 +473,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--memory-runs", type=int, default=1, help="subprocess pairs for peak memory per model (0: skip)")
     p.add_argument("--bottleneck-pairs", type=int, default=None,
                    help="paired FLUX runs, Euler vs bottleneck sampling (default 3; dry run 1; 0: skip)")
+    p.add_argument("--compile-pairs", type=int, default=None,
+                   help="paired runs per model and torch.compile mode (default 3; dry run 1; 0: skip)")
     p.add_argument("--kernel-samples", type=int, default=None, help="kernel timing samples (default 5; dry run 1)")
     p.add_argument("--out", default="docs/results", help="folder for gpu.json (dry run: gpu.quick.json)")
     p.add_argument("--cache", default=None, help="bench cache root (default $FLOWKIT_CACHE/bench)")
@@ -407,7 +494,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error("no CUDA device: run with --dry-run to check the script on CPU")
     OPTIONS.update(models=models, steps=steps, pairs=a.pairs or (1 if a.dry_run else 5), memory_runs=a.memory_runs,
                    bottleneck_pairs=(1 if a.dry_run else 3) if a.bottleneck_pairs is None else a.bottleneck_pairs,
-                   kernel_samples=a.kernel_samples or (1 if a.dry_run else 5))
+                   kernel_samples=a.kernel_samples or (1 if a.dry_run else 5),
+                   compile_pairs=(1 if a.dry_run else 3) if a.compile_pairs is None else a.compile_pairs)
     result = run(quick=a.dry_run, out_dir=a.out, cache_root=a.cache)
     print(format_result(result))
     print(f"\nwrote {result.path}")

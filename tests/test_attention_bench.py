@@ -56,8 +56,14 @@ def test_bench_gpu_dry_run(tmp_path, capsys):
     assert set(result["info"]["sd3_forward_seconds_by_kernel"]) >= {"sdpa", "sdpa-math", "reference"}
     assert "xformers" in result["info"]["kernels_not_measurable"] or torch.cuda.is_available()
     assert "bottleneck (flux preset)" not in {m for m, _ in rows}  # flux not asked for
-    flux = ["--dry-run", "--models", "flux", "--memory-runs", "0", "--pairs", "1", "--out", str(tmp_path / "f"),
-            "--cache", str(tmp_path / "c")]
+    for mode in mod.COMPILE_MODES:  # the torch.compile rows (issue 19), each mode its own compiled network
+        assert rows[(f"sd3 compiled ({mode})", "latent parity")]["treatment_mean"] < 1e-4
+        assert rows[(f"sd3 compiled ({mode})", "recompiles after warm-up")]["treatment_mean"] == 0
+        assert rows[(f"sd3 compiled ({mode})", "wall time")]["baseline"] == "diffusers compiled"
+        assert (f"sd3 eager", f"wall time (speed-up of {mode})") in rows
+        assert set(result["info"][f"sd3_compile_seconds_{mode}"]) == {"diffusers-compiled", "flowkit-compiled"}
+    flux = ["--dry-run", "--models", "flux", "--memory-runs", "0", "--pairs", "1", "--compile-pairs", "0",
+            "--out", str(tmp_path / "f"), "--cache", str(tmp_path / "c")]
     assert mod.main(flux) == 0
     result = json.loads((tmp_path / "f" / "gpu.quick.json").read_text())
     row = next(r for r in result["rows"] if r["method"] == "bottleneck (flux preset)")

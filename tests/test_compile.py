@@ -352,3 +352,39 @@ def test_quiet_transformers_drops_only_the_image_processor_fallback():
         assert transformers_logging.get_verbosity() == transformers_logging.WARNING  # the user's verbosity is kept
     finally:
         logger.removeHandler(handler)
+
+
+@torch.no_grad()
+def test_compile_bench_pairs_rotate_restore_and_count_recompiles():
+    """`flowkit bench compile`'s paired runs (also scripts/bench_gpu.py's): the three variants
+    rotate which runs first, the compiled variants give the eager latents, no graph is
+    compiled after the warm-up, the pipeline gets its eager network back, and a compiled
+    network passed as the eager one is refused. Mutants caught: a fixed order (every record
+    first "diffusers-compiled"), the eager network not restored after the records, a
+    record's recompiles miscounted (one graph too many per record)."""
+    from flowkit.bench.experiments.compile import VARIANTS, compiled_pairs
+
+    pipe = pipeline("sd")
+    eager = pipe.unet
+    compiled = torch.compile(eager, fullgraph=True, backend="eager")
+
+    def diffusers(seed):
+        return pipe([PROMPTS[0]], num_inference_steps=1, guidance_scale=4.0, output_type="latent", **SIZE,
+                    generator=[torch.Generator().manual_seed(seed)]).images
+
+    def fk(seed):
+        return flowkit.sample(pipe, [PROMPTS[0]], steps=1, guidance=[CFG(scale=4.0)], output_type="latent",
+                              generators=[torch.Generator().manual_seed(seed)], **SIZE).latents
+
+    calls = {"diffusers-compiled": diffusers, "flowkit-compiled": fk, "flowkit-eager": fk}
+    compiled_pairs(pipe, "unet", compiled, calls, [0], torch.device("cpu"))  # warm-up
+    recs = compiled_pairs(pipe, "unet", compiled, calls, [0, 1, 2], torch.device("cpu"))
+    assert [r["first"] for r in recs] == list(VARIANTS)
+    assert all(r["recompiles"] == 0 for r in recs)
+    assert all(r["flowkit-compiled_rel_err"] < TOL for r in recs)
+    assert all(r[f"{v}_seconds"] > 0 for r in recs for v in VARIANTS)
+    assert pipe.unet is eager
+    pipe.unet = compiled
+    with pytest.raises(ValueError, match="eager network"):
+        compiled_pairs(pipe, "unet", compiled, calls, [0], torch.device("cpu"))
+    pipe.unet = eager
