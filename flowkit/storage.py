@@ -23,7 +23,7 @@ from typing import Any, Mapping
 
 from flowkit.errors import InputError
 
-__all__ = ["cache_root", "weights_dir", "write_atomic", "write_new", "write_json_atomic", "json_text", "slug",
+__all__ = ["cache_root", "weights_dir", "write_atomic", "write_new", "write_synced", "write_json_atomic", "json_text", "slug",
            "TEMP_PREFIX", "image_format", "image_bytes"]
 
 TEMP_PREFIX = ".flowkit-tmp-"  # every temporary file flowkit writes starts with this
@@ -51,15 +51,20 @@ def _temporary(path: Path) -> Path:
     return path.with_name(f"{TEMP_PREFIX}{path.name}.{os.getpid()}.tmp")
 
 
+def write_synced(path: Path, data: bytes) -> None:
+    """Write `data` to `path` and flush it to disk (no rename: the caller's temporary file)."""
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def write_atomic(path: str | os.PathLike[str], data: bytes) -> None:
     """Write `data` to `path`: temporary file, fsync, rename. OSError -> InputError naming the path."""
     path = Path(path)
     tmp = _temporary(path)
     try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        write_synced(tmp, data)
         os.replace(tmp, path)
     except OSError as e:
         _discard(tmp)
@@ -76,10 +81,7 @@ def write_new(path: str | os.PathLike[str], data: bytes) -> None:
     path = Path(path)
     tmp = _temporary(path)
     try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        write_synced(tmp, data)
         try:
             os.link(tmp, path)  # fails if path exists: no overwrite, even in a race
         except FileExistsError:

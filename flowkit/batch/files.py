@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from flowkit.errors import InputError, clip
-from flowkit.storage import TEMP_PREFIX, image_bytes, write_atomic
+from flowkit.storage import TEMP_PREFIX, image_bytes, write_atomic, write_synced
 
 __all__ = ["lock_folder", "write_atomic", "png_bytes", "write_png", "sha256_bytes", "check_writable",
            "remove_stale_temporaries", "TEMP_PATTERN", "stage", "publish", "free_name", "image_metadata"]
@@ -65,10 +65,7 @@ def stage(path: Path, data: bytes) -> Path:
     """Write `data` to the temporary file of `path` (flushed to disk); returns the temporary."""
     tmp = _temporary(path)
     try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        write_synced(tmp, data)
     except OSError as e:
         try:
             tmp.unlink(missing_ok=True)
