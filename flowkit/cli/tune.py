@@ -38,7 +38,9 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     t.add_argument("--k-max", type=int, default=64,
                    help=f"steps of the fine grid, 2 to {MAX_K} (endpoint cost: keep it small; default: 64)")
     t.add_argument("--samples", type=int, default=32, help="trajectories (N; default: 32)")
-    t.add_argument("--cost", choices=("local", "endpoint"), default="local")
+    t.add_argument("--cost", choices=("local", "endpoint", "final"), default="local",
+                   help="local: the paper's cost; endpoint / final: flowkit's variants (each jump rolled out to "
+                        "the end / a direct search of each --steps grid on the final error)")
     t.add_argument("--guidance", default=None, metavar="SPEC", help="guidance stack (default: CFG at the model's "
                                                                     "scale), or none")
     t.add_argument("--seed", type=int, default=None, help="base seed of the trajectories")
