@@ -230,6 +230,22 @@ def test_final_table_keeps_only_its_searched_grids(cache):
     assert load_table(table.save(cache / "t.json")).times(3).tolist() == table.times(3).tolist()
 
 
+def test_tune_cli_reports_the_cost_of_the_grid_it_stored(capsys):
+    """`flowkit tune boss --cost final` reports the local cost of the searched grid, not of the
+    DP's grid (mutant: the report's cost from best_path)."""
+    from flowkit.cli import main
+
+    assert main(["tune", "boss", "--model", "tiny", "--cost", "final", "--steps", "3", "--k-max", "6",
+                 "--samples", "2", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    path = report["files"][0]
+    table = load_table(path)
+    (grid,) = report["grids"]
+    assert grid["times"] == [round(v, 6) for v in table.times(3).tolist()]
+    assert grid["cost"] == pytest.approx(path_cost(table.cost, table.indices(3)))
+    assert table.indices(3) != best_path(table.cost, 3)[0]  # on the tiny model the two grids differ
+
+
 # -- tables: fingerprint, round trip, lookup ------------------------------------------------------
 
 def test_fingerprint_follows_weights_and_config():

@@ -103,6 +103,14 @@ class BossTable:
         fine = np.asarray(self.fine)
         return torch.tensor(fine[self.path(steps)], dtype=torch.float64)
 
+    def indices(self, steps: int) -> list[int]:
+        """The fine-grid indices of the `steps`-step grid this table gives (stored or the DP's)."""
+        fine = np.asarray(self.fine)
+        idx = [np.flatnonzero(np.isclose(fine, t, rtol=0, atol=1e-9)) for t in self.times(steps).tolist()]
+        if not all(len(i) == 1 for i in idx):
+            raise InputError(f"BOSS table {self.file_name}: its {steps}-step grid is not on its fine grid; re-tune it")
+        return [int(i[0]) for i in idx]
+
     def choose(self, steps_list: list[int]) -> "BossTable":
         """Store the grids for these step counts (so a reader needs no DP)."""
         for k in steps_list:
