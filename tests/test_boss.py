@@ -16,8 +16,8 @@ from hypothesis import given, settings, strategies as st
 import analytic
 import flowkit
 import tiny_pipes
-from flowkit.boss import (BossTable, Problem, best_path, endpoint_cost, find_table, fingerprint, load_table,
-                          local_cost, path_cost, resolve_table, tune_table)
+from flowkit.boss import (BossTable, Problem, best_path, endpoint_cost, final_error, find_table, fingerprint,
+                          load_table, local_cost, path_cost, resolve_table, search_final, tune_table)
 from flowkit.denoiser import FunctionDenoiser
 from flowkit.errors import InputError, SpecError
 from flowkit.guidance_base import GuidanceStack
@@ -177,6 +177,73 @@ def test_boss_grid_beats_uniform_on_the_gaussian_world():
         assert boss < 0.5 * uniform, (k, boss, uniform)
     mirrored = 1.0 - table.times(4).flip(0)  # control: the same steps, crowded at the noisy end instead
     assert err(mirrored) > err(LinearPath().uniform_grid(4))
+
+
+def _gaussian_trajectories(n=8, m=12, s=0.2):
+    den = FunctionDenoiser(functools.partial(analytic.gaussian_velocity, s=s), LinearPath(), "velocity")
+    prob = _problem(n, den)
+    ts = LinearPath().uniform_grid(m)
+    return prob, prob.euler(randn_per_sample((6,), generators_for(1, range(n))) * float(ts[0]), ts)
+
+
+def test_final_error_is_the_error_of_k_euler_steps_at_the_end():
+    prob, tr = _gaussian_trajectories()
+    path = [0, 5, 9, 12]
+    x, _ = integrate(Euler(), analytic.context(8, 3, den=prob.denoiser), tr.xs[0].double(), tr.ts[path])
+    by_hand = (x - tr.xs[-1].double()).pow(2).sum(-1).mean()
+    assert final_error(prob, tr, path) == pytest.approx(float(by_hand), rel=1e-6)
+    assert final_error(prob, tr, list(range(13))) == pytest.approx(0.0, abs=1e-10)  # the fine path itself
+
+
+def test_final_error_search_finds_the_brute_force_optimum_the_local_cost_misses():
+    """On the Gaussian world (M = 12, K = 3) the local cost's grid is not the grid of least
+    final error; the search finds the brute-force optimum from it (mutant: a search that
+    returns its start unchanged keeps the local grid, [0, 7, 10, 12])."""
+    prob, tr = _gaussian_trajectories()
+    local = best_path(local_cost(tr), 3)[0]
+    path, err, evaluated = search_final(prob, tr, 3, local)
+    brute = min(([0, *inner, 12] for inner in itertools.combinations(range(1, 12), 2)),
+                key=lambda p: final_error(prob, tr, p))
+    assert path == brute and err == pytest.approx(final_error(prob, tr, brute))
+    assert err < 0.8 * final_error(prob, tr, local)
+    assert evaluated < 55  # fewer grids than the exhaustive search
+    with pytest.raises(InputError, match="takes 1 to 12 steps"):
+        search_final(prob, tr, 13, list(range(13)))
+
+
+def test_final_table_keeps_only_its_searched_grids(cache):
+    """A `final` table gives the searched grids and refuses other step counts (its matrix is
+    the local cost: the DP would hand out the local grid under the final label), and the
+    lookup does not offer it for them (mutant: `has` ignoring the kind returns it for 2 steps)."""
+    prob, _ = _gaussian_trajectories()
+    table = tune_table(prob, (6,), k_max=12, cost="final", steps=[3], seed=1)
+    prob2, tr = _gaussian_trajectories()
+    path, _, _ = search_final(prob2, tr, 3, best_path(local_cost(tr), 3)[0])
+    assert table.times(3).tolist() == tr.ts[path].tolist()
+    assert np.array_equal(table.cost, local_cost(tr))
+    with pytest.raises(InputError, match="searched on final error for \\[3\\] steps, not 2"):
+        table.times(2)
+    table.fingerprint = "f" * 24
+    table.save_to_cache()
+    assert find_table("f" * 24, (6,), "final", min_steps=3) is not None
+    assert find_table("f" * 24, (6,), "final", min_steps=2) is None
+    assert load_table(table.save(cache / "t.json")).times(3).tolist() == table.times(3).tolist()
+
+
+def test_tune_cli_reports_the_cost_of_the_grid_it_stored(capsys):
+    """`flowkit tune boss --cost final` reports the local cost of the searched grid, not of the
+    DP's grid (mutant: the report's cost from best_path)."""
+    from flowkit.cli import main
+
+    assert main(["tune", "boss", "--model", "tiny", "--cost", "final", "--steps", "3", "--k-max", "6",
+                 "--samples", "2", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    path = report["files"][0]
+    table = load_table(path)
+    (grid,) = report["grids"]
+    assert grid["times"] == [round(v, 6) for v in table.times(3).tolist()]
+    assert grid["cost"] == pytest.approx(path_cost(table.cost, table.indices(3)))
+    assert table.indices(3) != best_path(table.cost, 3)[0]  # on the tiny model the two grids differ
 
 
 # -- tables: fingerprint, round trip, lookup ------------------------------------------------------

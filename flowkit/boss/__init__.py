@@ -4,6 +4,7 @@ of Flow-Matching Models", ICLR 2024).
 - `cost`: fine Euler trajectories and the local / end-point cost matrices;
 - `dp`: the exact K-step dynamic program over the fine grid;
 - `table`: stored step sizes (`BossTable`), the cache and the shipped tables;
+- `search`: a direct search of a grid on the final error (flowkit's variant);
 - `tuning`: computing a table for a model (what `flowkit tune boss` and the `boss` sampler run).
 """
 
@@ -16,6 +17,7 @@ from flowkit.boss.cost import (
     local_cost,
 )
 from flowkit.boss.dp import best_path, path_cost
+from flowkit.boss.search import final_error, search_final
 from flowkit.boss.table import (
     BossTable,
     cache_root,
@@ -35,6 +37,6 @@ from flowkit.boss.tuning import (
 
 __all__ = [
     "AUTO_PROMPTS", "BossTable", "COST_KINDS", "Problem", "TUNE_SEED", "Trajectories", "auto_problem", "best_path",
-    "cache_root", "endpoint_cost", "find_table", "fine_grid", "fingerprint", "load_table", "local_cost",
-    "model_fingerprint", "path_cost", "resolve_table", "shipped_root", "tune_table",
+    "cache_root", "endpoint_cost", "find_table", "final_error", "fine_grid", "fingerprint", "load_table", "local_cost",
+    "model_fingerprint", "path_cost", "resolve_table", "search_final", "shipped_root", "tune_table",
 ]

@@ -15,7 +15,9 @@ the trajectories themselves. The local cost ignores how an early error grows lat
 
 with Phi the fine Euler flow on t_j..t_M (one rollout per jump: about N M^3 / 6 evaluations,
 so keep M small). Trajectories run through flowkit's own loop (`flowkit.sampling_loop.run`), so
-a guidance stack applies exactly as when sampling.
+a guidance stack applies exactly as when sampling. The `final` kind has no cost matrix of its
+own: its grids come from a direct search on the final error (flowkit.boss.search), and its
+table keeps the local cost beside them.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from flowkit.sampler_base import Sampler, euler_walk
 
 __all__ = ["Problem", "Trajectories", "local_cost", "endpoint_cost", "fingerprint", "COST_KINDS"]
 
-COST_KINDS = ("local", "endpoint")
+COST_KINDS = ("local", "endpoint", "final")  # final: flowkit.boss.search (grids, no matrix of its own)
 
 
 class _Recorder(Sampler):

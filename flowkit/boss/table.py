@@ -87,12 +87,29 @@ class BossTable:
         except InputError as e:
             raise InputError(f"BOSS table {self.file_name} (model {self.model or self.fingerprint}): {e}") from None
 
+    def has(self, steps: int) -> bool:
+        """Whether this table gives a `steps`-step grid: a stored one, or (cost matrices) any
+        count up to k_max; a final-error table only has the grids it was searched for."""
+        return steps in self.grids or (self.cost_kind != "final" and 1 <= steps <= self.k_max)
+
     def times(self, steps: int) -> torch.Tensor:
         """The BOSS grid for `steps` steps: steps + 1 descending flowkit times (float64)."""
         if steps in self.grids:
             return torch.tensor(self.grids[steps], dtype=torch.float64)
+        if self.cost_kind == "final":  # its matrix is the local cost: the DP would give the local grid
+            raise InputError(f"BOSS table {self.file_name} was searched on final error for "
+                             f"{sorted(self.grids) or 'no'} steps, not {steps}: re-tune it with "
+                             f"`flowkit tune boss --cost final --steps {steps}`")
         fine = np.asarray(self.fine)
         return torch.tensor(fine[self.path(steps)], dtype=torch.float64)
+
+    def indices(self, steps: int) -> list[int]:
+        """The fine-grid indices of the `steps`-step grid this table gives (stored or the DP's)."""
+        fine = np.asarray(self.fine)
+        idx = [np.flatnonzero(np.isclose(fine, t, rtol=0, atol=1e-9)) for t in self.times(steps).tolist()]
+        if not all(len(i) == 1 for i in idx):
+            raise InputError(f"BOSS table {self.file_name}: its {steps}-step grid is not on its fine grid; re-tune it")
+        return [int(i[0]) for i in idx]
 
     def choose(self, steps_list: list[int]) -> "BossTable":
         """Store the grids for these step counts (so a reader needs no DP)."""
@@ -162,17 +179,18 @@ def resolve_table(ref: str) -> BossTable:
 
 def find_table(fingerprint: str, shape: tuple[int, ...], cost_kind: str, *, auto: bool | None = None,
                min_steps: int = 1, guidance: str | None = None) -> BossTable | None:
-    """The table of this model, latent shape and cost kind whose fine grid has at least
-    `min_steps` steps, tuned under `guidance` (the stack's spec; None: any): a tuned one from
-    the cache (newest first), then a shipped one, then an on-the-fly one from the cache
-    (prompt set 'auto'). `auto` restricts the search to auto (True) or tuned (False) tables.
-    The step sizes that are best depend on the guidance (CFG bends the trajectories), so a
-    table tuned without guidance is not taken for a guided run, nor the other way round."""
+    """The table of this model, latent shape and cost kind that gives a `min_steps`-step grid
+    (a fine grid of at least that many steps; a final-error table: that grid searched), tuned
+    under `guidance` (the stack's spec; None: any): a tuned one from the cache (newest first),
+    then a shipped one, then an on-the-fly one from the cache (prompt set 'auto'). `auto`
+    restricts the search to auto (True) or tuned (False) tables. The step sizes that are best
+    depend on the guidance (CFG bends the trajectories), so a table tuned without guidance is
+    not taken for a guided run, nor the other way round."""
     shape = tuple(int(v) for v in shape)
 
     def fits(t: BossTable) -> bool:
         return (t.fingerprint == fingerprint and t.shape == shape and t.cost_kind == cost_kind
-                and t.k_max >= min_steps and (guidance is None or t.guidance == guidance))
+                and t.has(min_steps) and (guidance is None or t.guidance == guidance))
 
     dims = "x".join(str(v) for v in shape)
     cached = []

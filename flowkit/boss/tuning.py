@@ -2,9 +2,11 @@
 
 `tune_table` runs N fine Euler trajectories from seeded noise on a fine grid of M steps,
 builds the cost matrix (local or end-point, see flowkit.boss.cost) and stores the best
-grids for the asked step counts. `auto_problem` makes the small problem the `boss` sampler
-tunes on when a model has no table yet: unguided, on a fixed prompt set and fixed seeds, so
-the grid never depends on the run's own prompts or batch partners.
+grids for the asked step counts; the `final` kind searches each asked grid on the final
+error instead (flowkit.boss.search, flowkit's variant). `auto_problem` makes the small
+problem the `boss` sampler tunes on when a model has no table yet: under the run's own
+guidance, on a fixed prompt set and fixed seeds, so the grid never depends on the run's own
+prompts or batch partners.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from flowkit.boss.cost import (
     local_cost,
     prompts_key,
 )
+from flowkit.boss.dp import best_path
+from flowkit.boss.search import search_final
 from flowkit.boss.table import BossTable
 from flowkit.errors import InputError, UnsupportedError
 from flowkit.seeding import generators_for, randn_per_sample
@@ -58,7 +62,8 @@ def tune_table(problem: Problem, shape: Sequence[int], *, k_max: int, cost: str 
 
     shape: the per-sample latent shape; noise row i is drawn from seed_for(seed, i).
     key: the prompt-set key of the table (default: a hash of prompts and guidance).
-    steps: the step counts whose grids are stored in the table.
+    steps: the step counts whose grids are stored in the table (cost "final": the only
+        step counts the table gives, each found by a search on the final error).
     """
     if cost not in COST_KINDS:
         raise InputError(f"BOSS cost must be one of {', '.join(COST_KINDS)}, got {cost!r}")
@@ -69,11 +74,18 @@ def tune_table(problem: Problem, shape: Sequence[int], *, k_max: int, cost: str 
     ts = fine_grid(den, k_max)
     noise = randn_per_sample(tuple(shape), generators_for(seed, range(problem.rows)), problem.device)
     tr = problem.euler(noise * float(ts[0]), ts)
-    matrix = local_cost(tr) if cost == "local" else endpoint_cost(problem, tr, max_rows=max_rows)
+    matrix = endpoint_cost(problem, tr, max_rows=max_rows) if cost == "endpoint" else local_cost(tr)
     table = BossTable(fingerprint=fp, shape=tuple(shape), cost_kind=cost, fine=[float(v) for v in ts.tolist()],
                       cost=matrix, samples=problem.rows, prompts=list(prompts), guidance=guidance,
                       prompts_key=key or prompts_key(prompts, guidance), model=model, nfe=problem.nfe)
-    return table.choose([k for k in steps if k <= k_max])
+    wanted = [k for k in steps if k <= k_max]
+    if cost != "final":
+        return table.choose(wanted)
+    for k in wanted:  # from the local cost's grid (the search also tries the uniform one)
+        path, _, _ = search_final(problem, tr, k, best_path(matrix, k)[0])
+        table.grids[k] = [float(ts[i]) for i in path]
+    table.nfe = problem.nfe
+    return table
 
 
 def auto_problem(ctx: Any, samples: int) -> Problem:
