@@ -626,6 +626,8 @@ def test_the_bench_arms_spend_their_declared_nfe():
         smp = build_sampler(spec)
         spent = smp.budget if isinstance(smp, RBF) else getattr(smp, "n", 1) * STEPS * 2
         assert spent == nfe, (name, spent, nfe)
+        # the r-uniform-grid arms walk the official rbf:linear grid (mutant: the grid option dropped)
+        assert (smp.grid == "rbf:linear") == name.endswith("-rgrid"), (name, smp.grid)
     out = flowkit.sample(_tiny(), ["two blue squares"], sampler=arms()["smc-2"][0], guidance="cfg:scale=4",
                          steps=STEPS, output_type="latent")
     assert out.stats.nfe == [arms()["smc-2"][2]]

@@ -12,13 +12,16 @@ Setup: the 48 two-group captions (cycled), 10 steps, CFG 4, the counter's `count
 RBF at budgets 40 / 80 / 160; ablations at 160: RBF in the linear frame, and RBF without
 rollover (per-step best-of-N); and the linear frame's own baselines, `sde` at 20 and BoN at
 160 (on the shapes model's 10 uniform steps the VP frame's first Euler-Maruyama step has
-g^2 dr / 2 = 1.5 and over-noises: a 16-sample run put the VP `sde` at 0% whole caption). What the arms are judged on is the exact evaluator's whole
-caption and presence and the FSD, never the reward (which is reported too, as what the
-methods optimise).
+g^2 dr / 2 = 1.5 and over-noises: a 16-sample run put the VP `sde` at 0% whole caption);
+and the VP frame on the official `rbf:linear` grid, uniform in its own time r (largest
+g^2 dr / 2 = 0.45): Euler, `sde` at 20 and BoN and RBF at 160 there. What the arms are judged
+on is the exact evaluator's whole caption and presence and the FSD, never the reward (which
+is reported too, as what the methods optimise).
 
 Rows: each arm against Euler at 20 NFE (reward, whole caption, presence, FSD, NFE); RBF
 against BoN and SMC at each budget (reward, whole caption); RBF at 160 against its two
-ablations and against `sde` at 20 (whole caption). Curves of reward and of whole caption
+ablations and against `sde` at 20 (whole caption); on the r-uniform grid RBF against BoN
+(reward, whole caption) and against linear-frame RBF, and `sde` against Euler (whole caption). Curves of reward and of whole caption
 against NFE per method go to the docs and the gallery (`flowkit.gallery.curve`).
 """
 
@@ -39,6 +42,7 @@ REWARD = "count"
 GUIDANCE = f"cfg:scale={SCALE}"
 BUDGETS = (40, 80, 160)  # NFE per image above the 20 of one run (10 steps x CFG's 2)
 VERSION = 1
+RGRID = '"rbf:linear"'  # quoted: a spec value holding ':'
 NO_WORSE_FSD = Claim("no_worse", margin=0.05, relative=True, better="lower")
 
 
@@ -57,6 +61,13 @@ def arms() -> dict[str, tuple[str, str, int]]:
                                                "BoN (linear frame)", top)
     out[f"rbf-linear-{top}"] = (f"rbf:budget={top},reward={REWARD},frame=linear", "RBF (linear frame)", top)
     out[f"rbf-norollover-{top}"] = (f"rbf:budget={top},reward={REWARD},rollover=false", "RBF (no rollover)", top)
+    # the VP frame on a grid uniform in its own time r (the official `rbf:linear` schedule), where
+    # no step has g^2 dr / 2 above 0.45: the VP frame's claims without the first-step over-noising
+    k = top // (2 * STEPS)
+    out["euler-rgrid"] = (f"euler:grid={RGRID}", "Euler (r-uniform grid)", 2 * STEPS)
+    out["sde-rgrid"] = (f"sde:frame=vp,grid={RGRID}", "SDE (r-uniform grid)", 2 * STEPS)
+    out[f"bon-{k}-rgrid"] = (f"bon:n={k},reward={REWARD},grid={RGRID}", "BoN (r-uniform grid)", top)
+    out[f"rbf-{top}-rgrid"] = (f"rbf:budget={top},reward={REWARD},grid={RGRID}", "RBF (r-uniform grid)", top)
     return out
 
 
@@ -132,6 +143,12 @@ def rbf(bench: BenchRun) -> None:
     reward_row(f"rbf-linear-{top}", f"bon-{top // (2 * STEPS)}-linear", Claim("higher"))
     caption_row(f"rbf-linear-{top}", f"bon-{top // (2 * STEPS)}-linear", Claim("higher"))
     caption_row(f"rbf-linear-{top}", "sde-linear", Claim("higher"))
+    # and on the r-uniform grid: RBF vs BoN, the VP frame vs the linear one, SDE vs Euler on one grid
+    k = top // (2 * STEPS)
+    reward_row(f"rbf-{top}-rgrid", f"bon-{k}-rgrid", Claim("higher"))
+    caption_row(f"rbf-{top}-rgrid", f"bon-{k}-rgrid", Claim("higher"))
+    caption_row(f"rbf-{top}-rgrid", f"rbf-linear-{top}", Claim("higher"))
+    caption_row("sde-rgrid", "euler-rgrid", Claim("higher"))
 
     _curves(bench, spec, got)
     _gallery(bench, shapes, spec)
@@ -156,7 +173,7 @@ def _curves(bench: BenchRun, spec: dict[str, tuple[str, str, int]], got: dict[st
             xs = [spec[nm][2] for nm in names]
             series[method if method != "Euler" else "Euler (one run)"] = (xs, [value(got[nm]) for nm in names])
         for name, (_, method, nfe) in spec.items():
-            if method.endswith("(linear frame)") or method.startswith("RBF ("):
+            if "(" in method:  # the single-budget arms: ablations, the linear frame, the r-uniform grid
                 series[method] = ([nfe], [value(got[name])])
         curve(bench, f"RBF, best-of-N and SMC: {title} against NFE per image", x_label="NFE per image",
               y_label=title, series=series)
