@@ -6,7 +6,7 @@ x_{i+1} = x_i + h v(x_i + h/2 v(x_i, t_i), t_i + h/2): two evaluations per step.
 from __future__ import annotations
 
 from flowkit.registry import SAMPLERS
-from flowkit.sampler_base import Sampler
+from flowkit.sampler_base import Sampler, euler_step
 
 __all__ = ["Midpoint"]
 
@@ -22,10 +22,9 @@ class Midpoint(Sampler):
     def sample(self, model, x, ts):
         for i in range(len(ts) - 1):
             t, t_next = float(ts[i]), float(ts[i + 1])
-            h = t_next - t
+            t_mid = t + (t_next - t) / 2
             pred = model(x, t)
-            x_mid = x + (h / 2) * pred.velocity.to(x.dtype)
-            pred_mid = model(x_mid, t + h / 2)
-            x = x + h * pred_mid.velocity.to(x.dtype)
+            pred_mid = model(euler_step(x, t, t_mid, pred), t_mid)
+            x = euler_step(x, t, t_next, pred_mid)
             x = model.end_step(x, pred)
         return x
