@@ -121,6 +121,31 @@ class ShapesBench:
                                   baseline_name=baseline_name,
                                   notes=f"{dropped} samples without coloured pixels left out" if dropped else "")
 
+    def time_row(self, method: str, guidance: str, baseline_guidance: str, claim: Claim,
+                 baseline_name: str) -> Row:
+        """Wall-time ratio of the sampling loop (`stats.seconds`: no text encoding, no decoding)
+        with `guidance` over `baseline_guidance`, both timed now on the same batch of prompts and
+        seeds in alternating rounds (`flowkit.bench.timing`), never from cached arms' seconds."""
+        import flowkit
+        from flowkit.bench.timing import alternating_seconds
+
+        prompts = [t for t, _ in self.items[: self.bench.n(full=8, quick=2)]]
+        repeats = self.bench.n(full=6, quick=2)
+
+        def run(spec: str):
+            def timed(r: int) -> float:
+                out = flowkit.sample(self.pipe, prompts, sampler=SAMPLER, guidance=spec, steps=self.steps,
+                                     seed=self.bench.seed + r, height=self.size, width=self.size,
+                                     output_type="latent")
+                return float(out.stats.seconds)
+            return timed
+
+        t, b = alternating_seconds(run(guidance), run(baseline_guidance), repeats)
+        return self.bench.compare(method, "wall-time ratio", claim=claim, treatment=t, baseline=b,
+                                  baseline_name=baseline_name, units="s",
+                                  notes=f"ratio of mean loop seconds over {repeats} alternating rounds of a batch "
+                                        f"of {len(prompts)}, timed in this run")
+
     def nfe_row(self, method: str, treatment: list[dict], baseline: list[dict], claim: Claim,
                 baseline_name: str) -> Row:
         return self.bench.compare(method, "NFE", claim=claim, treatment=column(treatment, "nfe"),

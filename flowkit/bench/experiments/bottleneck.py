@@ -19,6 +19,7 @@ import numpy as np
 
 from flowkit.bench.core import BenchRun, column, experiment
 from flowkit.bench.experiments._shapes_guidance import ShapesBench, prompt_items
+from flowkit.bench.timing import alternating_seconds
 from flowkit.bench.verdict import Claim
 
 SAMPLER = "bottleneck"
@@ -56,14 +57,11 @@ def bottleneck(bench: BenchRun) -> None:
     # speed: alternating repeats of one batch (warm-up first), timed now (never cached)
     batch = [t for t, _ in shapes.items[: bench.n(full=16, quick=2)]]
     repeats = bench.n(full=12, quick=2)
-    loop_seconds(shapes.pipe, batch, "euler", steps, bench.seed)
-    loop_seconds(shapes.pipe, batch, SAMPLER, steps, bench.seed)
-    secs = {"euler": [], SAMPLER: []}
-    for r in range(repeats):
-        for s in (("euler", SAMPLER) if r % 2 == 0 else (SAMPLER, "euler")):
-            secs[s].append(loop_seconds(shapes.pipe, batch, s, steps, bench.seed + r))
-    bench.compare(method, "loop seconds", claim=FASTER, treatment=np.asarray(secs[SAMPLER]),
-                  baseline=np.asarray(secs["euler"]), baseline_name=base, units="s",
+    low_secs, full_secs = alternating_seconds(
+        lambda r: loop_seconds(shapes.pipe, batch, SAMPLER, steps, bench.seed + r),
+        lambda r: loop_seconds(shapes.pipe, batch, "euler", steps, bench.seed + r), repeats)
+    bench.compare(method, "loop seconds", claim=FASTER, treatment=low_secs, baseline=full_secs, baseline_name=base,
+                  units="s",
                   notes=f"ratio of means over {repeats} alternating repeats of a batch of {len(batch)}")
     shapes.fsd_row(method, low, full, Claim("no_worse", margin=0.1, relative=True, better="lower"), base)
     shapes.rate_row(method, "caption accuracy", "whole_caption", low, full, NO_WORSE, base)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from flowkit.bench.core import BenchRun, column, experiment
+from flowkit.bench.core import BenchRun, experiment
 from flowkit.bench.experiments._shapes_guidance import ShapesBench, prompt_items
 from flowkit.bench.shapes_world import metric_columns
 from flowkit.bench.verdict import Claim
@@ -62,9 +62,7 @@ def counting(bench: BenchRun) -> None:
         shapes.value_row(name, "saturation", "rel_saturation", arm, cfg, Claim("no_worse", margin=0.02,
                                                                                  better="lower"), base)
         shapes.nfe_row(name, arm, cfg, Claim("equivalent", margin=0.001, stat="ratio_of_means"), base)
-        if all("seconds" in r for r in arm + cfg):
-            bench.measure(name, "wall-time ratio", column(arm, "seconds") / column(cfg, "seconds"),
-                          Claim("at_most", target=2.0), notes=f"per-sample loop time over {base}'s")
+        shapes.time_row(name, spec, f"cfg:scale={SCALE}", Claim("at_most", target=2.0, stat="ratio_of_means"), base)
         if set_name == "counting":
             shapes.show(name, spec, base, f"cfg:scale={SCALE}")
     bench.info.update({"n": n, "n_tune": n_tune, "cfg_scale": SCALE, "counting": spec})

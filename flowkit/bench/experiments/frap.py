@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from flowkit.bench.core import BenchRun, column, experiment
+from flowkit.bench.core import BenchRun, experiment
 from flowkit.bench.experiments._shapes_guidance import ShapesBench, prompt_items
 from flowkit.bench.shapes_world import metric_columns
 from flowkit.bench.verdict import Claim
@@ -87,9 +87,7 @@ def frap(bench: BenchRun) -> None:
         shapes.value_row(name, "saturation", "rel_saturation", arm, cfg, Claim("no_worse", margin=0.02,
                                                                                  better="lower"), base)
         shapes.nfe_row(name, arm, cfg, Claim("at_most", target=2.0, stat="ratio_of_means"), base)
-        if all("seconds" in r for r in arm + cfg):
-            bench.measure(name, "wall-time ratio", column(arm, "seconds") / column(cfg, "seconds"),
-                          Claim("at_most", target=3.0), notes=f"per-sample loop time over {base}'s")
+        shapes.time_row(name, spec, f"cfg:scale={SCALE}", Claim("at_most", target=3.0, stat="ratio_of_means"), base)
         bench.info[f"frap_{norm}"] = spec
         if norm == "ae":
             shapes.show(name, spec, base, f"cfg:scale={SCALE}")

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 
-from flowkit.bench.core import BenchRun, column, experiment
+from flowkit.bench.core import BenchRun, experiment
 from flowkit.bench.experiments._shapes_guidance import ShapesBench, prompt_items
 from flowkit.bench.shapes_world import fsd_statistic
 from flowkit.bench.verdict import Claim
@@ -79,9 +79,7 @@ def perturbed(bench: BenchRun) -> None:
         shapes.rate_row(name, "caption accuracy", "whole_caption", arm, cfg, NO_WORSE_POINTS, base)
         shapes.rate_row(name, "presence", "presence", arm, cfg, NO_WORSE_POINTS, base)
         shapes.nfe_row(name, arm, cfg, Claim("at_most", target=1.5, stat="ratio_of_means"), base)
-        if all("seconds" in r for r in arm + cfg):
-            bench.measure(name, "wall-time ratio", column(arm, "seconds") / column(cfg, "seconds"),
-                          Claim("at_most", target=2.0), notes=f"per-sample loop time over {base}'s")
+        shapes.time_row(name, s, f"cfg:scale={SCALE}", Claim("at_most", target=2.0, stat="ratio_of_means"), base)
         bench.info[method] = s
         shapes.show(label, s, base, f"cfg:scale={SCALE}")
     bench.info.update({"n": n, "n_tune": n_tune, "cfg_scale": SCALE, "layers": LAYERS,
