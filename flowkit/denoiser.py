@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import sys
 import time
-import weakref
 from abc import ABC, abstractmethod
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Mapping
@@ -41,7 +40,19 @@ __all__ = ["Denoiser", "NetworkDenoiser", "TransformerDenoiser", "UNetDenoiser",
 
 # torch.compile's keywords that `compile=` takes; fullgraph is on unless given
 COMPILE_KEYWORDS = ("backend", "mode", "fullgraph", "dynamic", "options")
-_COMPILED: "weakref.WeakKeyDictionary[Any, dict[str, Any]]" = weakref.WeakKeyDictionary()
+_CACHE_ATTRIBUTE = "_flowkit_compiled"
+
+
+class _CompiledCache(dict):
+    """The compiled wrappers of one network, kept on the network itself: a wrapper holds its
+    network (`_orig_mod`), so a cache outside the network would keep it alive for ever; on the
+    network the two form a cycle the garbage collector frees. Copies and pickles start empty."""
+
+    def __deepcopy__(self, memo: dict) -> "_CompiledCache":
+        return _CompiledCache()
+
+    def __reduce__(self):
+        return (_CompiledCache, ())
 
 
 def compile_options(compile: Any) -> dict[str, Any] | None:
@@ -75,7 +86,10 @@ def compile_network(network: Any, options: Mapping[str, Any]) -> Any:
     if is_compiled(network):
         return network
     key = repr(sorted(options.items()))
-    cache = _COMPILED.setdefault(network, {})
+    cache = network.__dict__.get(_CACHE_ATTRIBUTE)
+    if not isinstance(cache, _CompiledCache):
+        cache = _CompiledCache()
+        object.__setattr__(network, _CACHE_ATTRIBUTE, cache)
     if key not in cache:
         cache[key] = torch.compile(network, **options)
     return cache[key]

@@ -97,6 +97,35 @@ class _Recorder:
         return (None,)
 
 
+def dropin(pipe) -> torch.Tensor:
+    """Latents of FlowKitPipeline.from_pipe(pipe) under CFG (FLUX: true CFG, so that the batch
+    has the cond and uncond rows of the runs above), 2 steps, on PROMPTS."""
+    extra = {"true_cfg_scale": 3.0, "negative_prompt": [""] * len(PROMPTS)} if "Flux" in type(pipe).__name__ else {}
+    return FlowKitPipeline.from_pipe(pipe)(PROMPTS, num_inference_steps=2, generator=gens(), output_type="latent",
+                                           **SIZE, **extra).images
+
+
+def test_a_compiled_network_is_freed_with_its_pipeline():
+    """`compile=` keeps one compiled wrapper per network for later runs, but not the network
+    alive: after the last reference goes, the network is collected (mutant: the wrappers kept in
+    a module-level WeakKeyDictionary, whose values hold their key through `_orig_mod`, so the
+    network, GPU weights included, lived until the process ended). Copies start uncompiled."""
+    import copy
+    import gc
+    import weakref
+
+    from flowkit.denoiser import compile_network
+
+    net = torch.nn.Linear(2, 2)
+    wrapped = compile_network(net, {"backend": "eager"})
+    assert compile_network(net, {"backend": "eager"}) is wrapped and wrapped._orig_mod is net
+    assert compile_network(copy.deepcopy(net), {"backend": "eager"}) is not wrapped
+    ref = weakref.ref(net)
+    del net, wrapped
+    gc.collect()
+    assert ref() is None
+
+
 def explain_network(family: str, net) -> object:
     """torch._dynamo.explain of one forward of `net` on seeded inputs of the family's shapes."""
     if family == "shapes":
@@ -126,6 +155,7 @@ def test_fullgraph_compiled_denoiser_no_break_no_recompile_same_latents(family):
     net = getattr(pipe, name)
     n_attn = len(net.attn_processors)
     eager_cfg, eager_apg = run(pipe, [CFG(scale=3.0)]), run(pipe, [APG(scale=5.0)])
+    eager_dropin = None if family == "shapes" else dropin(pipe)
 
     A.install(net)
     ex = explain_network(family, net)
@@ -139,9 +169,13 @@ def test_fullgraph_compiled_denoiser_no_break_no_recompile_same_latents(family):
         assert graphs() == 1 and graph_breaks() == 0  # two steps (batched CFG forwards): one graph
         with torch.compiler.set_stance("fail_on_recompile"):  # a recompile would raise
             apg = run(pipe, [APG(scale=5.0)])
+            # the drop-in on the user's compiled network: the same graph, no recompile
+            compiled_dropin = None if family == "shapes" else dropin(pipe)
         assert graphs() == 1
     finally:
         setattr(pipe, name, net)
+    if compiled_dropin is not None:
+        assert rel(compiled_dropin, eager_dropin) < TOL
     assert rel(cfg.latents, eager_cfg.latents) < TOL and rel(apg.latents, eager_apg.latents) < TOL
     assert rel(apg.latents, cfg.latents) > 100 * TOL  # negative control: the two stacks differ
     assert cfg.stats.attention == eager_cfg.stats.attention == {"sdpa": cfg.stats.forward_calls * n_attn}
