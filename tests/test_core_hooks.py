@@ -136,6 +136,23 @@ def test_windows_match_diffusers_guiders(n, start, stop):
         _diffusers_steps(AdaptiveProjectedGuidance, n, start, stop)
 
 
+def test_window_equals_diffusers_on_a_grid_of_runs_and_fractions():
+    """`Guidance.window` against diffusers' `_is_cfg_enabled` on every N in 1..20 and every
+    start < stop on a 0.05 grid (4,200 windows; no sampling run: the window itself). Mutants:
+    round() in place of int(), the fraction test start <= i/N < stop, stop inclusive."""
+    from diffusers.guiders import ClassifierFreeGuidance
+
+    fractions = [round(k * 0.05, 2) for k in range(21)]
+    for n in range(1, 21):
+        for start in fractions:
+            for stop in fractions:
+                if start >= stop:
+                    continue
+                first, end = CFG(scale=3.0, start=start, stop=stop).window(n)
+                ours = [first <= i < end for i in range(n)]
+                assert ours == _diffusers_steps(ClassifierFreeGuidance, n, start, stop), (n, start, stop)
+
+
 def test_the_fraction_window_mutant_disagrees_with_diffusers(monkeypatch):
     from diffusers.guiders import ClassifierFreeGuidance
 
