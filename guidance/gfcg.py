@@ -153,6 +153,7 @@ class GFCG(Guidance):
         device = weights[0].device if weights else x0.device
         with torch.no_grad():
             out = fn(x0.detach().float().clamp(-1.0, 1.0).to(device))
+        ctx.reward_calls += 1  # a classifier call: counted apart from NFE
         logits = getattr(out, "class_logits", out)
         if not isinstance(logits, Tensor) or logits.ndim != 2 or logits.shape[0] != x0.shape[0] or logits.shape[1] < 2:
             shape = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__

@@ -226,3 +226,30 @@ def test_gfcg_classifies_the_previous_guided_clean_image():
 def check_gfcg_reading():
     img_err, x_err = gfcg_reading_check()
     assert img_err < 1e-5 and x_err < 1e-5, (img_err, x_err)
+
+
+def test_classifier_calls_are_counted_apart_from_nfe():
+    """The classifier runs once per step after the first (on the whole batch, on the previous
+    step's guided clean image), pushed or not, and each run is one `stats.reward_calls`, not an
+    NFE; the base guidance makes none. Mutant caught: the `ctx.reward_calls += 1` in
+    `GFCG._probs` removed (reward_calls stays 0 for cfg+gfcg)."""
+    calls = []
+
+    def counted(logits):
+        def fn(x):
+            calls.append(x.shape[0])
+            return fixed(logits)(x)
+        return fn
+
+    for logits, pushed in (([0.0, 1.0, 0.2], 3), ([10.0, 0.0, 0.0], 0)):  # confused: pushed; confident: not
+        calls.clear()
+        _, stats, _ = _sample([CFG(scale=3.0), gfcg(counted(logits), scale=2.0, targets=[0])])
+        assert calls == [3] * (STEPS - 1)
+        assert stats.reward_calls == STEPS - 1
+        assert stats.nfe == [2 * STEPS + (STEPS - 1) * bool(pushed)] * 3  # NFE untouched by classifier calls
+    _, base, _ = _sample([CFG(scale=3.0)])
+    assert base.reward_calls == 0
+    # the shapes model's own classifier through flowkit.sample: steps 1 and 2 of 3
+    out = flowkit.sample(flowkit.load("tiny"), ["a red circle"], steps=3, guidance="cfg:scale=4+gfcg:threshold=0",
+                         output_type="latent")
+    assert out.stats.reward_calls == 2 and out.stats.nfe == [2 * 3 + 2]

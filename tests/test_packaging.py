@@ -239,6 +239,12 @@ def plugin_site(tmp_path_factory) -> Path:
 
 
 def test_plugin_registers_through_entry_points(plugin_site, tmp_path):
+    """tests/plugin_pkg's sampler, guidance module and reward, declared by entry points only, are
+    registered, listed, swept and run. The reward part (`flowkit.rewards` group): `dummy-reward`
+    is in `flowkit.rewards.available()` and `flowkit list`, and `bon:reward=dummy-reward` keeps
+    what the same function wrapped by `Reward.from_fn` keeps (control: `count` keeps others).
+    Mutant caught: REWARDS scanning another entry-point group than `flowkit.rewards` (the run
+    fails with "unknown reward 'dummy-reward'")."""
     code = f"""
 import json, sys
 sys.path.append({str(TESTS)!r})  # the analytic world, after the plugin and flowkit
@@ -273,11 +279,31 @@ ts = TimeGrid.uniform().build(6, LinearPath())
 x_ref, _ = integrate(Euler(), context(3, 6, [CFG(scale=2.0)]), noise, ts)
 stack = build_guidance("cfg:scale=2+dummy-guidance", 1.0)
 x_dummy, stats = integrate(build_sampler("dummy-euler"), context(3, 6, list(stack)), noise, ts)
+
+# the plugin's reward, by name, scores best-of-N particles on the shapes model
+import flowkit, flowkit.rewards
+from flowkit.registry import REWARDS
+from flowkit.rewards import Reward
+pipe = flowkit.load("tiny")
+bon = dict(steps=2, seed=0, guidance="cfg:scale=4", output_type="latent")
+prompts = ["a red circle", "two blue squares"]
+by_name = flowkit.sample(pipe, prompts, sampler="bon:n=3,base=euler,reward=dummy-reward", **bon)
+reward_called = plugin.DummyReward.calls
+by_fn = flowkit.sample(pipe, prompts, sampler="bon:n=3,base=euler", reward=Reward.from_fn(plugin.low_energy,
+                       differentiable=True), **bon)
+by_count = flowkit.sample(pipe, prompts, sampler="bon:n=3,base=euler,reward=count", **bon)
 print(json.dumps({{
     "samplers": sorted(flowkit.samplers.available()),
     "guidance": sorted(flowkit.guidance.available()),
     "sampler_is_plugin": SAMPLERS.get("dummy-euler") is plugin.DummySampler,
     "guidance_is_plugin": GUIDANCE.get("dummy-guidance") is plugin.DummyGuidance,
+    "rewards": sorted(flowkit.rewards.available()),
+    "reward_is_plugin": REWARDS.get("dummy-reward") is plugin.DummyReward,
+    "reward_called": reward_called,
+    "reward_calls": by_name.stats.reward_calls,
+    "bon_nfe": by_name.stats.nfe,
+    "bon_same_as_fn": bool(torch.equal(by_name.images, by_fn.images)),
+    "bon_differs_from_count": not bool(torch.equal(by_name.images, by_count.images)),
     "stack": [type(m).__name__ for m in stack],
     "same_as_euler": bool(torch.equal(x_ref, x_dummy)),
     "nfe": stats.nfe,
@@ -298,6 +324,13 @@ print(json.dumps({{
     assert info["nfe"] == [12, 12, 12]
     # a new module in a plugin package shows up in `flowkit list` and in the sweep, and runs there
     assert "dummy-euler" in info["listed"]["samplers"] and "dummy-guidance" in info["listed"]["guidance"]
+    # a reward registered only by a `flowkit.rewards` entry point is listed and scores particles by its name
+    assert "dummy-reward" in info["rewards"] and "count" in info["rewards"]
+    assert "dummy-reward" in info["listed"]["rewards"]
+    assert info["reward_is_plugin"]
+    assert info["reward_called"] == 1 and info["reward_calls"] == 1 and info["bon_nfe"] == [3 * 2 * 2] * 2
+    assert info["bon_same_as_fn"], "bon:reward=dummy-reward should keep what the same function as a reward keeps"
+    assert info["bon_differs_from_count"], "control: the default count reward keeps other particles"
     assert len(info["in_sweep"]) > 0 and info["swept"] == ["ran", "ran", "ran"]
 
 

@@ -234,3 +234,39 @@ def test_the_perturbed_branch_runs_alone_and_leaves_the_other_rows_unchanged(mon
     for k in ("cond", "uncond"):
         assert torch.equal(seen[k], cfg[k]), k
     assert float((seen["cond_skip"] - seen["cond"]).abs().max()) > 1e-4
+
+
+def test_a_skipped_block_keeps_its_diffusers_hook_after_the_slg_run():
+    """A diffusers hook (HookRegistry / ModelHook, as first-block cache or group offload install
+    on a block's instance `forward`) on SD3's `transformer_blocks.1` survives an SLG run that
+    skips that block: a later plain CFG run still goes through it, once per forward of the block.
+    Mutant caught: `perturbing` deleting the instance `forward` in its cleanup (the old
+    `del module.forward`, which threw the hook's forward away: the hook then fires 2 times
+    instead of 5 already in the SLG run, and never in the CFG run)."""
+    from diffusers.hooks import HookRegistry, ModelHook
+
+    class Counter(ModelHook):
+        calls = 0
+
+        def pre_forward(self, module, *args, **kwargs):
+            Counter.calls += 1
+            return args, kwargs
+
+    pipe = tp.cached("sd3-3layers")
+    block = pipe.transformer.transformer_blocks[1]
+    registry = HookRegistry.check_if_exists_or_initialize(block)
+    registry.register_hook(Counter(), "flowkit_test_counter")
+    try:
+        kw = dict(num_inference_steps=5, guidance_scale=4.0, output_type="latent", **tp.SIZE)
+        fk = FlowKitPipeline.from_pipe(pipe)
+        fk(tp.PROMPTS, generator=torch.Generator().manual_seed(4), skip_guidance_layers=[1],
+           skip_layer_guidance_scale=2.5, skip_layer_guidance_start=0.01, skip_layer_guidance_stop=0.7, **kw)
+        assert sorted(fk.stats.steps[1].branches) == ["cond", "cond_skip", "uncond"]  # block 1 was skipped
+        assert Counter.calls == 5  # the batched cond/uncond forwards went through the hook, the skipped ones not
+        Counter.calls = 0
+        fk = FlowKitPipeline.from_pipe(pipe)
+        fk(tp.PROMPTS, generator=torch.Generator().manual_seed(4), **kw)
+        assert fk.stats.nfe == [5 * 2] * 2
+        assert Counter.calls == 5, "the block's diffusers hook no longer runs after the SLG run"
+    finally:
+        registry.remove_hook("flowkit_test_counter")

@@ -119,7 +119,7 @@ class AttentionController:
         forward, `forward`, flags them) and make its `skip` blocks return their inputs."""
         self.perturbed_layers(perturbation)
         net = self.network() if self.network is not None else None
-        skipped = []
+        skipped = []  # (block, the forward it had on its instance, or None)
         try:
             for block in perturbation.skip:
                 try:
@@ -128,12 +128,17 @@ class AttentionController:
                     module = None
                 if module is None:
                     raise UnsupportedError(f"no block {block!r} to skip in this network")
+                # a forward already on the instance (diffusers' HookRegistry hooks: first-block
+                # cache, group offload, ...) is put back afterwards, not deleted
+                skipped.append((module, module.__dict__.get("forward")))
                 module.forward = _skipper(module)
-                skipped.append(module)
             yield
         finally:
-            for module in skipped:
-                del module.forward
+            for module, own in reversed(skipped):
+                if own is None:
+                    del module.forward
+                else:
+                    module.forward = own
 
     # -- the plan of one forward -------------------------------------------------------
     def _set(self, plan: _Plan) -> None:

@@ -1,15 +1,17 @@
-"""A dummy flowkit plugin: one sampler and one guidance module, found by entry point only.
+"""A dummy flowkit plugin: one sampler, one guidance module and one reward, found by entry
+point only.
 
 Nothing here registers itself: flowkit's registry loads the classes named by the
-`flowkit.samplers` and `flowkit.guidance` entry points of this distribution.
+`flowkit.samplers`, `flowkit.guidance` and `flowkit.rewards` entry points of this distribution.
 """
 
 from __future__ import annotations
 
 from flowkit.guidance_base import Guidance
+from flowkit.rewards import Reward
 from flowkit.sampler_base import Sampler
 
-__all__ = ["DummySampler", "DummyGuidance"]
+__all__ = ["DummySampler", "DummyGuidance", "DummyReward", "low_energy"]
 
 
 class DummySampler(Sampler):
@@ -32,3 +34,19 @@ class DummyGuidance(Guidance):
 
     def correct(self, ctx, x, pred, preds):
         return pred
+
+
+def low_energy(images):
+    """Minus the mean squared pixel of each image [B, ...] -> [B]."""
+    return -images.flatten(1).float().pow(2).mean(dim=1)
+
+
+class DummyReward(Reward):
+    name = "dummy-reward"
+    description = "a plugin's reward: minus the mean squared pixel (test of the flowkit.rewards entry point)"
+    differentiable = True
+    calls = 0  # how often flowkit called it
+
+    def score(self, images, prompts):
+        DummyReward.calls += 1
+        return low_energy(images)
