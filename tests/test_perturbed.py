@@ -270,3 +270,26 @@ def test_a_skipped_block_keeps_its_diffusers_hook_after_the_slg_run():
         assert Counter.calls == 5, "the block's diffusers hook no longer runs after the SLG run"
     finally:
         registry.remove_hook("flowkit_test_counter")
+
+
+def test_attention_counts_leave_out_the_layers_of_skipped_blocks(monkeypatch):
+    """`stats.attention` counts the calls each forward made: under SLG the layers inside a
+    skipped block make none, so the counted total equals the calls a spy on the processors
+    sees (mutant caught: every installed processor counted once per forward, skipped blocks
+    included, which over-counts by the skipped block's layers in each perturbed forward)."""
+    seen = []
+    real_attend = FlowKitProcessor.attend
+
+    def attend(self, q, k, v, mask=None, cross=None):
+        seen.append(self.layer)
+        return real_attend(self, q, k, v, mask, cross)
+
+    monkeypatch.setattr(FlowKitProcessor, "attend", attend)
+    pipe = tp.cached("sd3-3layers")
+    fk = FlowKitPipeline.from_pipe(pipe)
+    fk(tp.PROMPTS, generator=torch.Generator().manual_seed(4), skip_guidance_layers=[1],
+       skip_layer_guidance_scale=2.5, skip_layer_guidance_start=0.01, skip_layer_guidance_stop=0.7,
+       num_inference_steps=5, guidance_scale=4.0, output_type="latent", **tp.SIZE)
+    skip_forwards = sum(1 for r in fk.stats.steps if "cond_skip" in r.branches)
+    assert skip_forwards > 0
+    assert sum(fk.stats.attention.values()) == len(seen)

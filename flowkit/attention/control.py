@@ -113,6 +113,13 @@ class AttentionController:
             self._perturbed[perturbation] = (out[0], out[1])
         return self._perturbed[perturbation]
 
+    def skipped_calls(self, perturbation: Any) -> int:
+        """Processors inside the perturbation's `skip` blocks: attention calls a skipped forward
+        does not make (its blocks return their inputs)."""
+        if not perturbation.skip:
+            return 0
+        return sum(1 for name in self.processors if any(name.startswith(block + ".") for block in perturbation.skip))
+
     @contextmanager
     def perturbing(self, perturbation: Any) -> Iterator[None]:
         """Apply `perturbation` for one forward: resolve its attention layers (the plan of the
@@ -170,11 +177,12 @@ class AttentionController:
         return plan, outer, saved
 
     def _close(self, plan: _Plan, outer: _Plan, saved: tuple[int, int], ok: bool) -> None:
-        """Count a finished forward's calls (one per installed processor; none for a replayed
-        or failed forward) and restore the outer plan."""
+        """Count a finished forward's calls (one per installed processor, less those inside
+        skipped blocks; none for a replayed or failed forward) and restore the outer plan."""
         if ok and not (plan.store is not None and plan.store.replaying):
             captured, identities = self.captured, self.identities
-            fused = len(self.processors) - captured - identities
+            skipped = self.skipped_calls(plan.perturbation) if plan.perturbation is not None else 0
+            fused = len(self.processors) - captured - identities - skipped
             for counts in (self.counts, None if plan.store is None else plan.store.counts):
                 if counts is None:
                     continue
