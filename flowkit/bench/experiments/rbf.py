@@ -14,7 +14,9 @@ rollover (per-step best-of-N); and the linear frame's own baselines, `sde` at 20
 160 (on the shapes model's 10 uniform steps the VP frame's first Euler-Maruyama step has
 g^2 dr / 2 = 1.5 and over-noises: a 16-sample run put the VP `sde` at 0% whole caption);
 and the VP frame on the official `rbf:linear` grid, uniform in its own time r (largest
-g^2 dr / 2 = 0.45): Euler, `sde` at 20 and BoN and RBF at 160 there. What the arms are judged
+g^2 dr / 2 = 0.45): Euler, `sde` at 20 and BoN and RBF at 160 there; and RBF at 160 in the
+linear frame with the VP frame's c = 3 (the frame alone, as the official code's single
+`diffusion_norm` would run it). What the arms are judged
 on is the exact evaluator's whole caption and presence and the FSD, never the reward (which
 is reported too, as what the methods optimise).
 
@@ -61,6 +63,10 @@ def arms() -> dict[str, tuple[str, str, int]]:
                                                "BoN (linear frame)", top)
     out[f"rbf-linear-{top}"] = (f"rbf:budget={top},reward={REWARD},frame=linear", "RBF (linear frame)", top)
     out[f"rbf-norollover-{top}"] = (f"rbf:budget={top},reward={REWARD},rollover=false", "RBF (no rollover)", top)
+    # the frame alone: the linear frame with the VP frame's c = 3 (the official code has one
+    # diffusion_norm for both frames; flowkit's linear default is c = 1)
+    out[f"rbf-linear-c3-{top}"] = (f"rbf:budget={top},reward={REWARD},frame=linear,c=3", "RBF (linear frame, c=3)",
+                                   top)
     # the VP frame on a grid uniform in its own time r (the official `rbf:linear` schedule), where
     # no step has g^2 dr / 2 above 0.45: the VP frame's claims without the first-step over-noising
     k = top // (2 * STEPS)
@@ -148,6 +154,8 @@ def rbf(bench: BenchRun) -> None:
     reward_row(f"rbf-{top}-rgrid", f"bon-{k}-rgrid", Claim("higher"))
     caption_row(f"rbf-{top}-rgrid", f"bon-{k}-rgrid", Claim("higher"))
     caption_row(f"rbf-{top}-rgrid", f"rbf-linear-{top}", Claim("higher"))
+    caption_row(f"rbf-{top}-rgrid", f"rbf-linear-c3-{top}", Claim("higher"))
+    caption_row(f"rbf-linear-{top}", f"rbf-linear-c3-{top}", Claim("higher"))
     caption_row("sde-rgrid", "euler-rgrid", Claim("higher"))
 
     _curves(bench, spec, got)
