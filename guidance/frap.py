@@ -17,8 +17,11 @@ never changed, which is the paper's point against latent-optimising methods):
   are disjoint; maximised, so a colour attends where its noun does.
 
 The paper's abstract fixes the parts above (token weights, online updates, a presence term
-and a binding term). What its method section specifies beyond them could not be read here,
-so these choices are ours:
+and a binding term). Its method section could not be read here; a secondary summary of it
+(a paper review) gives the same two terms, L = L_presence - lambda L_binding with
+L_presence = 1 - max G(A_s) and L_binding the pixel sum of min(P G(A_s), P G(A_r)) scaled
+by 1/P^2 (a constant, absorbed here into lambda), but not the weight update's rule or
+schedule, nor how the objects' terms are pooled. So these choices are ours:
 - the weights are applied to the conditional branch only and only object and modifier
   tokens are updated (the others stay 1); they are clamped to [min_weight, max_weight]
   (prompt weights far from 1 break images: on the shapes model x2.5 on one group drops the
