@@ -169,6 +169,8 @@ BAD = {
     "bad grid": (["--grid", "shift:-1"], "--grid"),
     "negative seed": (["--seed", "-1"], "--seed must be"),
     "one file, two images": (["-n", "2", "--out", "two.png"], "names one file"),
+    # positions= are nested lists, which no spec holds (mutant: given_positions without its flat-list check)
+    "positions in a spec": (["--guidance", "cfg:scale=4+frap:positions=[3;2]"], "a spec cannot hold nested lists"),
 }
 
 

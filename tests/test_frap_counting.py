@@ -360,6 +360,63 @@ def test_class_agnostic_counter_counts_each_object_in_its_region():
     assert out.stats.reward_calls == 3 * 3
 
 
+# --------------------------------------------------------------------------- positions=
+
+
+def _embeds_or_text_run(pipe, module, prompt, embeds):
+    """CFG 3 + `module` through the drop-in, from the prompt's text or its embeddings."""
+    from flowkit.pipelines import FlowKitPipeline
+
+    fk = FlowKitPipeline.from_pipe(pipe, guidance=[CFG(scale=3.0), module])
+    kw = dict(num_inference_steps=4, output_type="latent", height=32, width=32,
+              generator=torch.Generator().manual_seed(0))
+    if embeds:
+        emb, neg = pipe.encode_prompt(prompt, "cpu", 1, True)
+        out = fk(prompt_embeds=emb, negative_prompt_embeds=neg, **kw)
+    else:
+        out = fk([prompt], **kw)
+    return out.images, fk.stats
+
+
+def test_positions_with_prompt_embeddings_run_both_modules_on_tiny_sd():
+    """Prompt embeddings with positions= give, for FRAP and counting guidance, the very run
+    that the prompt's text with the same words gives (mutants: positions not reaching the
+    module, or the stack's description choking on them, fail the run; a wrong token, e.g.
+    check_positions shifting a position by one, changes it); other positions give another run."""
+    pipe = tiny_pipes.cached("sd")
+    prompt = "red cat, dog"  # the tiny CLIP is character-level: red 1-3, cat 4-6, dog 8-10
+    words, right = ["cat red", "dog"], [[[[4, 5, 6], [1, 2, 3]], [[8, 9, 10]]]]
+    wrong = [[[[8, 9, 10], [1, 2, 3]], [[4, 5, 6]]]]
+    counter = lambda img: (img + 1).mean(dim=(1, 2, 3))  # noqa: E731 (class-agnostic: masks from the maps)
+    for make in (lambda **kw: FRAP(lr=50.0, stop=0.5, norm="raw", **kw),
+                 lambda **kw: CountingGuidance(scale=1.0, counter=counter, targets=[1, 2], norm="raw", **kw)):
+        text, text_stats = _embeds_or_text_run(pipe, make(words=words), prompt, embeds=False)
+        given, given_stats = _embeds_or_text_run(pipe, make(positions=right), prompt, embeds=True)
+        other, _ = _embeds_or_text_run(pipe, make(positions=wrong), prompt, embeds=True)
+        assert torch.equal(given, text) and given_stats.backward_calls == text_stats.backward_calls > 0
+        assert not torch.equal(other, given)
+        assert "positions=custom" in given_stats.guidance
+
+
+def test_positions_are_refused_in_a_spec_and_in_a_flat_list():
+    """A spec (the CLI) cannot hold positions' nested lists, and a flat list is not per prompt,
+    per group, per word: both refused at construction with one line naming the form (mutant:
+    given_positions without its flat-list check gives no spec hint)."""
+    from flowkit.errors import SpecError
+    from flowkit.registry import GUIDANCE
+    from flowkit.spec import build
+
+    for spec in ("frap:positions=[3;2]", "counting:positions=custom", "frap:positions=3"):
+        with pytest.raises(SpecError, match=r"positions=.*per prompt, per group, per word.*\[\[\[5, 2\]\]\]") as e:
+            build(GUIDANCE, spec)
+        assert "\n" not in str(e.value) and "spec cannot hold nested lists" in str(e.value)
+    for make in (FRAP, CountingGuidance):
+        with pytest.raises(ValueError, match="not per prompt, per group, per word"):
+            make(positions=[3, 2])
+        with pytest.raises(ValueError, match=r"positions\[0\]\[0\] is empty"):
+            make(positions=[[[]]])
+
+
 # --------------------------------------------------------------------------- every family
 
 
