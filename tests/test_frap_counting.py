@@ -309,8 +309,11 @@ def test_counting_is_the_same_in_every_prediction_frame(kind):
 
 def test_counting_raises_a_toy_count_and_leaves_a_met_target_alone():
     """On a toy counter (mass of the red channel), guidance raises the count towards a larger
-    target; with the target equal to the current count nothing moves (the loss and its
-    gradient are 0)."""
+    target. Control: a counter that reads 7 with a nonzero gradient (7 + (img - img.detach()))
+    leaves the run bit-identical at targets=[7] (the loss and its gradient are 0 there) and
+    moves it at targets=[8] (mutant: the count pushed up whatever the target, the gradient of
+    -sum c instead of the loss's, passes the red run and the old constant-counter control but
+    moves the targets=[7] run)."""
     pipe = flowkit.load("tiny")
     from flowkit.adapters.base import adapt
 
@@ -323,10 +326,17 @@ def test_counting_raises_a_toy_count_and_leaves_a_met_target_alone():
     more = flowkit.sample(pipe, ["a red circle"] * 2, guidance=[CFG(scale=4.0), CountingGuidance(
         scale=40.0, counter=red, targets=[round(current) + 6], start=0.3)], **kw)
     assert red(more.latents).mean().item() > current + 0.5
-    same = flowkit.sample(pipe, ["a red circle"] * 2, guidance=[CFG(scale=4.0), CountingGuidance(
-        scale=3.0, counter=lambda img: torch.full((img.shape[0],), 7.0) + 0 * img.sum(dim=(1, 2, 3)),
-        targets=[7], start=0.3)], **kw)
-    assert torch.equal(same.latents, base.latents)
+
+    def seven(img):  # the value 7, the gradient 1 on every pixel
+        return 7.0 + (img - img.detach()).flatten(1).sum(dim=1)
+
+    def run(target):
+        return flowkit.sample(pipe, ["a red circle"] * 2, guidance=[CFG(scale=4.0), CountingGuidance(
+            scale=3.0, counter=seven, targets=[target], start=0.3)], **kw)
+
+    same, other = run(7), run(8)
+    assert torch.equal(same.latents, base.latents) and same.stats.backward_calls > 0
+    assert not torch.equal(other.latents, base.latents)
 
 
 def test_counting_nfe_without_and_with_the_attention_loss():
