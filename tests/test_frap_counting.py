@@ -209,13 +209,41 @@ def test_count_and_attention_losses():
     assert attention_loss(a, a).item() == pytest.approx(9 - 0.9)
 
 
-def test_swapped_tokens_give_swapped_masks():
-    """Region masks follow the maps (mutant: masks from a fixed order)."""
+def test_swapped_word_groups_give_swapped_masks(monkeypatch):
+    """The per-object masks come from each group's own attention map: the same prompt with its
+    word groups given in swapped order gives, at every step, the masks swapped (and the same
+    run), while the two objects' masks differ (mutant: `_object_maps` taking the maps in prompt
+    order, not the groups' order, gives the masks unswapped). On synthetic maps, region masks
+    follow the maps."""
+    from flowkit.guidance import counting
+
     maps = torch.stack([_block(at=(0, 0)), _block(at=(5, 5))]) + 0.01
     m = region_masks(maps, (16, 16))
-    m_swapped = region_masks(maps.flip(0), (16, 16))
-    assert torch.equal(m.flip(0), m_swapped)
+    assert torch.equal(m.flip(0), region_masks(maps.flip(0), (16, 16)))
     assert m[0, 2, 2] == 1 and m[0, 12, 12] == 0 and m[1, 12, 12] == 1
+
+    seen = []
+
+    def spy(maps, size):
+        out = region_masks(maps, size)
+        seen.append(out)
+        return out
+
+    monkeypatch.setattr(counting, "region_masks", spy)
+    pipe = flowkit.load("tiny")
+    counter = lambda img: (img + 1).mean(dim=(1, 2, 3))  # noqa: E731 (class-agnostic: masks from the maps)
+    runs = []
+    for words, targets in ((["circles red", "square blue"], [2, 1]), (["square blue", "circles red"], [1, 2])):
+        seen.clear()
+        out = flowkit.sample(pipe, PROMPTS[:1], steps=3, seed=0, output_type="latent", guidance=[
+            CFG(scale=4.0), CountingGuidance(scale=1.0, counter=counter, targets=targets, words=words)])
+        runs.append((out.latents, list(seen)))
+    (first, masks), (second, swapped) = runs
+    assert len(masks) == len(swapped) == 3
+    for a, b in zip(masks, swapped):
+        assert a.shape[0] == 2 and not torch.equal(a[0], a[1])
+        assert torch.equal(a.flip(0), b)
+    assert torch.equal(first, second)
 
 
 # --------------------------------------------------------------------------- counting: the update
