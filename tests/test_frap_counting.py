@@ -367,6 +367,20 @@ def test_counting_raises_a_toy_count_and_leaves_a_met_target_alone():
     assert not torch.equal(other.latents, base.latents)
 
 
+def test_counting_without_a_counter_is_refused_on_sd():
+    """SD has no counter of its own: counting guidance without counter= is refused before the
+    run, in one line saying what to pass (mutant: refuse() without its counter check lets the
+    run reach the counter and fail with a TypeError on None)."""
+    from flowkit.errors import UnsupportedError
+
+    pipe = tiny_pipes.cached("sd")
+    with pytest.raises(UnsupportedError, match=r"^counting guidance needs a counter for this model: pass counter=") \
+            as e:
+        flowkit.sample(pipe, ["a red cat"], steps=2, height=32, width=32, output_type="latent",
+                       guidance=[CFG(scale=3.0), CountingGuidance(scale=1.0, targets=[1])])
+    assert "\n" not in str(e.value) and "[B, 3, H, W] -> counts [B] or [B, K]" in str(e.value)
+
+
 def test_counting_nfe_without_and_with_the_attention_loss():
     """Counting costs no evaluation; the attention loss costs one per step (mutant: charging
     the counter as NFE, or evaluating without charging)."""
