@@ -13,6 +13,7 @@ out), and the presence of s is measured on the map smoothed by a 3x3 Gaussian (s
 from __future__ import annotations
 
 import math
+import sys
 from typing import Any, Sequence
 
 import torch
@@ -20,8 +21,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from flowkit.errors import InputError, UnsupportedError
+from flowkit.tokens import check_positions
 
-__all__ = ["named_layers", "layer_maps", "normalize_maps", "smooth", "prompt_groups", "finest_layers", "groups_reason", "sqrt_decay"]
+__all__ = ["named_layers", "layer_maps", "normalize_maps", "smooth", "prompt_groups", "finest_layers", "groups_reason",
+           "sqrt_decay", "given_positions"]
 
 
 def named_layers(store: Any, patterns: Sequence[str]) -> list[str]:
@@ -102,6 +105,21 @@ def prompt_groups(ctx: Any, words: Any, positions: Any) -> list[list[Any]]:
         raise InputError("these prompts were given as embeddings, which carry no words: pass positions=[...] "
                          "(per prompt, per group, the token positions of the object and its modifiers)")
     return kit.token_groups(ctx.prompts, words=words, positions=positions)
+
+
+def given_positions(positions: Any, name: str) -> Any:
+    """`positions=` of a module checked for its shape (per prompt, per group, per word; the
+    sequence length is checked at the run), or ValueError. A spec (the CLI) holds only flat
+    lists, so positions cannot come from one: the module shows them as "custom"."""
+    if positions is None:
+        return None
+    nested = isinstance(positions, Sequence) and not isinstance(positions, (str, bytes)) and positions and all(
+        isinstance(row, Sequence) and not isinstance(row, (str, bytes)) for row in positions)
+    if not nested:
+        raise ValueError(f"{name}: positions={positions!r:.40} is not per prompt, per group, per word (object first), "
+                         "e.g. [[[5, 2]]]; a spec cannot hold nested lists: pass them from Python or use words=")
+    check_positions(positions, sys.maxsize, None)  # its shape (InputError, a ValueError, names the entry)
+    return positions
 
 
 def groups_reason(ctx: Any, words: Any, positions: Any, name: str) -> str | None:

@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from flowkit.guidance._maps import (
     finest_layers,
+    given_positions,
     groups_reason,
     layer_maps,
     named_layers,
@@ -97,14 +98,15 @@ class CountingGuidance(Guidance):
 
     def __init__(self, *, scale: float = 1.0, counter: Any = None, targets: list[int] | None = None,
                  attention: float | None = None, linear: bool = False, norm: str = "ae",
-                 layers: list[str] | None = None, words: list[str] | None = None, positions: list[int] | None = None,
+                 layers: list[str] | None = None, words: list[str] | None = None, positions: list | None = None,
                  start: float = 0.0, stop: float = 1.0):
         """scale: s; counter: images in [-1, 1] -> counts [B] or [B, K] (default: the model's
         world's, `ctx.kit.counter`); targets: the asked count of each object group in prompt
         order (default: read from the prompt, by the world or the token groups); attention:
         the attention loss's scale (None: off); linear: the official count-dependent factor;
         norm, layers: how the object maps for masks and the attention loss are read (see
-        FRAP); words, positions: the object groups when the world cannot read the prompt."""
+        FRAP); words, positions: the object groups when the world cannot read the prompt
+        (positions as FRAP's: nested lists, from Python only)."""
         super().__init__(start=start, stop=stop)
         if not scale >= 0:
             raise ValueError(f"scale must be >= 0, got {scale}")
@@ -130,7 +132,9 @@ class CountingGuidance(Guidance):
         self.attention = None if attention is None else float(attention)
         self.linear, self.norm = bool(linear), norm
         self.layers = None if layers is None else ([layers] if isinstance(layers, str) else list(layers))
-        self.words, self.positions = words, positions
+        self.words = words
+        self._positions = given_positions(positions, self.name)
+        self.positions = None if positions is None else "custom"  # nested lists are shown, not rebuilt, in a spec
 
     @property
     def extra_branches(self) -> int:
@@ -147,19 +151,19 @@ class CountingGuidance(Guidance):
             return f"counting guidance needs a counter for this model: {_NEEDS}"
         if self._world_counting(ctx) or (self.targets is not None and len(self.targets) == 1 and not self.attention):
             return None  # nothing to find in the prompt: one object, its count given
-        return groups_reason(ctx, self.words, self.positions, "counting guidance")
+        return groups_reason(ctx, self.words, self._positions, "counting guidance")
 
     # -- what is asked ------------------------------------------------------------------------
     def _world_counting(self, ctx) -> bool:
         """The world's counter of kinds, with the world's reading of the prompts."""
         return self._counter is None and ctx.kit.asked_counts is not None and self.targets is None \
-            and self.words is None and self.positions is None
+            and self.words is None and self._positions is None
 
     def _groups(self, ctx) -> list[list[Any]]:
         state = self.state(ctx)
         if "groups" not in state:
             words = None if self.words is None else [tuple(w.split()) for w in self.words]
-            state["groups"] = prompt_groups(ctx, words, self.positions)
+            state["groups"] = prompt_groups(ctx, words, self._positions)
             state["text"] = [ctx.kit.text_tokens(p) if ctx.prompts is not None else
                              sorted({q for g in groups for q in g.positions})
                              for p, groups in zip(ctx.prompts or [None] * ctx.batch_size, state["groups"])]

@@ -47,6 +47,7 @@ from __future__ import annotations
 import torch
 from flowkit.guidance._maps import (
     finest_layers,
+    given_positions,
     groups_reason,
     layer_maps,
     named_layers,
@@ -96,14 +97,16 @@ class FRAP(Guidance):
 
     def __init__(self, *, lr: float = 1.0, binding: float = 1.0, norm: str = "ae", layers: list[str] | None = None,
                  min_weight: float = 0.5, max_weight: float = 1.5, sigma: float = 0.5,
-                 words: list[str] | None = None, positions: list[int] | None = None,
+                 words: list[str] | None = None, positions: list | None = None,
                  start: float = 0.0, stop: float = 0.25):
         """lr: the weights' step size (lr_t decays as in Attend-and-Excite); binding: lambda;
         norm: "ae" or "raw" (see the module doc); layers: layer names or globs (None: the
         finest capturable ones); min_weight, max_weight: the clamp; sigma: the Gaussian's
         (0: no smoothing); words: groups "object modifier ..." (one string a group, words
-        separated by spaces) for every prompt; positions: explicit token positions (see
-        ModelAdapter.token_groups); start, stop: the window of updates."""
+        separated by spaces) for every prompt; positions: explicit token positions per prompt,
+        per group, per word, e.g. [[[5, 2]]] (see ModelAdapter.token_groups; the only way with
+        prompt embeddings; Python only: a spec holds no nested lists and shows them as
+        "custom"); start, stop: the window of updates."""
         super().__init__(start=start, stop=stop)
         if not lr >= 0:
             raise ValueError(f"lr must be >= 0, got {lr}")
@@ -121,7 +124,9 @@ class FRAP(Guidance):
         self.lr, self.binding, self.norm, self.sigma = float(lr), float(binding), norm, float(sigma)
         self.layers = None if layers is None else ([layers] if isinstance(layers, str) else list(layers))
         self.min_weight, self.max_weight = float(min_weight), float(max_weight)
-        self.words, self.positions = words, positions
+        self.words = words
+        self._positions = given_positions(positions, self.name)
+        self.positions = None if positions is None else "custom"  # nested lists are shown, not rebuilt, in a spec
 
     def active(self, ctx) -> bool:
         """From `start` on: the weights apply until the end of the run (updates: `updating`)."""
@@ -139,7 +144,7 @@ class FRAP(Guidance):
             return "frap needs a model whose text tokens it can weight (its family hands no token groups)"
         if ctx.attention is not None and not ctx.attention.layers:
             return "frap needs cross-attention maps, and this model has no capturable cross-attention layer"
-        return groups_reason(ctx, self.words, self.positions, self.name)
+        return groups_reason(ctx, self.words, self._positions, self.name)
 
     # -- state --------------------------------------------------------------------------------
     def weights(self, ctx) -> Tensor:
@@ -154,7 +159,7 @@ class FRAP(Guidance):
         state = self.state(ctx)
         if "groups" not in state:
             words = None if self.words is None else [tuple(w.split()) for w in self.words]
-            state["groups"] = prompt_groups(ctx, words, self.positions)
+            state["groups"] = prompt_groups(ctx, words, self._positions)
             state["text"] = [ctx.kit.text_tokens(p) if ctx.prompts is not None else
                              sorted({q for g in groups for q in g.positions})
                              for p, groups in zip(ctx.prompts or [None] * ctx.batch_size, state["groups"])]

@@ -97,6 +97,25 @@ def test_list_one_kind_as_text(capsys):
     assert "cfg" not in out
 
 
+@pytest.mark.parametrize("spec", ["cfg:scale=4", "cfg:scale=4+frap", "cfg:scale=4+counting:scale=1"])
+def test_generate_reports_backward_passes_and_reward_calls(spec, loads, tmp_path, capsys):
+    """FRAP's and counting guidance's backward passes (and counter calls) show in --json and in
+    the text line, summed over micro-batches like the NFE: two micro-batches of one image give
+    twice one run's counts, > 0 for both modules and 0 for plain CFG (mutants: only the last
+    micro-batch's counts kept; the counts left out of the JSON or the text line)."""
+    prompt = "two red circles and a blue square"
+    one = flowkit.sample(flowkit.load("tiny"), [prompt], steps=4, guidance=spec, output_type="latent").stats
+    argv = ["generate", prompt, "--model", "tiny", "--steps", "4", "-n", "2", "--batch-size", "1", "--guidance", spec]
+    code, out, _ = run([*argv, "--out", tmp_path / "j", "--json"], capsys)
+    assert code == 0
+    stats = json.loads(out)["stats"]
+    assert stats["backward_calls"] == 2 * one.backward_calls and stats["reward_calls"] == 2 * one.reward_calls
+    assert (stats["backward_calls"] > 0) == (spec != "cfg:scale=4")
+    code, out, _ = run([*argv, "--out", tmp_path / "t"], capsys)
+    assert code == 0
+    assert f", {2 * one.backward_calls} backward passes, {2 * one.reward_calls} reward calls, " in out.splitlines()[-1]
+
+
 # --------------------------------------------------------------------------- generate
 
 
@@ -138,7 +157,8 @@ def test_generate_without_guidance_one_file_text_output(loads, tmp_path, capsys)
     assert code == 0 and err == ""
     lines = out.splitlines()
     assert lines[0] == f"{target}  seed={flowkit.seed_for(5, 0)}"
-    assert re.fullmatch(r"1 image in [\d.]+ s, 2 NFE per image, sampler euler, guidance none", lines[1])
+    assert re.fullmatch(r"1 image in [\d.]+ s, 2 NFE per image, 0 backward passes, 0 reward calls, sampler euler, "
+                        r"guidance none", lines[1])
     with Image.open(target) as im:
         assert im.size == (32, 32)
     code, out, _ = run(["generate", "a red circle", *GEN, "--guidance", "none", "--out", tmp_path / "d", "--json"],
@@ -169,6 +189,8 @@ BAD = {
     "bad grid": (["--grid", "shift:-1"], "--grid"),
     "negative seed": (["--seed", "-1"], "--seed must be"),
     "one file, two images": (["-n", "2", "--out", "two.png"], "names one file"),
+    # positions= are nested lists, which no spec holds (mutant: given_positions without its flat-list check)
+    "positions in a spec": (["--guidance", "cfg:scale=4+frap:positions=[3;2]"], "a spec cannot hold nested lists"),
 }
 
 

@@ -209,13 +209,41 @@ def test_count_and_attention_losses():
     assert attention_loss(a, a).item() == pytest.approx(9 - 0.9)
 
 
-def test_swapped_tokens_give_swapped_masks():
-    """Region masks follow the maps (mutant: masks from a fixed order)."""
+def test_swapped_word_groups_give_swapped_masks(monkeypatch):
+    """The per-object masks come from each group's own attention map: the same prompt with its
+    word groups given in swapped order gives, at every step, the masks swapped (and the same
+    run), while the two objects' masks differ (mutant: `_object_maps` taking the maps in prompt
+    order, not the groups' order, gives the masks unswapped). On synthetic maps, region masks
+    follow the maps."""
+    from flowkit.guidance import counting
+
     maps = torch.stack([_block(at=(0, 0)), _block(at=(5, 5))]) + 0.01
     m = region_masks(maps, (16, 16))
-    m_swapped = region_masks(maps.flip(0), (16, 16))
-    assert torch.equal(m.flip(0), m_swapped)
+    assert torch.equal(m.flip(0), region_masks(maps.flip(0), (16, 16)))
     assert m[0, 2, 2] == 1 and m[0, 12, 12] == 0 and m[1, 12, 12] == 1
+
+    seen = []
+
+    def spy(maps, size):
+        out = region_masks(maps, size)
+        seen.append(out)
+        return out
+
+    monkeypatch.setattr(counting, "region_masks", spy)
+    pipe = flowkit.load("tiny")
+    counter = lambda img: (img + 1).mean(dim=(1, 2, 3))  # noqa: E731 (class-agnostic: masks from the maps)
+    runs = []
+    for words, targets in ((["circles red", "square blue"], [2, 1]), (["square blue", "circles red"], [1, 2])):
+        seen.clear()
+        out = flowkit.sample(pipe, PROMPTS[:1], steps=3, seed=0, output_type="latent", guidance=[
+            CFG(scale=4.0), CountingGuidance(scale=1.0, counter=counter, targets=targets, words=words)])
+        runs.append((out.latents, list(seen)))
+    (first, masks), (second, swapped) = runs
+    assert len(masks) == len(swapped) == 3
+    for a, b in zip(masks, swapped):
+        assert a.shape[0] == 2 and not torch.equal(a[0], a[1])
+        assert torch.equal(a.flip(0), b)
+    assert torch.equal(first, second)
 
 
 # --------------------------------------------------------------------------- counting: the update
@@ -309,8 +337,11 @@ def test_counting_is_the_same_in_every_prediction_frame(kind):
 
 def test_counting_raises_a_toy_count_and_leaves_a_met_target_alone():
     """On a toy counter (mass of the red channel), guidance raises the count towards a larger
-    target; with the target equal to the current count nothing moves (the loss and its
-    gradient are 0)."""
+    target. Control: a counter that reads 7 with a nonzero gradient (7 + (img - img.detach()))
+    leaves the run bit-identical at targets=[7] (the loss and its gradient are 0 there) and
+    moves it at targets=[8] (mutant: the count pushed up whatever the target, the gradient of
+    -sum c instead of the loss's, passes the red run and the old constant-counter control but
+    moves the targets=[7] run)."""
     pipe = flowkit.load("tiny")
     from flowkit.adapters.base import adapt
 
@@ -323,10 +354,31 @@ def test_counting_raises_a_toy_count_and_leaves_a_met_target_alone():
     more = flowkit.sample(pipe, ["a red circle"] * 2, guidance=[CFG(scale=4.0), CountingGuidance(
         scale=40.0, counter=red, targets=[round(current) + 6], start=0.3)], **kw)
     assert red(more.latents).mean().item() > current + 0.5
-    same = flowkit.sample(pipe, ["a red circle"] * 2, guidance=[CFG(scale=4.0), CountingGuidance(
-        scale=3.0, counter=lambda img: torch.full((img.shape[0],), 7.0) + 0 * img.sum(dim=(1, 2, 3)),
-        targets=[7], start=0.3)], **kw)
-    assert torch.equal(same.latents, base.latents)
+
+    def seven(img):  # the value 7, the gradient 1 on every pixel
+        return 7.0 + (img - img.detach()).flatten(1).sum(dim=1)
+
+    def run(target):
+        return flowkit.sample(pipe, ["a red circle"] * 2, guidance=[CFG(scale=4.0), CountingGuidance(
+            scale=3.0, counter=seven, targets=[target], start=0.3)], **kw)
+
+    same, other = run(7), run(8)
+    assert torch.equal(same.latents, base.latents) and same.stats.backward_calls > 0
+    assert not torch.equal(other.latents, base.latents)
+
+
+def test_counting_without_a_counter_is_refused_on_sd():
+    """SD has no counter of its own: counting guidance without counter= is refused before the
+    run, in one line saying what to pass (mutant: refuse() without its counter check lets the
+    run reach the counter and fail with a TypeError on None)."""
+    from flowkit.errors import UnsupportedError
+
+    pipe = tiny_pipes.cached("sd")
+    with pytest.raises(UnsupportedError, match=r"^counting guidance needs a counter for this model: pass counter=") \
+            as e:
+        flowkit.sample(pipe, ["a red cat"], steps=2, height=32, width=32, output_type="latent",
+                       guidance=[CFG(scale=3.0), CountingGuidance(scale=1.0, targets=[1])])
+    assert "\n" not in str(e.value) and "[B, 3, H, W] -> counts [B] or [B, K]" in str(e.value)
 
 
 def test_counting_nfe_without_and_with_the_attention_loss():
@@ -358,6 +410,63 @@ def test_class_agnostic_counter_counts_each_object_in_its_region():
     whole, first, second = calls[0], calls[1], calls[2]
     assert not torch.equal(first, whole) and not torch.equal(first, second)
     assert out.stats.reward_calls == 3 * 3
+
+
+# --------------------------------------------------------------------------- positions=
+
+
+def _embeds_or_text_run(pipe, module, prompt, embeds):
+    """CFG 3 + `module` through the drop-in, from the prompt's text or its embeddings."""
+    from flowkit.pipelines import FlowKitPipeline
+
+    fk = FlowKitPipeline.from_pipe(pipe, guidance=[CFG(scale=3.0), module])
+    kw = dict(num_inference_steps=4, output_type="latent", height=32, width=32,
+              generator=torch.Generator().manual_seed(0))
+    if embeds:
+        emb, neg = pipe.encode_prompt(prompt, "cpu", 1, True)
+        out = fk(prompt_embeds=emb, negative_prompt_embeds=neg, **kw)
+    else:
+        out = fk([prompt], **kw)
+    return out.images, fk.stats
+
+
+def test_positions_with_prompt_embeddings_run_both_modules_on_tiny_sd():
+    """Prompt embeddings with positions= give, for FRAP and counting guidance, the very run
+    that the prompt's text with the same words gives (mutants: positions not reaching the
+    module, or the stack's description choking on them, fail the run; a wrong token, e.g.
+    check_positions shifting a position by one, changes it); other positions give another run."""
+    pipe = tiny_pipes.cached("sd")
+    prompt = "red cat, dog"  # the tiny CLIP is character-level: red 1-3, cat 4-6, dog 8-10
+    words, right = ["cat red", "dog"], [[[[4, 5, 6], [1, 2, 3]], [[8, 9, 10]]]]
+    wrong = [[[[8, 9, 10], [1, 2, 3]], [[4, 5, 6]]]]
+    counter = lambda img: (img + 1).mean(dim=(1, 2, 3))  # noqa: E731 (class-agnostic: masks from the maps)
+    for make in (lambda **kw: FRAP(lr=50.0, stop=0.5, norm="raw", **kw),
+                 lambda **kw: CountingGuidance(scale=1.0, counter=counter, targets=[1, 2], norm="raw", **kw)):
+        text, text_stats = _embeds_or_text_run(pipe, make(words=words), prompt, embeds=False)
+        given, given_stats = _embeds_or_text_run(pipe, make(positions=right), prompt, embeds=True)
+        other, _ = _embeds_or_text_run(pipe, make(positions=wrong), prompt, embeds=True)
+        assert torch.equal(given, text) and given_stats.backward_calls == text_stats.backward_calls > 0
+        assert not torch.equal(other, given)
+        assert "positions=custom" in given_stats.guidance
+
+
+def test_positions_are_refused_in_a_spec_and_in_a_flat_list():
+    """A spec (the CLI) cannot hold positions' nested lists, and a flat list is not per prompt,
+    per group, per word: both refused at construction with one line naming the form (mutant:
+    given_positions without its flat-list check gives no spec hint)."""
+    from flowkit.errors import SpecError
+    from flowkit.registry import GUIDANCE
+    from flowkit.spec import build
+
+    for spec in ("frap:positions=[3;2]", "counting:positions=custom", "frap:positions=3"):
+        with pytest.raises(SpecError, match=r"positions=.*per prompt, per group, per word.*\[\[\[5, 2\]\]\]") as e:
+            build(GUIDANCE, spec)
+        assert "\n" not in str(e.value) and "spec cannot hold nested lists" in str(e.value)
+    for make in (FRAP, CountingGuidance):
+        with pytest.raises(ValueError, match="not per prompt, per group, per word"):
+            make(positions=[3, 2])
+        with pytest.raises(ValueError, match=r"positions\[0\]\[0\] is empty"):
+            make(positions=[[[]]])
 
 
 # --------------------------------------------------------------------------- every family

@@ -234,7 +234,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         print(json.dumps({
             "model": model, "files": run.files, "seeds": run.seeds, "prompts": run.prompts,
             "steps": opts.steps, "sampler": run.sampler, "guidance": run.guidance, "seconds": run.seconds,
-            "stats": {"nfe": run.nfe, "forward_calls": run.forward_calls, "seconds": run.seconds,
+            "stats": {"nfe": run.nfe, "forward_calls": run.forward_calls, "backward_calls": run.backward_calls,
+                      "reward_calls": run.reward_calls, "seconds": run.seconds,
                       "forward_seconds": run.forward_seconds, "compiled": run.compiled,
                       "compiles": run.compiles, "compile_seconds": run.compile_seconds},
         }, indent=2))
@@ -243,8 +244,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     per_image = str(nfe[0]) if len(nfe) == 1 else f"{nfe[0]}-{nfe[-1]}"
     plural = "s" if len(run.files) != 1 else ""
     compiled = f" (compiled: {run.compile_seconds:.1f} s of it compiling)" if run.compiled else ""
+    # backward passes and reward/counter calls of guidance modules are not NFE: shown beside it
+    backward = f"{run.backward_calls} backward pass{'es' if run.backward_calls != 1 else ''}"
+    rewards = f"{run.reward_calls} reward call{'s' if run.reward_calls != 1 else ''}"
     print(f"{len(run.files)} image{plural} in {run.seconds:.2f} s{compiled}, {per_image} NFE per image, "
-          f"sampler {run.sampler}, guidance {run.guidance}")
+          f"{backward}, {rewards}, sampler {run.sampler}, guidance {run.guidance}")
     return 0
 
 
@@ -262,6 +266,7 @@ class _ImageRun:
         self.nfe: list[int] = []
         self.seconds = self.forward_seconds = 0.0
         self.forward_calls = 0
+        self.backward_calls = self.reward_calls = 0  # summed over micro-batches, as the NFE are listed
         self.compiled, self.compiles, self.compile_seconds = False, 0, 0.0  # --compile: graphs built, their time
         self.sampler = self.guidance = ""
         self.number = None if opts.out_is_file else _next_number(out_dir)
@@ -286,6 +291,8 @@ class _ImageRun:
             self.seconds += stats.seconds
             self.forward_seconds += stats.forward_seconds
             self.forward_calls += stats.forward_calls
+            self.backward_calls += stats.backward_calls
+            self.reward_calls += stats.reward_calls
             for i, image, prompt, seed, nfe in zip(indices, result.images, result.prompts, result.seeds, stats.nfe):
                 path = self._write(image, prompt, i, seed)
                 self.files.append(str(path))
