@@ -385,6 +385,35 @@ def test_foreign_files_and_finished_images_survive_a_forced_resume_with_a_shorte
     assert code == 0 and summary["generated"] == [] and summary["orphans"] == [] and "orphan" not in err
 
 
+def test_a_resume_keeps_an_image_edited_since_written_and_makes_the_item_again(loads, tmp_path, capsys):
+    """Audit of #22: a resume deleted a finished image whose bytes no longer matched its
+    sha256 (a user who re-saved it lost the edit). Now the edited file stays byte for byte,
+    is listed in orphans.jsonl (reason "changed since written"), and the item is made again
+    under a free name. Mutant caught: `_prepare` unlinking a recorded image that does not
+    verify (the old code) -- the edited bytes are gone."""
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a\nb\nc\n")
+    out = tmp_path / "out"
+    assert batch([prompts, "--out", out, *SMALL], capsys)[1]["generated"] == [0, 1, 2]
+    edited = out / records(out)[1]["file"]
+    image = Image.open(edited).convert("RGB")
+    image.putpixel((0, 0), tuple(255 - v for v in image.getpixel((0, 0))))
+    image.save(edited)  # the user re-saves it: other bytes
+    data = edited.read_bytes()
+
+    code, summary, err = batch([prompts, "--out", out, *SMALL], capsys)
+    assert code == 0 and summary["generated"] == [1], err
+    assert edited.read_bytes() == data  # the edit is still there
+    assert summary["orphans"] == [edited.name] and "1 image changed since written" in err
+    new = records(out)[1]
+    assert new["file"] != edited.name and (out / new["file"]).is_file()
+    assert (out / new["file"]).read_bytes() != data
+    listed = [json.loads(line) for line in (out / "orphans.jsonl").read_text().splitlines()]
+    assert [(r["file"], r["reason"]) for r in listed] == [(edited.name, "changed since written")]
+    code, summary, err = batch([prompts, "--out", out, *SMALL], capsys)  # reported once
+    assert code == 0 and summary["generated"] == [] and summary["orphans"] == [] and "changed" not in err
+
+
 def test_batch_images_record_their_settings_in_png_text(loads, tmp_path, capsys):
     """Item 1, batch side: a batch image carries the same text chunks as generate's, with the
     item's own seed (seed column: seed_index 0, the image of `generate PROMPT --seed s`)."""

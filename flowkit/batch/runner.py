@@ -6,8 +6,9 @@ Order of work (every rank runs the same code; rank 0 alone touches shared files)
    check that DIR is writable, load the model, check the sizes, and (when resuming)
    refuse a DIR whose run.json holds other settings unless --force; all before any image;
 2. rank 0: delete stale temporary files, fold parts left by a killed run into the
-   manifest, keep only records whose image verifies (sha256) and whose job is unchanged,
-   write run.json; then every rank waits for it;
+   manifest, keep only records whose image verifies (sha256) and whose job is unchanged
+   (any other finished or edited image stays, listed in orphans.jsonl), write run.json;
+   then every rank waits for it;
 3. every rank reads the manifest, plans the pending jobs into micro-batches (the same plan
    on every rank) and samples its shard, writing each image atomically and appending its
    records to its own manifest part;
@@ -17,6 +18,7 @@ Order of work (every rank runs the same code; rank 0 alone touches shared files)
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 from collections import Counter
@@ -191,31 +193,35 @@ def _fingerprint(cfg: BatchConfig, parsed: PromptFile, model: str) -> dict[str, 
     }
 
 
-def _prepare(out: Path, jobs: list[Job], resume: bool) -> list[str]:
+def _prepare(out: Path, jobs: list[Job], resume: bool) -> tuple[list[str], list[str]]:
     """Rank 0: clean up after a killed run and keep only the verified, unchanged records.
 
-    Nothing but flowkit's own files is touched: stale temporaries (flowkit's prefix) go, and
-    a recorded image that no longer verifies (missing, truncated, other bytes) is made again.
-    A finished image that no longer belongs to the run (its line dropped or changed, or
-    --no-resume) is never deleted: its record moves to orphans.jsonl. Returns those names.
+    Nothing but flowkit's own temporaries is deleted, and no existing file is overwritten.
+    A recorded image whose file is missing is made again. A recorded image whose file is
+    there but no longer verifies (other bytes: edited, truncated) is kept as it is, its
+    record moves to orphans.jsonl (reason "changed since written"), and its item is made
+    again under a free name. A finished image that no longer belongs to the run (its line
+    dropped or changed, or --no-resume) stays too, its record moved to orphans.jsonl.
+    Returns the names newly listed: (no longer in the run, changed since written).
     """
     remove_stale_temporaries(out)
     by_index = {j.index: j for j in jobs}
     records = mf.merged_records(out)
-    keep, orphans = {}, []
+    keep, orphans, changed = {}, [], []
     for i, r in records.items():
         finished = mf.verify(out, r)
         if finished and resume and i in by_index and by_index[i].matches(r):
             keep[i] = r
         elif finished:
-            orphans.append(r)
-        elif mf.is_image_name(r.get("file")):
-            (out / r["file"]).unlink(missing_ok=True)  # a damaged image this folder's runs recorded
-    added = mf.add_orphans(out, orphans)
+            orphans.append({**r, "reason": "no longer in this run"})
+        elif mf.is_image_name(r.get("file")) and os.path.lexists(out / r["file"]):
+            changed.append({**r, "reason": "changed since written"})
+    added = mf.add_orphans(out, orphans + changed)
     mf.write_manifest(out, keep)
     for p in mf.part_paths(out):
         p.unlink(missing_ok=True)
-    return added
+    edited = {r["file"] for r in changed}
+    return [n for n in added if n not in edited], [n for n in added if n in edited]
 
 
 def _per_line(error: FlowkitError) -> bool:
@@ -309,12 +315,17 @@ def _run(cfg: BatchConfig, procs: Processes, parsed: PromptFile, pipe: Any, mode
          size_errors: list[LineError], fingerprint: dict[str, Any], say: Callable[[str], None]) -> Summary | None:
     orphans: list[str] = []
     if procs.main:
-        orphans = _prepare(cfg.out, jobs, cfg.resume)
+        orphans, changed = _prepare(cfg.out, jobs, cfg.resume)
         mf.write_fingerprint(cfg.out, fingerprint)
         if orphans:
             say(f"warning: {len(orphans)} finished image{'s' if len(orphans) > 1 else ''} no longer "
                 f"belong{'s' if len(orphans) == 1 else ''} to this run (line dropped or changed, or --no-resume): "
                 f"kept, and listed in {cfg.out / mf.ORPHANS}; delete them yourself if you do not want them")
+        if changed:
+            say(f"warning: {len(changed)} image{'s' if len(changed) > 1 else ''} changed since written (sha256 "
+                f"differs from the manifest): kept as {'they are' if len(changed) > 1 else 'it is'}, listed in "
+                f"{cfg.out / mf.ORPHANS}, and made again under a new name")
+        orphans += changed
     procs.barrier()
 
     done = {r["index"] for r in mf.read_records(cfg.out / mf.MANIFEST)}
