@@ -43,7 +43,7 @@ from flowkit.adapters.base import adapt
 from flowkit.api import build_guidance, build_sampler, sample_from_noise, wants_uncond, with_reward
 from flowkit.denoiser import compile_options
 from flowkit.errors import InputError, UnsupportedError, clip, closest
-from flowkit.limits import MAX_IMAGES, MAX_STEPS, check_int, check_texts, kind
+from flowkit.limits import MAX_IMAGES, MAX_SIZE, MAX_STEPS, check_int, check_optional_int, check_texts, kind
 from flowkit.guidance_base import GuidanceStack
 from flowkit.sampler_base import Sampler
 
@@ -195,10 +195,10 @@ class FlowKitPipeline:
         kw, given = self._keywords(args, kwargs)
         pipe = self.pipe
         adapter = adapt(pipe)
+        _check_call(kw)  # the wrapped pipeline's own checks, as errors that say what to change
         h0, w0 = adapter.default_size()
         h, w = kw.get("height") or h0, kw.get("width") or w0
         kw["height"], kw["width"] = h, w
-        _check_call(kw)  # the wrapped pipeline's own checks, as errors that say what to change
         adapter.latent_shape(h, w)  # flowkit's size rules first (FLUX: no silent resize)
         n_per = 1 if kw.get("num_images_per_prompt") is None else kw["num_images_per_prompt"]
         adapter.check_call(kw)
@@ -292,15 +292,27 @@ class FlowKitPipeline:
 def _check_call(kw: dict) -> None:
     """What the wrapped pipeline's own checks refuse, refused here with a flowkit InputError
     (no silent correction: 0 steps is not 1 step): prompts, steps, images per prompt,
-    generators, guidance scales."""
+    generators, guidance scales; sizes and steps (sigmas included) within flowkit's limits,
+    as `flowkit.sample` checks them."""
     if kw.get("prompt_embeds") is None:
         check_texts("prompt", kw.get("prompt"))
     for name in ("prompt_2", "prompt_3", "negative_prompt", "negative_prompt_2", "negative_prompt_3"):
         if kw.get(name) is not None:
             check_texts(name, kw[name])
+    for name in ("height", "width"):  # None: the pipeline's default size
+        check_optional_int(name, kw.get(name), 1, MAX_SIZE)
     steps = kw.get("num_inference_steps")
     if steps is not None or kw.get("sigmas") is None:  # user sigmas may set the number of steps (diffusers)
         check_int("num_inference_steps", steps, 1, MAX_STEPS)
+    sigmas = kw.get("sigmas")
+    if sigmas is not None:  # one value a step: the step limit bounds them too
+        if isinstance(sigmas, (str, bytes)) or not hasattr(sigmas, "__len__"):
+            raise InputError(f"sigmas must be a list of numbers, one per step, got {kind(sigmas)}")
+        try:
+            count = len(sigmas)
+        except TypeError:  # a 0-d tensor or array
+            raise InputError(f"sigmas must be a list of numbers, one per step, got {kind(sigmas)}") from None
+        check_int("the number of sigmas", count, 1, MAX_STEPS)
     if kw.get("num_images_per_prompt") is not None:
         check_int("num_images_per_prompt", kw["num_images_per_prompt"], 1, MAX_IMAGES)
     generator = kw.get("generator")

@@ -93,12 +93,22 @@ def _junk_latents(pipe, step, timestep, tensors):
     (dict(callback_on_step_end=_junk_latents, callback_on_step_end_tensor_inputs=["latents"]),
      "the callback returned latents as a str: return a tensor of shape (1, 4, 16, 16)"),
     (dict(callback_on_step_end=lambda *a: [1]), "callback_on_step_end must return a dict"),
+    # audit of #22: the size and step limits of flowkit.sample; mutant caught: no height/width
+    # check in `_check_call` (16384 x 8 started sampling), or no count check of sigmas=
+    (dict(height=16384, width=8), "height must be an integer from 1 to 8192, got 16384"),
+    (dict(height=16, width=8200), "width must be an integer from 1 to 8192, got 8200"),
+    (dict(height=0), "height must be an integer from 1 to 8192, got 0"),
+    (dict(sigmas=[1.0] * 20001, num_inference_steps=None),
+     "the number of sigmas must be an integer from 1 to 10000, got 20001"),
+    (dict(sigmas=[], num_inference_steps=None), "the number of sigmas must be an integer from 1 to 10000, got 0"),
+    (dict(sigmas=0.5, num_inference_steps=None), "sigmas must be a list of numbers, one per step, got a float"),
 ])
 def test_call_arguments_are_checked_as_the_wrapped_pipeline_checks_them(fk, kwargs, words):
     """Item 7: the drop-in ran 1 step for num_inference_steps=0 and 2 for 2.5, made one image for
     num_images_per_prompt=0, and fk([]), fk(5), generator="seed" and a callback returning
     {"latents": "junk"} ended in IndexError / TypeError / AttributeError. Each is now an
-    InputError that says what to give."""
+    InputError that says what to give. Audit of #22: height/width and the number of sigmas
+    are held to flowkit.sample's limits (16384 x 8 and 20001 sigmas started sampling)."""
     kwargs = {"prompt": "a red cat", "num_inference_steps": 1, "output_type": "latent", **tp.SIZE, **kwargs}
     with pytest.raises(InputError) as info:
         fk(**kwargs)
