@@ -14,8 +14,8 @@ from typing import Any
 from flowkit.errors import InputError, clip
 
 __all__ = ["MAX_STEPS", "MAX_SIZE", "MAX_SEED", "MAX_IMAGES", "MAX_BATCH_SIZE", "MAX_K", "MAX_COLUMNS",
-           "MAX_FILE_BYTES", "LIMITS", "check_int", "read_bounded", "check_text", "check_texts", "check_generators",
-           "check_optional_int", "kind"]
+           "MAX_FILE_BYTES", "MAX_TRAIN_STEPS", "MAX_THREADS", "LIMITS", "check_int", "read_bounded",
+           "check_text", "check_texts", "check_generators", "check_optional_int", "kind"]
 
 MAX_STEPS = 10_000  # sampling steps of one run
 MAX_SIZE = 8_192  # pixels per side (height, width)
@@ -25,6 +25,8 @@ MAX_BATCH_SIZE = 4_096  # images per forward pass (--batch-size)
 MAX_K = 1_000  # steps of a BOSS fine grid (tune --k-max): its cost matrix grows as K^2
 MAX_COLUMNS = 16  # images per prompt and arm of a gallery entry
 MAX_FILE_BYTES = 64 * 2**20  # a text input flowkit reads: prompt file, spec file, BOSS table, bench results
+MAX_TRAIN_STEPS = 10_000_000  # optimiser steps of `flowkit train` (the shipped targets train for thousands)
+MAX_THREADS = 1_024  # torch threads (`flowkit train --threads`)
 
 # name -> (minimum, maximum, what it bounds): the table README.md documents
 LIMITS = {
@@ -36,6 +38,9 @@ LIMITS = {
     "k-max": (2, MAX_K, "steps of a BOSS fine grid (tune --k-max)"),
     "columns": (1, MAX_COLUMNS, "images per prompt and arm of a gallery entry"),
     "file bytes": (0, MAX_FILE_BYTES, "bytes of a text file flowkit reads"),
+    "train steps": (1, MAX_TRAIN_STEPS, "optimiser steps of flowkit train (--steps)"),
+    "train batch size": (1, MAX_BATCH_SIZE, "examples per optimiser step of flowkit train (--batch-size)"),
+    "threads": (0, MAX_THREADS, "torch threads of flowkit train (--threads; 0: torch's default)"),
 }
 
 

@@ -534,6 +534,12 @@ PRE_LOAD = {  # checked before any model loads: (argv after the command, words o
     "bench negative seed": (["bench", "selftest", "--quick", "--seed", "-1", "--out", "{folder}"], "--seed must be"),
     "bench empty out": (["bench", "selftest", "--quick", "--out", ""], "--out is empty"),
     "gallery empty out": (["gallery", "--out", "", "--model", "tiny"], "--out is empty"),
+    # audit of #22: train had lower bounds only (mutant caught: check_int without the upper bound)
+    "train steps past the limit": (["train", "shapes", "--steps", "99999999999999999999"],
+                                   "--steps must be an integer from 1 to 10000000"),
+    "train batch size past the limit": (["train", "shapes", "--batch-size", "99999999999"],
+                                        "--batch-size must be an integer from 1 to 4096"),
+    "train threads past the limit": (["train", "shapes", "--threads", "1025"], "--threads must be an integer from 0 to 1024"),
 }
 
 
@@ -543,8 +549,13 @@ def test_bad_numbers_and_names_fail_before_loading_in_one_line(name, loads, tmp_
     a tokenizer TypeError, IsADirectoryError, ValueError from numpy), ran into a 34 GB
     allocation, failed only after the model loaded, gave misleading advice (dynamic:inf:
     'lower the guidance scale'), or was silently accepted (gamma=5). Each now exits 2 with one
-    line naming the option and its limit, before any model loads."""
+    line naming the option and its limit, before any model loads (train: before its target is built)."""
     monkeypatch.chdir(tmp_path)
+
+    def no_target(*args, **kwargs):
+        raise AssertionError("the training target was built")
+
+    monkeypatch.setattr("flowkit.train.target", no_target)
     (tmp_path / "notes.txt").write_text("not a table\n")
     (tmp_path / "p.txt").write_text("a red circle\n")
     (tmp_path / "folder").mkdir()

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from flowkit.cli.options import check_int, check_out
 from flowkit.errors import InputError
+from flowkit.limits import MAX_BATCH_SIZE, MAX_THREADS, MAX_TRAIN_STEPS
 
 __all__ = ["add_parser", "cmd_train"]
 
@@ -23,10 +24,12 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    "name:key=value,... for a target with options (alignprop:reward=count,truncation=fixed,k=2)")
     t.add_argument("-o", "--out", default=None, metavar="DIR",
                    help="checkpoint folder (default checkpoints/TARGET, options included as a slug)")
-    t.add_argument("--steps", type=int, default=None, help="total steps (the target's curriculum follows)")
-    t.add_argument("--batch-size", type=int, default=None)
+    t.add_argument("--steps", type=int, default=None,
+                   help=f"total steps, 1 to {MAX_TRAIN_STEPS:,} (the target's curriculum follows)")
+    t.add_argument("--batch-size", type=int, default=None, help=f"examples per step, 1 to {MAX_BATCH_SIZE:,}")
     t.add_argument("--lr", type=float, default=None)
-    t.add_argument("--threads", type=int, default=None, help="torch threads (0: torch's default)")
+    t.add_argument("--threads", type=int, default=None,
+                   help=f"torch threads, 0 to {MAX_THREADS:,} (0: torch's default)")
     t.add_argument("--device", default=None, help="cpu (default) or cuda[:N]; a checkpoint resumes on either")
     t.add_argument("--no-resume", dest="resume", action="store_false", help="start again from step 0")
     t.add_argument("--export-only", action="store_true",
@@ -76,9 +79,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     overrides = {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "threads": args.threads,
                  "device": _train_device(args.device)}
     overrides = {k: v for k, v in overrides.items() if v is not None}
-    for key, minimum in (("steps", 1), ("batch_size", 1), ("threads", 0)):
+    for key, minimum, maximum in (("steps", 1, MAX_TRAIN_STEPS), ("batch_size", 1, MAX_BATCH_SIZE),
+                                  ("threads", 0, MAX_THREADS)):
         if key in overrides:
-            check_int("--" + key.replace("_", "-"), overrides[key], minimum)
+            check_int("--" + key.replace("_", "-"), overrides[key], minimum, maximum)
     if "lr" in overrides and not (math.isfinite(overrides["lr"]) and overrides["lr"] > 0):
         raise InputError(f"--lr must be a finite number > 0, got {overrides['lr']}")
     task, cfg = target(args.target)  # UnknownNameError lists the known targets
