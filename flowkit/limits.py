@@ -14,8 +14,8 @@ from typing import Any
 from flowkit.errors import InputError, clip
 
 __all__ = ["MAX_STEPS", "MAX_SIZE", "MAX_SEED", "MAX_IMAGES", "MAX_BATCH_SIZE", "MAX_K", "MAX_COLUMNS",
-           "MAX_FILE_BYTES", "MAX_TRAIN_STEPS", "MAX_THREADS", "LIMITS", "check_int", "read_bounded",
-           "check_text", "check_texts", "check_generators", "check_optional_int", "kind"]
+           "MAX_FILE_BYTES", "MAX_TRAIN_STEPS", "MAX_THREADS", "MAX_TUNE_BYTES", "LIMITS", "check_int", "read_bounded",
+           "check_text", "check_texts", "check_generators", "check_optional_int", "check_tune_memory", "kind"]
 
 MAX_STEPS = 10_000  # sampling steps of one run
 MAX_SIZE = 8_192  # pixels per side (height, width)
@@ -27,6 +27,7 @@ MAX_COLUMNS = 16  # images per prompt and arm of a gallery entry
 MAX_FILE_BYTES = 64 * 2**20  # a text input flowkit reads: prompt file, spec file, BOSS table, bench results
 MAX_TRAIN_STEPS = 10_000_000  # optimiser steps of `flowkit train` (the shipped targets train for thousands)
 MAX_THREADS = 1_024  # torch threads (`flowkit train --threads`)
+MAX_TUNE_BYTES = 8 * 2**30  # the trajectories `flowkit tune boss` keeps: every step of every one, in memory
 
 # name -> (minimum, maximum, what it bounds): the table README.md documents
 LIMITS = {
@@ -41,6 +42,8 @@ LIMITS = {
     "train steps": (1, MAX_TRAIN_STEPS, "optimiser steps of flowkit train (--steps)"),
     "train batch size": (1, MAX_BATCH_SIZE, "examples per optimiser step of flowkit train (--batch-size)"),
     "threads": (0, MAX_THREADS, "torch threads of flowkit train (--threads; 0: torch's default)"),
+    "tune bytes": (0, MAX_TUNE_BYTES, "bytes of the trajectories tune boss keeps: "
+                   "2 (positions, velocities) x samples x (k-max + 1) x latent values x 4"),
 }
 
 
@@ -60,6 +63,22 @@ def check_int(what: str, value: Any, lo: int, hi: int | None = None) -> int:
     else:
         shown = kind(value)
     raise InputError(f"{what} must be {want}, got {shown}")
+
+
+def tune_bytes(samples: int, k_max: int, latent_elements: int) -> int:
+    """Bytes of the trajectories BOSS tuning keeps: the position and the velocity (float32)
+    at each of the k_max + 1 fine-grid points of each of `samples` trajectories."""
+    return 2 * samples * (k_max + 1) * latent_elements * 4
+
+
+def check_tune_memory(samples: int, k_max: int, latent_elements: int) -> None:
+    """InputError when BOSS tuning of `samples` trajectories of `k_max` steps, each state of
+    `latent_elements` values, would keep more than MAX_TUNE_BYTES of trajectories."""
+    need = tune_bytes(samples, k_max, latent_elements)
+    if need > MAX_TUNE_BYTES:
+        raise InputError(f"--samples {samples} x --k-max {k_max} would keep {need / 2**30:,.1f} GiB of trajectories "
+                         f"(positions and velocities: 2 x {samples} x {k_max + 1} x {latent_elements} latent values x 4 bytes), more "
+                         f"than the {MAX_TUNE_BYTES // 2**30} GiB limit: lower --samples or --k-max (or the size)")
 
 
 def kind(value: Any) -> str:

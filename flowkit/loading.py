@@ -52,6 +52,18 @@ def check_builtin_size(name: str, height: int, width: int) -> None:
         check_shapes_size(height, width)
 
 
+def builtin_latent_elements(name: str, height: int | None, width: int | None) -> int | None:
+    """Values in one latent of a built-in image model (`shapes`, `tiny`: pixel space) at
+    height x width (None: its native size), known without loading it; None for other models."""
+    if name not in ("shapes", "tiny"):
+        return None
+    from flowkit.worlds.shapes_pipeline import shapes_unet_config
+
+    config = shapes_unet_config("base" if name == "shapes" else "tiny")
+    native = int(config["sample_size"])
+    return int(config["in_channels"]) * (height or native) * (width or native)
+
+
 def load_unet_strict(folder: Path):
     """A UNet2DConditionModel from `folder` (config.json + safetensors), strictly: no
     missing or unexpected keys, no shape mismatch; in eval mode. Checksums are the

@@ -10,11 +10,12 @@ cost matrix; the table (cost matrix, fine grid, the best grid for each step coun
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Sequence
 
 from flowkit.errors import InputError, clip
-from flowkit.limits import read_bounded
+from flowkit.limits import check_tune_memory, read_bounded
 
 __all__ = ["load_prompts", "tune_boss"]
 
@@ -45,7 +46,8 @@ def tune_boss(pipe: Any, *, prompts: Sequence[str], samples: int, k_max: int, co
               guidance: Any = None, seed: int = 0, height: int | None = None, width: int | None = None,
               steps: Sequence[int] = (), model: str = "") -> tuple[Any, tuple[int, ...]]:
     """(BossTable, latent shape) of `pipe` from `samples` fine trajectories of `k_max` steps
-    under `guidance` (None: CFG at the model's scale); nothing is written."""
+    under `guidance` (None: CFG at the model's scale); nothing is written. InputError, before
+    any work, when the trajectories would need more than `flowkit.limits.MAX_TUNE_BYTES`."""
     import torch
 
     from flowkit.adapters.base import adapt
@@ -57,6 +59,7 @@ def tune_boss(pipe: Any, *, prompts: Sequence[str], samples: int, k_max: int, co
     stack = build_guidance(guidance, adapter.default_guidance_scale)
     h, w = adapter.default_size() if height is None else (height, width)
     shape = adapter.latent_shape(h, w)
+    check_tune_memory(samples, k_max, math.prod(shape))  # before any work: BOSS keeps every step in memory
     rows = [prompts[i % len(prompts)] for i in range(samples)]
     with torch.no_grad():
         conds = adapter.encode_sized(rows, None, wants_uncond(stack), h, w)

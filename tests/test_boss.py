@@ -246,6 +246,27 @@ def test_tune_cli_reports_the_cost_of_the_grid_it_stored(capsys):
     assert table.indices(3) != best_path(table.cost, 3)[0]  # on the tiny model the two grids differ
 
 
+def test_tune_boss_refuses_trajectories_past_the_memory_limit_before_any_work(monkeypatch):
+    """Audit of #22: every number within its limit, `tune_boss` (the library, and the command
+    line on a model folder, whose latent size is known only once loaded) would keep 2.2 TB of
+    trajectories. It refuses in one InputError before encoding a prompt. Mutant caught: no
+    check_tune_memory in tune_boss (the encoder runs)."""
+    from flowkit.adapters.shapes import ShapesAdapter
+    from flowkit.tune import tune_boss
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("tuning started")
+
+    monkeypatch.setattr(ShapesAdapter, "encode_sized", no_work)
+    pipe = flowkit.load("tiny")
+    with pytest.raises(InputError, match=r"--samples 100000 x --k-max 1000 would keep 2,291.1 GiB .* 8 GiB limit"):
+        tune_boss(pipe, prompts=["a red circle"], samples=100_000, k_max=1000, steps=[4])
+    with pytest.raises(InputError, match="8 GiB limit"):  # 256 px: 64 times the values of 32 px
+        tune_boss(pipe, prompts=["a red circle"], samples=6, k_max=1000, height=256, width=256)
+    with pytest.raises(AssertionError, match="tuning started"):  # within the limit: the work starts
+        tune_boss(pipe, prompts=["a red circle"], samples=300, k_max=1000, height=32, width=32)
+
+
 # -- tables: fingerprint, round trip, lookup ------------------------------------------------------
 
 def test_fingerprint_follows_weights_and_config():

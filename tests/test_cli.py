@@ -531,6 +531,10 @@ PRE_LOAD = {  # checked before any model loads: (argv after the command, words o
     "tune samples past the limit": (["tune", "boss", "--samples", "100001"], "--samples must be"),
     "tune out is a folder": (["tune", "boss", "--out", "{folder}"], "is a folder: give a file name"),
     "tune a sequence model": (["tune", "boss", "--model", "dna"], "BOSS step sizes are tuned for an image model"),
+    # audit of #22: each number within its limit, 2.2 TB of trajectories in all (mutant caught: no
+    # check_tune_memory in tune_options -- the model loads first)
+    "tune trajectories past the memory limit": (["tune", "boss", "--samples", "100000", "--k-max", "1000",
+                                                 "--steps", "4"], "more than the 8 GiB limit: lower --samples"),
     "bench negative seed": (["bench", "selftest", "--quick", "--seed", "-1", "--out", "{folder}"], "--seed must be"),
     "bench empty out": (["bench", "selftest", "--quick", "--out", ""], "--out is empty"),
     "gallery empty out": (["gallery", "--out", "", "--model", "tiny"], "--out is empty"),

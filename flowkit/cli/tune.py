@@ -3,7 +3,8 @@
     flowkit tune boss --model shapes --prompts single --steps 4,6,8 --k-max 64 --samples 64
     flowkit tune boss --model shapes --cost endpoint --k-max 16 --samples 16
 
-Options are checked before a model is loaded; the work is `flowkit.tune.tune_boss`.
+Options are checked before a model is loaded (the memory the trajectories need too, for a
+built-in model); the work is `flowkit.tune.tune_boss`.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from typing import Any
 
 from flowkit.cli.options import check_int, check_out, check_size_and_model, load_model, with_flag
 from flowkit.errors import InputError, UnsupportedError, clip
-from flowkit.limits import MAX_IMAGES, MAX_K, MAX_SEED
+from flowkit.limits import MAX_IMAGES, MAX_K, MAX_SEED, check_tune_memory
+from flowkit.loading import builtin_latent_elements
 from flowkit.tune import load_prompts
 
 __all__ = ["add_parser", "cmd_tune", "parse_steps_list", "TuneOptions", "tune_options"]
@@ -105,6 +107,9 @@ def tune_options(args: argparse.Namespace) -> TuneOptions:
         raise InputError(f"--out {clip(str(out))!r} is a folder: give a file name, e.g. {clip(str(out / 'boss.json'))}")
     model = check_size_and_model(args)
     _refuse_sequence_model(model)
+    elements = builtin_latent_elements(model, args.height, args.width)
+    if elements is not None:  # a folder's latent size is known once loaded: tune_boss checks it then
+        check_tune_memory(args.samples, args.k_max, elements)
     guidance = None if args.guidance is None else with_flag("--guidance", build_guidance, args.guidance, 0.0)
     if args.prompts is not None:
         load_prompts(args.prompts)  # a missing file or unknown set fails before the model loads
