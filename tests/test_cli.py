@@ -489,6 +489,55 @@ def test_generate_writes_each_micro_batch_and_keeps_them_on_ctrl_c(loads, tmp_pa
     assert err == f"flowkit: interrupted: 4 of 6 images written in {out}\n"
 
 
+CPU_OOM = ("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you tried to "
+           "allocate 35184372088832 bytes. Error code 12 (Cannot allocate memory)")  # torch's own words
+
+
+def test_generate_out_of_memory_halves_the_micro_batch_with_the_names_and_seeds_of_a_smaller_one(
+        loads, tmp_path, capsys, monkeypatch):
+    """Audit of #22: `generate -n 4096 --batch-size 4096` at 256 px ended in the CPU allocator's
+    RuntimeError traceback. Now out of memory halves the micro-batch and retries (as `batch`
+    does): the run writes the same files, names, seeds and bytes as a run at the batch size
+    that fits; with one image it is one line, and the images written stay. Mutant caught: no
+    retry in `_ImageRun.sample_all` (the RuntimeError escapes)."""
+    import flowkit.api
+
+    argv = ["generate", "a cat", "a dog", *GEN, "--height", "16", "--width", "16", "-n", "3", "--json"]
+    code, stdout, err = run([*argv, "--batch-size", "2", "--out", tmp_path / "ref"], capsys)
+    assert code == 0, err
+    ref = json.loads(stdout)
+    real, sizes = flowkit.api.sample, []
+
+    def fits(limit, calls=None):  # a device that fits `limit` images per call (for `calls` calls)
+        def sample(pipe, prompts, **kwargs):
+            sizes.append(len(prompts))
+            if len(prompts) > limit or (calls is not None and len(sizes) > calls):
+                raise RuntimeError(CPU_OOM)
+            return real(pipe, prompts, **kwargs)
+        return sample
+
+    monkeypatch.setattr(flowkit, "sample", fits(2))
+    code, stdout, err = run([*argv, "--batch-size", "6", "--out", tmp_path / "oom"], capsys)
+    assert code == 0, err
+    assert sizes == [6, 3, 2, 2, 2]
+    assert err == ("flowkit: out of memory at batch size 6; going on at 3\n"
+                   "flowkit: out of memory at batch size 3; going on at 2\n")
+    got = json.loads(stdout)
+    assert got["seeds"] == ref["seeds"] and got["prompts"] == ref["prompts"]
+    assert [Path(f).name for f in got["files"]] == [Path(f).name for f in ref["files"]]
+    assert [Path(f).read_bytes() for f in got["files"]] == [Path(f).read_bytes() for f in ref["files"]]
+
+    sizes.clear()
+    monkeypatch.setattr(flowkit, "sample", fits(2, calls=1))  # then even one image is too many
+    code, stdout, err = run([*argv, "--batch-size", "2", "--out", tmp_path / "full"], capsys)
+    assert (code, stdout) == (2, "") and "Traceback" not in err, err
+    note, error = err.splitlines()  # the halving's note, then the error in one line
+    assert note == "flowkit: out of memory at batch size 2; going on at 1" and error.startswith("flowkit: error: ")
+    assert "out of memory sampling one 16x16 image, even at batch size 1 (--batch-size 2 halved down to 1): " \
+           "lower --height/--width" in error and "the 2 images written are kept" in error
+    assert sizes == [2, 2, 1] and len(list((tmp_path / "full").iterdir())) == 2
+
+
 def test_generate_shows_a_progress_bar_over_images(loads, tmp_path, capsys):
     """Item 3: -n N showed no progress at all; --progress draws a bar over images."""
     code, _, err = run(["generate", "a cat", *GEN, "-n", "5", "--batch-size", "2", "--progress", "--out", tmp_path],

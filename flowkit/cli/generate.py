@@ -4,7 +4,8 @@
 before a model is loaded, so a typo fails at once. Images are made in micro-batches of
 `--batch-size` and each is written as soon as it exists (Ctrl-C keeps the finished ones),
 under a name no other file has (the folder's next free number), never over an existing
-file unless --force; each PNG records its prompt, seed, sampler, guidance, steps, size,
+file unless --force; out of memory halves the micro-batch and goes on (as `batch` does),
+with the names and seeds of a run at the smaller size; each PNG records its prompt, seed, sampler, guidance, steps, size,
 model and flowkit version in its text chunks.
 """
 
@@ -274,35 +275,73 @@ class _ImageRun:
                         dynamic_ncols=True)
 
     def sample_all(self, pipe: Any) -> None:
+        """Sample and write the images in order, micro-batch by micro-batch. Out of memory
+        halves the micro-batch and retries it (and every later one at the smaller size): image
+        i keeps its index, seed and name, as a run with the smaller --batch-size gives them;
+        out of memory with one image is an InputError (the images written stay)."""
         import flowkit
+        from flowkit.batch.microbatch import is_out_of_memory
 
         opts = self.opts
-        for start in range(0, opts.total, opts.batch_size):
-            indices = range(start, min(start + opts.batch_size, opts.total))
-            result = flowkit.sample(
-                pipe, [opts.prompts[i // opts.num_images] for i in indices], sampler=opts.sampler, steps=opts.steps,
-                guidance=opts.guidance, seed=opts.seed, negative_prompt=opts.negative_prompt, height=opts.height,
-                width=opts.width, grid=opts.grid, start_index=start, compile=opts.compile)
-            stats = result.stats
-            self.compiled = self.compiled or stats.compiled
-            self.compiles += stats.compiles
-            self.compile_seconds += stats.compile_seconds
-            self.sampler, self.guidance = stats.sampler, stats.guidance
-            self.seconds += stats.seconds
-            self.forward_seconds += stats.forward_seconds
-            self.forward_calls += stats.forward_calls
-            self.backward_calls += stats.backward_calls
-            self.reward_calls += stats.reward_calls
-            for i, image, prompt, seed, nfe in zip(indices, result.images, result.prompts, result.seeds, stats.nfe):
-                path = self._write(image, prompt, i, seed)
-                self.files.append(str(path))
-                self.seeds.append(seed)
-                self.prompts.append(prompt)
-                self.nfe.append(int(nfe))
-                if not opts.json:
-                    print(f"{path}  seed={seed}", flush=True)
-                self.bar.update(1)
+        size, start = opts.batch_size, 0
+        while start < opts.total:
+            indices = range(start, min(start + size, opts.total))
+            oom = False
+            try:
+                result = flowkit.sample(
+                    pipe, [opts.prompts[i // opts.num_images] for i in indices], sampler=opts.sampler,
+                    steps=opts.steps, guidance=opts.guidance, seed=opts.seed, negative_prompt=opts.negative_prompt,
+                    height=opts.height, width=opts.width, grid=opts.grid, start_index=start, compile=opts.compile)
+            except Exception as e:  # noqa: BLE001 - anything but out-of-memory is re-raised
+                if not is_out_of_memory(e):
+                    raise
+                oom = True
+            if oom:  # out of the except block: its traceback no longer holds the failed batch's tensors
+                size = self._smaller(len(indices))
+                continue
+            self._record(result, indices)
+            start += len(indices)
             del result
+
+    def _smaller(self, failed: int) -> int:
+        """The micro-batch size after one of `failed` images ran out of memory (said on stderr)."""
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        opts = self.opts
+        if failed == 1:
+            size = f"{opts.height}x{opts.width}" if opts.height is not None else "default-size"
+            kept = f"; the {len(self.files)} images written are kept" if self.files else ""
+            halved = f" (--batch-size {opts.batch_size} halved down to 1)" if opts.batch_size > 1 else ""
+            raise InputError(f"out of memory sampling one {size} image, even at batch size 1{halved}: lower "
+                             f"--height/--width, or free memory on the device{kept}")
+        smaller = (failed + 1) // 2
+        say(f"out of memory at batch size {failed}; going on at {smaller}")
+        return smaller
+
+    def _record(self, result: Any, indices: range) -> None:
+        """Write the images of one sampled micro-batch and add its stats to the run's."""
+        opts = self.opts
+        stats = result.stats
+        self.compiled = self.compiled or stats.compiled
+        self.compiles += stats.compiles
+        self.compile_seconds += stats.compile_seconds
+        self.sampler, self.guidance = stats.sampler, stats.guidance
+        self.seconds += stats.seconds
+        self.forward_seconds += stats.forward_seconds
+        self.forward_calls += stats.forward_calls
+        self.backward_calls += stats.backward_calls
+        self.reward_calls += stats.reward_calls
+        for i, image, prompt, seed, nfe in zip(indices, result.images, result.prompts, result.seeds, stats.nfe):
+            path = self._write(image, prompt, i, seed)
+            self.files.append(str(path))
+            self.seeds.append(seed)
+            self.prompts.append(prompt)
+            self.nfe.append(int(nfe))
+            if not opts.json:
+                print(f"{path}  seed={seed}", flush=True)
+            self.bar.update(1)
 
     def _write(self, image: Any, prompt: str, index: int, seed: int) -> Path:
         from flowkit.batch.files import image_metadata
