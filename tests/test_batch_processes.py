@@ -122,7 +122,13 @@ def test_kill_9_then_resume_redoes_exactly_missing_and_corrupt(tiny, tmp_path, c
     assert all(verify(out, r) for r in records)
     assert sorted(r["noise_seed"] for r in records if r["index"] in expected) == sorted(sampled)
     assert not [p for p in out.iterdir() if TEMP_PATTERN.match(p.name) or p.name.startswith("manifest.part")]
-    assert len(list(out.glob("*.png"))) == n
+    # the two images whose bytes no longer match their records are kept (a user may have edited
+    # them), listed in orphans.jsonl as changed since written, and their items made again
+    orphans = [json.loads(line) for line in (out / "orphans.jsonl").read_text().splitlines()]
+    assert sorted(o["file"] for o in orphans) == sorted([truncated["file"], corrupted["file"]])
+    assert all(o["reason"] == "changed since written" for o in orphans)
+    assert (out / truncated["file"]).stat().st_size > 0 and (out / corrupted["file"]).exists()
+    assert len(list(out.glob("*.png"))) == n + 2
     assert merged_records(out) == {r["index"]: r for r in records}
 
 
