@@ -19,7 +19,7 @@ import torch
 from flowkit.batch.plan import Job
 from flowkit.errors import InputError
 
-__all__ = ["MicroBatcher", "Sampled", "is_out_of_memory"]
+__all__ = ["MicroBatcher", "Sampled", "Halving", "is_out_of_memory"]
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +31,43 @@ def is_out_of_memory(error: BaseException) -> bool:
     if isinstance(error, torch.OutOfMemoryError):
         return True
     return isinstance(error, RuntimeError) and any(t in str(error) for t in _OOM_TEXT)
+
+
+class Halving:
+    """Sampling items in pieces that halve on out-of-memory. `limit`: the largest piece to try
+    (None: all at once), lowered to the size that fitted after each out-of-memory error."""
+
+    def __init__(self, limit: int | None = None, warn: Callable[[str], None] | None = None):
+        self.limit = limit
+        self.warn = warn or log.warning
+
+    def pieces(self, items: Sequence[Any], sample: Callable[[list[Any]], Any],
+               too_big: Callable[[Any], Exception]) -> Iterator[tuple[list[Any], Any]]:
+        """(piece, sample(piece)) for consecutive pieces of `items`, in order. Out of memory
+        splits the failed piece in two and goes on at that size (said through `warn`); out of
+        memory with one item raises `too_big(item)`."""
+        remaining = list(items)
+        while remaining:
+            piece = remaining[:self.limit or len(remaining)]
+            oom = False
+            try:
+                result = sample(piece)
+            except Exception as e:  # noqa: BLE001 - anything but out-of-memory is re-raised
+                if not is_out_of_memory(e):
+                    raise
+                oom = True
+            if not oom:
+                remaining = remaining[len(piece):]
+                yield piece, result
+                del result  # the consumer's copy is the only one while the next piece samples
+                continue
+            # out of the except block: its traceback no longer holds the failed batch's tensors
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            if len(piece) == 1:
+                raise too_big(piece[0])
+            self.limit = (len(piece) + 1) // 2
+            self.warn(f"out of memory at batch size {len(piece)}; going on at {self.limit}")
 
 
 @dataclass
@@ -55,29 +92,16 @@ class MicroBatcher:
 
     def run(self, jobs: Sequence[Job]) -> Iterator[Sampled]:
         """Sample `jobs` (compatible, one micro-batch), in pieces of at most `limit`."""
-        remaining = list(jobs)
-        while remaining:
-            piece = remaining[:self.limit or len(remaining)]
-            oom = False
-            try:
-                sampled = self.sample(piece)
-            except Exception as e:  # noqa: BLE001 - anything but out-of-memory is re-raised
-                if not is_out_of_memory(e):
-                    raise
-                oom = True
-            if not oom:
-                remaining = remaining[len(piece):]
+        def too_big(job: Job) -> InputError:
+            return InputError(f"out of memory sampling one {job.height}x{job.width} image (line {job.line}): "
+                              "use a smaller size, or free the device")
+
+        halving = Halving(self.limit, self.warn)
+        try:
+            for _, sampled in halving.pieces(jobs, self.sample, too_big):
                 yield sampled
-                continue
-            # out of the except block: its traceback no longer holds the failed batch's tensors
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-            if len(piece) == 1:
-                job = piece[0]
-                raise InputError(f"out of memory sampling one {job.height}x{job.width} image (line {job.line}): "
-                                 "use a smaller size, or free the device")
-            self.limit = (len(piece) + 1) // 2
-            self.warn(f"out of memory at batch size {len(piece)}; going on at {self.limit}")
+        finally:
+            self.limit = halving.limit
 
     def sample(self, jobs: Sequence[Job]) -> Sampled:
         from flowkit.api import sample

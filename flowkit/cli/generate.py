@@ -280,47 +280,31 @@ class _ImageRun:
         i keeps its index, seed and name, as a run with the smaller --batch-size gives them;
         out of memory with one image is an InputError (the images written stay)."""
         import flowkit
-        from flowkit.batch.microbatch import is_out_of_memory
+        from flowkit.batch.microbatch import Halving
 
         opts = self.opts
-        size, start = opts.batch_size, 0
-        while start < opts.total:
-            indices = range(start, min(start + size, opts.total))
-            oom = False
-            try:
-                result = flowkit.sample(
-                    pipe, [opts.prompts[i // opts.num_images] for i in indices], sampler=opts.sampler,
-                    steps=opts.steps, guidance=opts.guidance, seed=opts.seed, negative_prompt=opts.negative_prompt,
-                    height=opts.height, width=opts.width, grid=opts.grid, start_index=start, compile=opts.compile)
-            except Exception as e:  # noqa: BLE001 - anything but out-of-memory is re-raised
-                if not is_out_of_memory(e):
-                    raise
-                oom = True
-            if oom:  # out of the except block: its traceback no longer holds the failed batch's tensors
-                size = self._smaller(len(indices))
-                continue
+
+        def sample(indices: list[int]) -> Any:
+            return flowkit.sample(
+                pipe, [opts.prompts[i // opts.num_images] for i in indices], sampler=opts.sampler, steps=opts.steps,
+                guidance=opts.guidance, seed=opts.seed, negative_prompt=opts.negative_prompt, height=opts.height,
+                width=opts.width, grid=opts.grid, start_index=indices[0], compile=opts.compile)
+
+        halving = Halving(opts.batch_size, say)
+        for indices, result in halving.pieces(range(opts.total), sample, self._too_big):
             self._record(result, indices)
-            start += len(indices)
             del result
 
-    def _smaller(self, failed: int) -> int:
-        """The micro-batch size after one of `failed` images ran out of memory (said on stderr)."""
-        import torch
-
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+    def _too_big(self, index: int) -> InputError:
+        """The error of out of memory with one image (the images written stay)."""
         opts = self.opts
-        if failed == 1:
-            size = f"{opts.height}x{opts.width}" if opts.height is not None else "default-size"
-            kept = f"; the {len(self.files)} images written are kept" if self.files else ""
-            halved = f" (--batch-size {opts.batch_size} halved down to 1)" if opts.batch_size > 1 else ""
-            raise InputError(f"out of memory sampling one {size} image, even at batch size 1{halved}: lower "
-                             f"--height/--width, or free memory on the device{kept}")
-        smaller = (failed + 1) // 2
-        say(f"out of memory at batch size {failed}; going on at {smaller}")
-        return smaller
+        size = f"{opts.height}x{opts.width}" if opts.height is not None else "default-size"
+        kept = f"; the {len(self.files)} images written are kept" if self.files else ""
+        halved = f" (--batch-size {opts.batch_size} halved down to 1)" if opts.batch_size > 1 else ""
+        return InputError(f"out of memory sampling one {size} image, even at batch size 1{halved}: lower "
+                          f"--height/--width, or free memory on the device{kept}")
 
-    def _record(self, result: Any, indices: range) -> None:
+    def _record(self, result: Any, indices: list[int]) -> None:
         """Write the images of one sampled micro-batch and add its stats to the run's."""
         opts = self.opts
         stats = result.stats
