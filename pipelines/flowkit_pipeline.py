@@ -306,12 +306,12 @@ def _check_call(kw: dict) -> None:
         check_int("num_inference_steps", steps, 1, MAX_STEPS)
     sigmas = kw.get("sigmas")
     if sigmas is not None:  # one value a step: the step limit bounds them too
-        if isinstance(sigmas, (str, bytes)) or not hasattr(sigmas, "__len__"):
+        try:  # no len(): a number, a 0-d tensor or array; text has one but is no list
+            count = None if isinstance(sigmas, (str, bytes)) else len(sigmas)
+        except TypeError:
+            count = None
+        if count is None:
             raise InputError(f"sigmas must be a list of numbers, one per step, got {kind(sigmas)}")
-        try:
-            count = len(sigmas)
-        except TypeError:  # a 0-d tensor or array
-            raise InputError(f"sigmas must be a list of numbers, one per step, got {kind(sigmas)}") from None
         check_int("the number of sigmas", count, 1, MAX_STEPS)
     if kw.get("num_images_per_prompt") is not None:
         check_int("num_images_per_prompt", kw["num_images_per_prompt"], 1, MAX_IMAGES)
