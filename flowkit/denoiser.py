@@ -120,7 +120,7 @@ class Denoiser(ABC):
         # context managers of each call (the attention store's, so a recomputation replays the
         # call's kernel choice and records nothing twice)
         self.checkpoint: Callable[[], tuple[Any, Any]] | None = None
-        self._pinned: tuple[Tensor, Tensor] | None = None
+        self._pinned: dict[float, float] | None = None  # flowkit time -> the timestep fed there
 
     def reset_counters(self) -> None:
         self.nfe, self.calls, self.seconds = 0, 0, 0.0
@@ -139,20 +139,23 @@ class Denoiser(ABC):
         times, timesteps = as_time(times).flatten().cpu(), as_time(timesteps).flatten().cpu()
         if times.shape != timesteps.shape:
             raise ValueError(f"{len(times)} pinned times for {len(timesteps)} timesteps")
-        self._pinned = (times, timesteps)
+        table: dict[float, float] = {}
+        for time_, step in zip(times.tolist(), timesteps.tolist()):
+            table.setdefault(time_, step)  # a time pinned twice: its first timestep
+        self._pinned = table
 
     def point(self, t: Tensor) -> PathPoint:
-        """The path at flowkit times t [N] (CPU float64), with pinned timesteps where t is pinned."""
+        """The path at flowkit times t [N] (CPU float64), with pinned timesteps where t is pinned
+        (exact float64 equality; a per-step lookup in Python: no tensor ops on the hot path)."""
         point = self.path.at(t)
         if self._pinned is None:
             return point
-        times, timesteps = self._pinned
-        hit = t[:, None] == times[None, :]  # [N, K]
-        found = hit.any(dim=1)
-        if not bool(found.any()):
+        fed = [self._pinned.get(v) for v in t.tolist()]
+        if all(f is None for f in fed):
             return point
-        fed = torch.where(found, timesteps[hit.to(torch.long).argmax(dim=1)], point.timestep)
-        return PathPoint(point.t, point.alpha, point.sigma, fed)
+        own = point.timestep.tolist()
+        timestep = torch.tensor([o if f is None else f for f, o in zip(fed, own)], dtype=point.timestep.dtype)
+        return PathPoint(point.t, point.alpha, point.sigma, timestep)
 
     def __call__(self, x: Tensor, t: Tensor | float, cond: Conditioning) -> Prediction:
         t = as_time(t, x.shape[0])

@@ -101,8 +101,8 @@ class Prediction:
     def converted(self, kind: str) -> "Prediction":
         return self.replace(self.as_kind(kind), kind)
 
-    def select(self, index: Tensor) -> "Prediction":
-        """Rows `index` of the batch (value, state and path point)."""
+    def select(self, index: Tensor | slice) -> "Prediction":
+        """Rows `index` of the batch (value, state and path point); a slice gives views."""
         from flowkit.paths.base import PathPoint
 
         p = self.point

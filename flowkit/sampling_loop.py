@@ -205,7 +205,7 @@ class GuidedModel:
             offset = 0
             for name, rows, _ in group:
                 n = len(rows)
-                out[name] = (rows, pred.select(torch.arange(offset, offset + n, device=pred.value.device)))
+                out[name] = (rows, pred.select(slice(offset, offset + n)))  # views: no copy, no index op
                 offset += n
         return out
 

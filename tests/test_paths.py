@@ -451,3 +451,23 @@ def test_ddpm_grid_validation():
         path.grid(1001, "trailing")
     g = path.grid(1)  # one step starts at t_max (diffusers' linspace would start at index 0)
     assert g[0].item() == pytest.approx(path.t_max) and g[1] == 0.0
+
+
+def test_pinned_timesteps_are_fed_exactly_where_pinned_and_the_first_pin_wins():
+    """`Denoiser.pin_timesteps`: at a pinned time the network gets the pinned timestep (a time
+    pinned twice: its first one), elsewhere the path's own; unpinning restores the path's.
+    Mutants: last pin wins (123 at 0.5), pinned value ignored (the path's 500.x), unpinned rows
+    given a pinned value, pin kept after unpinning."""
+    from flowkit.denoiser import FunctionDenoiser
+
+    path = DDPMPath(**SD)
+    den = FunctionDenoiser(lambda x, ts, c: x, path, "epsilon")
+    t = torch.tensor([0.5, 0.7, 0.9, 0.5], dtype=F64)
+    own = path.at(t).timestep
+    den.pin_timesteps(torch.tensor([0.9, 0.5, 0.5], dtype=F64), torch.tensor([999.0, 500.0, 123.0], dtype=F64))
+    fed = den.point(t)
+    assert fed.timestep.dtype == own.dtype and fed.timestep.tolist() == [500.0, own[1].item(), 999.0, 500.0]
+    assert own[0].item() != 500.0 and torch.equal(fed.alpha, path.at(t).alpha)
+    assert torch.equal(den.point(torch.tensor([0.6], dtype=F64)).timestep, path.at(torch.tensor([0.6], dtype=F64)).timestep)
+    den.pin_timesteps(None, None)
+    assert torch.equal(den.point(t).timestep, own)
