@@ -27,7 +27,7 @@ from flowkit.bench.verdict import Claim
 
 SCALE = 4.0  # the shapes model's default CFG scale
 LAYERS = json.dumps({"indices": [0], "fqn": "mid_block.attentions.0.transformer_blocks"})
-CANDIDATES = {"pag": (1.0, 2.0, 3.0), "seg": (1.0, 2.0, 3.0)}
+CANDIDATES = {"pag": (1.0, 2.0, 3.0, 5.0, 8.0), "seg": (1.0, 2.0, 3.0, 5.0, 8.0)}  # 1-3 first; 3 won both, so wider
 TUNE_SEED_OFFSET = 1
 NO_WORSE_POINTS = Claim("no_worse", margin=2.0, better="higher")
 
