@@ -105,9 +105,10 @@ class GalleryEntry:
 def _verdicts(rows: Sequence[Mapping[str, Any]], method: str) -> tuple[str, ...]:
     out = []
     for r in rows:
-        if r.get("method") == method:
-            units = r.get("units") or ""
-            out.append(f"{r.get('metric')}: {r.get('verdict')} ({r.get('estimate', 0):.4g}{units} "
+        if r.get("method") == method:  # a ratio reads xR, as in the bench tables (its units are the arms')
+            est = r.get("estimate", 0)
+            value = f"x{est:.4g}" if r.get("stat") == "ratio_of_means" else f"{est:.4g}{r.get('units') or ''}"
+            out.append(f"{r.get('metric')}: {r.get('verdict')} ({value} "
                        f"[{r.get('low', 0):.4g}, {r.get('high', 0):.4g}] vs {r.get('baseline') or 'target'})")
     return tuple(out)
 

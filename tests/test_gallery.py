@@ -164,3 +164,18 @@ def test_index_md_escapes_html_as_index_html_does(loads, tmp_path):
     md, page = (out / "index.md").read_text(), (out / "index.html").read_text()
     assert "<img src=x" not in md and "<img src=x" not in page
     assert md.count("&lt;img src=x onerror=alert(1)&gt;") >= 5
+
+
+def test_verdict_lines_show_a_ratio_as_a_ratio():
+    """The index's verdict lines: a ratio row reads xR (not R followed by the arms' units), a
+    difference keeps its units, other methods' rows are left out. Mutant: the old format gave
+    "1.024s" for a wall-time ratio."""
+    from flowkit.gallery import _verdicts
+
+    rows = [{"method": "PAG", "metric": "wall-time ratio", "verdict": "met", "estimate": 1.0243, "low": 0.946,
+             "high": 1.095, "baseline": "CFG", "units": "s", "stat": "ratio_of_means"},
+            {"method": "PAG", "metric": "caption accuracy", "verdict": "met", "estimate": 1.17, "low": -1.56,
+             "high": 3.52, "baseline": "CFG", "units": "%", "stat": "mean_diff"},
+            {"method": "SEG", "metric": "FSD", "verdict": "missed", "estimate": 0.1, "low": 0.0, "high": 0.2}]
+    assert _verdicts(rows, "PAG") == ("wall-time ratio: met (x1.024 [0.946, 1.095] vs CFG)",
+                                      "caption accuracy: met (1.17% [-1.56, 3.52] vs CFG)")
