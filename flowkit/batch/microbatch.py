@@ -83,25 +83,21 @@ class Sampled:
 class MicroBatcher:
     def __init__(self, pipe: Any, *, warn: Callable[[str], None] | None = None, compile: bool = False):
         self.pipe = pipe
-        self.limit: int | None = None  # the largest batch that fitted after an out-of-memory error
-        self.warn = warn or log.warning
+        self.halving = Halving(warn=warn)  # its limit: the largest batch that fitted after an out-of-memory error
         self.compile = compile  # run the network under torch.compile(fullgraph=True)
         self.compiled = False  # whether the network ran compiled
         self.compiles = 0  # graphs compiled (one per new micro-batch shape)
         self.compile_seconds = 0.0  # seconds of the forwards that compiled
 
     def run(self, jobs: Sequence[Job]) -> Iterator[Sampled]:
-        """Sample `jobs` (compatible, one micro-batch), in pieces of at most `limit`."""
+        """Sample `jobs` (compatible, one micro-batch), in pieces of at most the halving's limit
+        (kept from one micro-batch to the next)."""
         def too_big(job: Job) -> InputError:
             return InputError(f"out of memory sampling one {job.height}x{job.width} image (line {job.line}): "
                               "use a smaller size, or free the device")
 
-        halving = Halving(self.limit, self.warn)
-        try:
-            for _, sampled in halving.pieces(jobs, self.sample, too_big):
-                yield sampled
-        finally:
-            self.limit = halving.limit
+        for _, sampled in self.halving.pieces(jobs, self.sample, too_big):
+            yield sampled
 
     def sample(self, jobs: Sequence[Job]) -> Sampled:
         from flowkit.api import sample
